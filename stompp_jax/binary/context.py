@@ -1,0 +1,140 @@
+"""What a binary layer needs to know at call time, and the one function that makes its masks.
+
+`BinarizationConfig` is static (hashable; part of the jit cache key): method, schedule and the
+ordered table of binarized sites. `BinarizationContext` adds the traced parts: the step and the
+mask key. Layers (forward pass) and the optimizer (frozen-update masking) both get their masks
+from `site_frozen_mask`, so the two can never disagree.
+"""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+
+from stompp_jax.binary import binarize
+from stompp_jax.binary import masks
+from stompp_jax.binary import schedule
+from stompp_jax.binary.choices import check_choice
+
+METHODS = ('fp', 'ste', 'stompp', 'stompp_ste')
+
+
+@dataclasses.dataclass(frozen=True)
+class BinaryRules:
+  """Regex rules on '/'-joined module paths that choose the binary layers.
+
+  A layer is binary iff its path matches some `include` pattern (re.search) and no `exclude`
+  pattern.
+  """
+
+  include: tuple[str, ...] = ('.*',)
+  exclude: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    for pattern in self.include + self.exclude:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f'Binary-layer rule {pattern!r} is not a valid regex ({e}): fix model.binary_include/exclude.') from None
+
+  def is_binary(self, path: str) -> bool:
+    return (any(re.search(p, path) for p in self.include)
+            and not any(re.search(p, path) for p in self.exclude))
+
+
+@dataclasses.dataclass(frozen=True)
+class BinarizationConfig:
+  """Static binarization settings of one model and run.
+
+  Attributes:
+    method: one of METHODS.
+    schedule: the freezing schedule (used by stompp and stompp_ste).
+    sites: module paths of the binary layers in forward order; index = site number.
+    frozen_grad: surrogate on frozen entries for stompp_ste ('ste_clipped' | 'ste_identity').
+    refresh_every: soft-refresh period r; 0 = never.
+    per_example_activation_masks: input masks cover the batch dim too (else shared).
+    rules: which layers are binary (used when the site table is built).
+  """
+
+  method: str
+  schedule: schedule.ScheduleConfig
+  sites: tuple[str, ...] = ()
+  frozen_grad: str = 'ste_clipped'
+  refresh_every: int = 100
+  per_example_activation_masks: bool = False
+  rules: BinaryRules = BinaryRules()
+
+  def __post_init__(self):
+    check_choice('binary method', self.method, METHODS)
+    check_choice('frozen_grad', self.frozen_grad, binarize.FROZEN_GRADS[1:])
+
+  @property
+  def num_sites(self) -> int:
+    return len(self.sites)
+
+  def site_index(self, path: str) -> int:
+    try:
+      return self.sites.index(path)
+    except ValueError:
+      raise ValueError(f'{path!r} is not a binarized site of this model; the site table holds {self.sites}.') from None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BinarizationContext:
+  """Call-time argument of binary layers.
+
+  Attributes:
+    step: int32 scalar, the training step (traced).
+    key: PRNG key from which every mask key derives (traced).
+    config: static settings.
+    fully_binary: static; True makes every mask 1 (the deployed network, used for eval).
+  """
+
+  step: jax.Array
+  key: jax.Array
+  config: BinarizationConfig = dataclasses.field(metadata=dict(static=True))
+  fully_binary: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+
+def site_fraction(ctx: BinarizationContext, site: int) -> jax.Array:
+  """Scheduled frozen fraction of `site` at the context's step (float32 scalar)."""
+  if ctx.fully_binary or ctx.config.method == 'ste':
+    return jnp.ones((), jnp.float32)
+  return schedule.frozen_fraction(ctx.step, site, ctx.config.num_sites, ctx.config.schedule)
+
+
+def site_frozen_mask(ctx: BinarizationContext, site: int, tensor: str,
+                     shape: tuple[int, ...]) -> jax.Array:
+  """Boolean frozen mask of `tensor` ('kernel' | 'input') of `site`, of `shape`."""
+  if ctx.fully_binary or ctx.config.method == 'ste':
+    return jnp.ones(shape, bool)
+  return masks.frozen_mask(masks.site_key(ctx.key, site, tensor), ctx.step,
+                           site_fraction(ctx, site), shape, ctx.config.refresh_every)
+
+
+def binarize_site_tensor(x: jax.Array, ctx: BinarizationContext, site: int,
+                         tensor: str) -> jax.Array:
+  """Applies the configured method to a kernel or an input (batch-first) of a binary site.
+
+  Args:
+    x: the latent kernel (any shape) or the layer input (batch, ...).
+    ctx: the call-time context.
+    site: the site index.
+    tensor: 'kernel' or 'input'.
+
+  Returns:
+    Same shape and dtype as `x`.
+  """
+  method = ctx.config.method
+  if method == 'fp':
+    return x
+  if method == 'ste' and not ctx.fully_binary:
+    return binarize.ste_sign(x, grad='identity' if tensor == 'kernel' else 'clipped')
+  shape = x.shape
+  if tensor == 'input' and not ctx.config.per_example_activation_masks:
+    shape = x.shape[1:]
+  frozen = site_frozen_mask(ctx, site, tensor, shape)
+  frozen_grad = ctx.config.frozen_grad if method == 'stompp_ste' else 'none'
+  return binarize.masked_sign(x, frozen, frozen_grad=frozen_grad)

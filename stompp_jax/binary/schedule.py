@@ -1,0 +1,104 @@
+"""Frozen fraction p(site, step) of the progressive freezing schedule (METHOD.md, "Schedule").
+
+Sites are numbered 0..L-1 from input to output. Training steps t run 0..T-1. The progression
+occupies the span [span_start, span_end] (fractions of T); after it every site is fully
+frozen (p = 1), before it none is (p = 0).
+
+  layerwise: site i freezes inside its own window, windows in input-to-output order.
+  reverse:   the same windows in output-to-input order (ablation).
+  global:    every site follows one p over the whole span (ablation).
+
+Inside a window, p = shape(x) for the window-local progress x in [0, 1].
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from stompp_jax.binary.choices import check_choice
+
+ORDERS = ('layerwise', 'global', 'reverse')
+SHAPES = ('linear', 'quadratic', 'cubic', 'cosine', 'flipped_quadratic')
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+  """Static (hashable) description of a freezing schedule.
+
+  Attributes:
+    total_steps: T, the number of training steps.
+    order: one of ORDERS.
+    shape: one of SHAPES; the p(x) curve inside a window.
+    span_start: fraction of T where the progression starts, in [0, 1].
+    span_end: fraction of T where it ends (every site frozen), in [span_start, 1].
+    window_overlap: in [0, 1); consecutive layerwise windows overlap by this fraction of a
+      window [ours].
+  """
+
+  total_steps: int
+  order: str = 'layerwise'
+  shape: str = 'cubic'
+  span_start: float = 0.0
+  span_end: float = 0.8
+  window_overlap: float = 0.0
+
+  def __post_init__(self):
+    check_choice('schedule order', self.order, ORDERS)
+    check_choice('schedule shape', self.shape, SHAPES)
+    if self.total_steps < 1:
+      raise ValueError(f'total_steps must be >= 1, got {self.total_steps}: train for at least one step.')
+    if not 0.0 <= self.span_start <= self.span_end <= 1.0:
+      raise ValueError(
+          f'Schedule span [{self.span_start}, {self.span_end}] is not inside [0, 1] with start <= end:'
+          ' set binary.span_start and binary.span_end to fractions of training.')
+    if not 0.0 <= self.window_overlap < 1.0:
+      raise ValueError(f'window_overlap must be in [0, 1), got {self.window_overlap}.')
+
+
+def apply_shape(shape: str, x: jax.Array) -> jax.Array:
+  """Maps progress x in [0, 1] to a frozen fraction in [0, 1]; shape(0)=0, shape(1)=1."""
+  check_choice('schedule shape', shape, SHAPES)
+  if shape == 'linear':
+    return x
+  if shape == 'quadratic':
+    return x * x
+  if shape == 'cubic':
+    return x * x * x
+  if shape == 'cosine':
+    return 0.5 * (1.0 - jnp.cos(jnp.pi * x))
+  return 1.0 - (1.0 - x) * (1.0 - x)  # flipped_quadratic
+
+
+def span_progress(step: jax.Array, cfg: ScheduleConfig) -> jax.Array:
+  """Progress through the span in [0, 1] at `step` (float32 scalar)."""
+  t = jnp.asarray(step, jnp.float32) / cfg.total_steps
+  length = cfg.span_end - cfg.span_start
+  if length == 0.0:
+    return (t >= cfg.span_start).astype(jnp.float32)
+  return jnp.clip((t - cfg.span_start) / length, 0.0, 1.0)
+
+
+def frozen_fraction(step: jax.Array, site: int, num_sites: int, cfg: ScheduleConfig) -> jax.Array:
+  """Fraction p of the site's entries that are frozen at `step`.
+
+  Args:
+    step: int scalar (may be traced), the training step, 0-based.
+    site: static int in [0, num_sites), 0 = closest to the input.
+    num_sites: static int L, the number of binarized sites of the model.
+    cfg: the schedule.
+
+  Returns:
+    float32 scalar in [0, 1].
+  """
+  if not 0 <= site < num_sites:
+    raise ValueError(f'site {site} is outside [0, {num_sites}).')
+  x = span_progress(step, cfg)
+  if cfg.order == 'global':
+    return apply_shape(cfg.shape, x)
+  position = site if cfg.order == 'layerwise' else num_sites - 1 - site
+  # Windows of length w start every s, with s * (L - 1) + w = 1 and w = s * (1 + overlap).
+  stride = 1.0 / (num_sites + cfg.window_overlap)
+  window = stride * (1.0 + cfg.window_overlap)
+  local = jnp.clip((x - position * stride) / window, 0.0, 1.0)
+  return apply_shape(cfg.shape, local)

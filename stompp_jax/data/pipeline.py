@@ -1,0 +1,195 @@
+"""grain input pipelines: shuffled, augmented, per-process train batches; padded, masked eval.
+
+Train. The examples form one endless stream: epoch e is the source in a permutation drawn from
+(seed, e); augmentation of stream position j uses randomness drawn from (seed, j). Global batch
+k is stream positions [k B, (k + 1) B); process p of P takes its slice
+[k B + p B/P, k B + (p + 1) B/P). So the data order is the same for any number of processes
+and of worker processes, and the iterator state is just k: a run resumed from a checkpoint,
+even on another process or worker count, continues with exactly the batches it would have seen.
+
+Eval. The eval split is padded with blank examples (mask 0) to a multiple of the global batch
+and cut the same way, so every example is seen exactly once over all processes and every
+process yields the same number of batches.
+"""
+
+import dataclasses
+
+from absl import flags
+import grain
+import jax
+import numpy as np
+
+from stompp_jax.data import sources
+from stompp_jax.data import transforms
+from stompp_jax.data.sources import DatasetInfo  # Re-exported: the trainer's contract.
+
+
+def dataset_info(data_config) -> DatasetInfo:
+  """Describes the configured data, reading sizes and headers rather than images if it can."""
+  described = sources.describe(data_config)
+  return dataclasses.replace(described,
+                             image_shape=_preprocessing(data_config, described).image_shape)
+
+
+def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> 'TrainIterator':
+  """Endless iterator over this process's train batches.
+
+  Yields {'image': float32 (B/P, H, W, C) normalized, 'label': int32 (B/P,)}, B the global
+  batch and P the process count. `get_state()` / `set_state()` save and restore the position
+  (a JSON-serializable dict).
+  """
+  local_batch, process_index, process_count = _local_batch(
+      global_batch_size, process_index, process_count)
+  source, prep = _source_and_preprocessing(data_config, 'train')
+  batches = train_batches(source, prep, local_batch=local_batch, seed=seed,
+                          process_index=process_index, process_count=process_count)
+  return TrainIterator(batches, num_workers=data_config.num_workers,
+                       prefetch=data_config.prefetch,
+                       fingerprint={'seed': int(seed), 'global_batch_size': global_batch_size,
+                                    'train_size': len(source)})
+
+
+def make_eval_iterator(data_config, *, global_batch_size: int,
+                       process_index: int | None = None,
+                       process_count: int | None = None) -> grain.IterDataset:
+  """Finite, re-iterable eval batches of this process.
+
+  Yields {'image': float32 (B/P, H, W, C), 'label': int32 (B/P,), 'mask': float32 (B/P,)}
+  with mask 1 for real examples and 0 for padding; ceil(N / B) batches on every process.
+  """
+  _, process_index, process_count = _local_batch(global_batch_size, process_index,
+                                                 process_count)
+  source, prep = _source_and_preprocessing(data_config, 'eval')
+  batches = eval_batches(source, prep, global_batch_size=global_batch_size,
+                         process_index=process_index, process_count=process_count)
+  return iter_dataset(batches, data_config.num_workers, data_config.prefetch)
+
+
+def train_batches(source, prep: transforms.Preprocessing, *, local_batch: int, seed: int,
+                  process_index: int, process_count: int) -> grain.MapDataset:
+  """Endless MapDataset of this process's train batches; batch k is global batch k's slice."""
+  shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+  examples = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
+  if isinstance(prep.train, grain.transforms.RandomMap):
+    examples = examples.random_map(prep.train, seed=augment_seed)
+  elif prep.train is not None:
+    examples = examples.map(prep.train)
+  return examples.batch(local_batch, batch_fn=prep.collate)[process_index::process_count]
+
+
+def eval_batches(source, prep: transforms.Preprocessing, *, global_batch_size: int,
+                 process_index: int, process_count: int) -> grain.MapDataset:
+  """This process's ceil(N / B) eval batches, padded with blank examples of mask 0."""
+  examples = grain.MapDataset.source(source)
+  if prep.eval is not None:
+    examples = examples.map(prep.eval)
+  examples = examples.map(_real)
+  padding = -len(source) % global_batch_size
+  if padding:
+    blank = {'image': np.zeros(prep.image_shape, np.uint8), 'label': 0, 'mask': 0.0}
+    examples = grain.MapDataset.concatenate(
+        [examples, grain.MapDataset.source([blank] * padding)])
+  local_batch = global_batch_size // process_count
+  return examples.batch(local_batch, batch_fn=prep.collate)[process_index::process_count]
+
+
+def iter_dataset(batches: grain.MapDataset, num_workers: int,
+                 prefetch: int) -> grain.IterDataset:
+  """Batches read by `num_workers` processes (or a background thread), `prefetch` ahead."""
+  if num_workers < 0 or prefetch < 0:
+    raise ValueError(f'data.num_workers={num_workers} and data.prefetch={prefetch} must be >= 0')
+  if num_workers == 0:
+    return batches.to_iter_dataset(grain.ReadOptions(num_threads=min(prefetch, 1),
+                                                     prefetch_buffer_size=prefetch))
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags; tests and notebooks parse none.
+  in_worker = batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  return in_worker.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=num_workers, per_worker_buffer_size=max(prefetch, 1)))
+
+
+class TrainIterator(grain.DatasetIterator):
+  """Endless iterator over precomputed-order batches; its state is the batches consumed.
+
+  Args:
+    batches: endless MapDataset of this process's batches, batch k = global batch k's slice.
+    num_workers: grain worker processes (0 = in this process).
+    prefetch: batches prepared ahead.
+    fingerprint: JSON values saved with the state and checked on restore (seed, batch size,
+      dataset size), so a checkpoint cannot silently resume a different data order.
+  """
+
+  def __init__(self, batches: grain.MapDataset, *, num_workers: int, prefetch: int,
+               fingerprint: dict):
+    super().__init__()
+    self._batches = batches
+    self._num_workers, self._prefetch = num_workers, prefetch
+    self._fingerprint = fingerprint
+    self._next_batch = 0
+    self._iterator = None
+
+  def __next__(self) -> dict:
+    self._assert_not_closed()
+    if self._iterator is None:
+      self._iterator = iter(iter_dataset(self._batches[self._next_batch:],
+                                         self._num_workers, self._prefetch))
+    batch = next(self._iterator)
+    self._next_batch += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {'next_batch': self._next_batch, **self._fingerprint}
+
+  def set_state(self, state: dict) -> None:
+    changed = [f'{key} {state.get(key)} -> {value}' for key, value in self._fingerprint.items()
+               if state.get(key) != value]
+    if changed:
+      raise ValueError(f'the data iterator state was saved with another data order '
+                       f'({", ".join(changed)}): resume with the original seed, batch size and '
+                       f'data, or start a new workdir')
+    self._close_workers()
+    self._next_batch = int(state['next_batch'])
+
+  def close(self) -> None:
+    self._close_workers()
+    super().close()
+
+  def _close_workers(self) -> None:
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
+
+  def __str__(self) -> str:
+    return f'TrainIterator(next_batch={self._next_batch}, {self._fingerprint})'
+
+
+def _real(example: dict) -> dict:
+  """Marks an eval example as real (not padding)."""
+  return {**example, 'mask': 1.0}
+
+
+def _local_batch(global_batch_size: int, process_index: int | None,
+                 process_count: int | None) -> tuple[int, int, int]:
+  """(per-process batch, process index, process count), defaulting to jax's processes."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, {process_count})')
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'global batch size {global_batch_size} does not split evenly over '
+                     f'{process_count} processes: use a positive multiple of {process_count}')
+  return global_batch_size // process_count, process_index, process_count
+
+
+def _preprocessing(data_config, described: DatasetInfo) -> transforms.Preprocessing:
+  return transforms.preprocessing(described.name, data_config.augment, data_config.image_size,
+                                  described.image_shape)
+
+
+def _source_and_preprocessing(data_config, split: str):
+  source = sources.make_source(data_config, split)
+  if not len(source):
+    raise ValueError(f'{source!r} has no examples: check data.dir and the {split} split')
+  return source, _preprocessing(data_config, sources.describe(data_config))

@@ -1,0 +1,293 @@
+"""Random-access data sources: tfds array_record, original CIFAR archives, npz arrays, synthetic.
+
+Every source has `__len__`, `__getitem__(i) -> {'image': uint8 (H, W, C) array or encoded image
+bytes, 'label': int}` and a `__repr__` naming what it reads with no memory addresses, so it is
+the same in every process (grain worker processes and checkpoints rely on that).
+`make_source(data_config, split)` builds the one the config asks for; `describe(data_config)`
+gives sizes and shapes without reading images where the format allows.
+"""
+
+import dataclasses
+import os
+import zipfile
+
+import numpy as np
+
+from stompp_jax.data import cifar_archive
+
+SOURCES = ('tfds', 'cifar_archive', 'npz', 'synthetic')
+SPLITS = ('train', 'eval')
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dataset:
+  num_classes: int
+  image_shape: tuple  # (H, W, C); None for a size that varies between images.
+  tfds_splits: dict  # Our split -> the tfds split.
+
+
+DATASETS = {
+    'cifar10': _Dataset(10, (32, 32, 3), {'train': 'train', 'eval': 'test'}),
+    'cifar100': _Dataset(100, (32, 32, 3), {'train': 'train', 'eval': 'test'}),
+    'imagenet2012': _Dataset(1000, (None, None, 3), {'train': 'train', 'eval': 'validation'}),
+}
+_CIFAR100_COARSE_CLASSES = 20
+_NPZ_FILES = {'train': 'train.npz', 'eval': 'test.npz'}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the model and the training loop need to know about the data.
+
+  Attributes:
+    name: 'cifar10', 'cifar100', 'imagenet2012' or 'synthetic'.
+    num_classes: labels are in [0, num_classes).
+    image_shape: (H, W, C) of the images: as stored from `describe` (H and W None when they
+      vary), after the transforms from `pipeline.dataset_info`.
+    train_size, eval_size: examples in the train and eval splits.
+  """
+  name: str
+  num_classes: int
+  image_shape: tuple
+  train_size: int
+  eval_size: int
+
+
+def data_dir(data_config) -> str:
+  """`data.dir`, else $STOMPP_DATA_DIR, else ~/stompp_data; local paths made absolute."""
+  directory = data_config.dir or os.environ.get('STOMPP_DATA_DIR') or '~/stompp_data'
+  if '://' in directory:
+    return directory
+  return os.path.abspath(os.path.expanduser(directory))
+
+
+def dataset_name(data_config) -> str:
+  """The dataset the config reads: `data.name`, or 'synthetic' for the synthetic source."""
+  _validate(data_config)
+  return 'synthetic' if data_config.source == 'synthetic' else data_config.name
+
+
+def describe(data_config) -> DatasetInfo:
+  """Sizes, class count and stored image shape; reads only npz headers for the npz source."""
+  name = dataset_name(data_config)
+  if name == 'synthetic':
+    return DatasetInfo(name, data_config.synthetic_num_classes,
+                       _synthetic_shape(data_config), data_config.synthetic_train_size,
+                       data_config.synthetic_eval_size)
+  if data_config.source == 'npz':
+    headers = [_npz_header(_npz_path(data_config, split)) for split in SPLITS]
+    shape = headers[0][1:]
+    if headers[1][1:] != shape:
+      raise ValueError(f'train.npz images are {shape} but test.npz images are '
+                       f'{headers[1][1:]} in {data_dir(data_config)}: both splits need one shape')
+    return DatasetInfo(name, _num_classes(data_config), shape, headers[0][0], headers[1][0])
+  sizes = [len(make_source(data_config, split)) for split in SPLITS]
+  return DatasetInfo(name, _num_classes(data_config), DATASETS[name].image_shape, *sizes)
+
+
+def make_source(data_config, split: str):
+  """The source of `split` ('train' or 'eval') that `data_config` selects."""
+  if split not in SPLITS:
+    raise ValueError(f'unknown split {split!r}: use one of {", ".join(SPLITS)}')
+  name = dataset_name(data_config)
+  if name == 'synthetic':
+    size = (data_config.synthetic_train_size if split == 'train'
+            else data_config.synthetic_eval_size)
+    return SyntheticSource(split, size, _synthetic_shape(data_config),
+                           data_config.synthetic_num_classes)
+  directory = data_dir(data_config)
+  if data_config.source == 'tfds':
+    coarse = name == 'cifar100' and data_config.cifar100_labels == 'coarse'
+    return TfdsSource(name, DATASETS[name].tfds_splits[split], directory,
+                      label_key='coarse_label' if coarse else 'label')
+  if '://' in directory:
+    raise ValueError(f'data.source={data_config.source} reads a local directory, not '
+                     f'{directory}: copy the files to local disk or use data.source=tfds')
+  if data_config.source == 'cifar_archive':
+    if name not in cifar_archive.FORMATS:
+      raise ValueError(f'data.source=cifar_archive has no {name}: it holds '
+                       f'{", ".join(cifar_archive.FORMATS)}; use data.source=tfds for {name}')
+    images, labels = cifar_archive.load_cifar(
+        directory, name, 'train' if split == 'train' else 'test',
+        data_config.cifar100_labels, data_config.download)
+    where = f'{name} {split} in {directory}'
+  else:
+    where = _npz_path(data_config, split)
+    images, labels = _read_npz(where)
+  _check_labels(labels, _num_classes(data_config), where)
+  return ArraySource(images, labels, where)
+
+
+class ArraySource:
+  """Examples held in memory.
+
+  Args:
+    images: uint8 (N, H, W, C), or a sequence of N encoded images (bytes).
+    labels: integer (N,).
+    origin: what the arrays were read from, for `repr`.
+  """
+
+  def __init__(self, images, labels: np.ndarray, origin: str):
+    if len(images) != len(labels):
+      raise ValueError(f'{origin}: {len(images)} images but {len(labels)} labels')
+    self._images = images
+    self._labels = np.asarray(labels, dtype=np.int64)
+    self._origin = origin
+
+  def __len__(self) -> int:
+    return len(self._labels)
+
+  def __getitem__(self, index: int) -> dict:
+    return {'image': self._images[index], 'label': int(self._labels[index])}
+
+  def __repr__(self) -> str:
+    return f'ArraySource({self._origin}, n={len(self)})'
+
+
+class TfdsSource:
+  """A prepared tfds dataset in array_record format, read with `tfds.data_source`.
+
+  No TensorFlow is involved. ImageNet images stay encoded JPEG bytes (decoded later by the
+  transforms in grain workers); CIFAR images come decoded, uint8 (32, 32, 3).
+  """
+
+  def __init__(self, name: str, split: str, data_dir_or_bucket: str, label_key: str = 'label'):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    decoders = {'image': tfds.decode.SkipDecoding()} if name == 'imagenet2012' else None
+    try:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir_or_bucket,
+                                      download=False, decoders=decoders)
+    except (OSError, RuntimeError, ValueError, AssertionError) as err:
+      raise FileNotFoundError(
+          f'tfds dataset {name} split {split} in array_record format not found or not readable '
+          f'in {data_dir_or_bucket} ({type(err).__name__}): prepare it with '
+          f'file_format=array_record as docs/data.md shows and set data.dir to that tfds '
+          f'data_dir (for a gs:// bucket, a gcsfuse mount of it)') from err
+    self._name, self._split, self._dir = name, split, data_dir_or_bucket
+    self._label_key = label_key
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    example = self._source[index]
+    return {'image': example['image'], 'label': int(example[self._label_key])}
+
+  def __repr__(self) -> str:
+    return (f'TfdsSource({self._name}, split={self._split}, data_dir={self._dir}, '
+            f'label={self._label_key})')
+
+
+class SyntheticSource:
+  """Deterministic random images whose per-channel mean depends on the class.
+
+  Example i of a split is a fixed function of (split, i): a label uniform over the classes and
+  uint8 pixels equal to the class's mean color (per channel in [64, 192), the same for both
+  splits) plus uniform noise in [-48, 48]. A small model learns it well above chance.
+  """
+
+  _SPLIT_STREAMS = {'train': 1, 'eval': 2}
+
+  def __init__(self, split: str, size: int, image_shape: tuple, num_classes: int):
+    self._split, self._size = split, size
+    self._shape, self._num_classes = tuple(image_shape), num_classes
+    self._class_means = np.random.default_rng(0).integers(
+        64, 192, size=(num_classes, image_shape[-1]), dtype=np.int16)
+
+  def __len__(self) -> int:
+    return self._size
+
+  def __getitem__(self, index: int) -> dict:
+    if not 0 <= index < self._size:
+      raise IndexError(f'index {index} out of range for {self!r}')
+    rng = np.random.default_rng((self._SPLIT_STREAMS[self._split], index))
+    label = int(rng.integers(self._num_classes))
+    noise = rng.integers(-48, 49, size=self._shape, dtype=np.int16)
+    return {'image': (noise + self._class_means[label]).astype(np.uint8), 'label': label}
+
+  def __repr__(self) -> str:
+    return (f'SyntheticSource(split={self._split}, size={self._size}, '
+            f'image_shape={self._shape}, num_classes={self._num_classes})')
+
+
+def _validate(data_config) -> None:
+  if data_config.source not in SOURCES:
+    raise ValueError(f'unknown data.source={data_config.source!r}: use one of '
+                     f'{", ".join(SOURCES)}')
+  if data_config.source != 'synthetic' and data_config.name not in DATASETS:
+    raise ValueError(f'unknown data.name={data_config.name!r}: use one of '
+                     f'{", ".join(DATASETS)} (or data.source=synthetic)')
+  if data_config.cifar100_labels not in ('fine', 'coarse'):
+    raise ValueError(f'unknown data.cifar100_labels={data_config.cifar100_labels!r}: use fine '
+                     f'or coarse')
+
+
+def _num_classes(data_config) -> int:
+  if data_config.name == 'cifar100' and data_config.cifar100_labels == 'coarse':
+    return _CIFAR100_COARSE_CLASSES
+  return DATASETS[data_config.name].num_classes
+
+
+def _synthetic_shape(data_config) -> tuple:
+  shape = tuple(int(d) for d in data_config.synthetic_image_shape)
+  if len(shape) != 3 or min(shape) < 1:
+    raise ValueError(f'data.synthetic_image_shape={shape} is not (H, W, C) with positive '
+                     f'sizes: set e.g. (32, 32, 3)')
+  return shape
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+  if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f'{where}: labels span [{labels.min()}, {labels.max()}], outside '
+                     f'[0, {num_classes}): check data.name and data.cifar100_labels')
+
+
+def _npz_path(data_config, split: str) -> str:
+  path = os.path.join(data_dir(data_config), _NPZ_FILES[split])
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'{path} not found: data.source=npz needs train.npz and test.npz (keys image uint8 '
+        f'(N, H, W, C) and label (N,)) in data.dir or $STOMPP_DATA_DIR; see docs/data.md')
+  return path
+
+
+def _npz_header(path: str) -> tuple:
+  """(N, H, W, C) of the npz file's `image`, checked against its `label`, read from headers."""
+  shapes = {}
+  try:
+    with zipfile.ZipFile(path) as archive:
+      for key in ('image', 'label'):
+        with archive.open(key + '.npy') as member:
+          version = np.lib.format.read_magic(member)
+          read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)
+          shapes[key], _, dtype = read(member)
+          if key == 'image' and dtype != np.uint8:
+            raise ValueError(f'image is {dtype}, not uint8')
+  except (zipfile.BadZipFile, KeyError, ValueError, OSError) as err:
+    raise ValueError(f'{path} is not a readable npz with image uint8 (N, H, W, C) and label '
+                     f'(N,) ({err}): rewrite it with numpy.savez(path, image=..., label=...)'
+                     ) from err
+  _check_npz_shapes(path, shapes['image'], shapes['label'])
+  return tuple(shapes['image'])
+
+
+def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 (N, H, W, C), labels int64 (N,)) of one npz file."""
+  try:
+    with np.load(path) as arrays:
+      images, labels = arrays['image'], arrays['label']
+  except (KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
+    raise ValueError(f'{path} is not a readable npz with keys image and label ({err}): rewrite '
+                     f'it with numpy.savez(path, image=..., label=...)') from err
+  if images.dtype != np.uint8:
+    raise ValueError(f'{path}: image is {images.dtype}, not uint8: store uint8 pixels')
+  _check_npz_shapes(path, images.shape, labels.shape)
+  return images, labels.astype(np.int64)
+
+
+def _check_npz_shapes(path: str, image_shape: tuple, label_shape: tuple) -> None:
+  if len(image_shape) != 4 or tuple(label_shape) != tuple(image_shape[:1]):
+    raise ValueError(f'{path}: image {tuple(image_shape)} and label {tuple(label_shape)} are not '
+                     f'(N, H, W, C) and (N,): rewrite it with numpy.savez(path, image=..., '
+                     f'label=...)')

@@ -1,0 +1,71 @@
+"""The model zoo: `create_model(config.model, ...)` and the binary-layer rules of a model config.
+
+    model = create_model(config.model, num_classes=10, image_shape=(32, 32, 3))
+    variables = model.init(key, x)                                 # ctx=None: full precision
+    logits, updates = model.apply(variables, x, train=True, ctx=ctx, mutable=['batch_stats'])
+
+See resnet.py and mobilenet_v2.py for the module paths that `binary_include/exclude` match.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from stompp_jax.binary import context as bctx
+from stompp_jax.binary.choices import check_choice
+from stompp_jax.models import mobilenet_v2
+from stompp_jax.models import resnet
+
+_MODELS = {
+    'resnet18': resnet.ResNet18,
+    'resnet34': resnet.ResNet34,
+    'resnet50': resnet.ResNet50,
+    'resnet20': resnet.ResNet20,
+    'resnet32': resnet.ResNet32,
+    'resnet44': resnet.ResNet44,
+    'resnet56': resnet.ResNet56,
+    'resnet110': resnet.ResNet110,
+    'mobilenet_v2': mobilenet_v2.MobileNetV2,
+    'tiny_resnet': resnet.TinyResNet,
+}
+MODEL_NAMES = tuple(_MODELS)
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Images up to this size (pixels, larger side) get the CIFAR stem under stem='auto'.
+AUTO_CIFAR_STEM_MAX_SIZE = 64
+
+
+def create_model(model_config: Any, *, num_classes: int,
+                 image_shape: tuple[int, int, int]) -> nn.Module:
+  """Builds the model that `model_config` (the ConfigDict `config.model`) names.
+
+  Args:
+    model_config: fields name, stem, mode, width_multiplier, dtype (configs/default.py).
+    num_classes: logits per example.
+    image_shape: (height, width, channels) of the input images; picks the stem under 'auto'.
+
+  Returns:
+    An unbound module called as `model.apply(variables, x, train=..., ctx=...)` with x float
+    (B, H, W, C), returning float32 logits (B, num_classes).
+  """
+  check_choice('model', model_config.name, MODEL_NAMES)
+  check_choice('model stem', model_config.stem, ('auto', *resnet.STEMS))
+  check_choice('model mode', model_config.mode, resnet.MODES)
+  check_choice('model dtype', model_config.dtype, tuple(DTYPES))
+  stem = model_config.stem
+  if stem == 'auto':
+    stem = 'cifar' if max(image_shape[:2]) <= AUTO_CIFAR_STEM_MAX_SIZE else 'imagenet'
+  kwargs = dict(num_classes=num_classes, stem=stem, mode=model_config.mode,
+                dtype=DTYPES[model_config.dtype])
+  if model_config.name == 'mobilenet_v2':
+    kwargs['width_multiplier'] = model_config.width_multiplier
+  elif model_config.width_multiplier != 1.0:
+    raise ValueError(f'model.width_multiplier applies to mobilenet_v2 only; '
+                     f'set it to 1.0 for {model_config.name}.')
+  return _MODELS[model_config.name](**kwargs)
+
+
+def binary_rules(model_config: Any) -> bctx.BinaryRules:
+  """The rules of `model_config.binary_include/exclude` (regexes on module paths)."""
+  return bctx.BinaryRules(include=tuple(model_config.binary_include),
+                          exclude=tuple(model_config.binary_exclude))

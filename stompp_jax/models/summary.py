@@ -1,0 +1,250 @@
+"""Model summary as larq users know it: params by precision, memory and MACs, per layer and total.
+
+    python -m stompp_jax.models.summary --config=configs/default.py \
+        --config.model.name=resnet18 --config.data.name=imagenet2012
+
+prints the table of `render(summarize(...))` for the configured model, mode and binary rules.
+
+Everything comes from the model itself: one abstract trace (`jax.eval_shape` of `model.init`)
+records every conv, dense and BatchNorm call with its output shape and its variables, in
+forward order; the rows must add up to the whole variable tree (checked). What is counted:
+
+- 1-bit params: the kernels of the layers the rules make binary, in modes bwn and bnn (none in fp).
+- 32-bit params: every other parameter (float kernels, biases, BatchNorm scale and bias).
+- 32-bit statistics: BatchNorm running mean and variance (not trainable; larq counts them as
+  params too; they are listed apart here so that the trainable total matches published counts).
+- Memory: the variables stored for inference, 1 bit per 1-bit param and 32 bits per other param
+  or statistic; activations are not counted and BatchNorm is not folded.
+- MACs per example: out_h * out_w * kh * kw * (in / groups) * out for a conv, in * out for a
+  dense; biases, BatchNorm, pooling and residual additions count 0. They are split by what
+  multiplies: binary MACs (1-bit kernel and 1-bit input: binary layers in bnn mode, XNOR-popcount),
+  binary-weight MACs (1-bit kernel, real input: binary layers in bwn mode, additions only; larq
+  counts these as 32-bit MACs) and float MACs (all others, in the compute dtype).
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+from ml_collections import config_flags
+
+from stompp_jax import layers
+from stompp_jax import models
+from stompp_jax import sites
+from stompp_jax.binary import context as bctx
+from stompp_jax.binary.choices import check_choice
+
+# (num_classes, (height, width, channels)) of the datasets `data.name` may name.
+DATASETS = {
+    'cifar10': (10, (32, 32, 3)),
+    'cifar100': (100, (32, 32, 3)),
+    'imagenet2012': (1000, (224, 224, 3)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+  """One conv, dense or BatchNorm call.
+
+  Attributes:
+    path: '/'-joined module path.
+    kind: 'conv', 'dense' or 'batch_norm'.
+    precision: 'binary' = 1-bit kernel and input, 'binary_weight' = 1-bit kernel only,
+      'float' = neither (BatchNorm is always 'float').
+    output_shape: per example (no batch dim).
+    binary_params, float_params, float_stats: counts (see the module docstring).
+    binary_macs, binary_weight_macs, float_macs: multiply-accumulates per example.
+  """
+
+  path: str
+  kind: str
+  precision: str
+  output_shape: tuple[int, ...]
+  binary_params: int = 0
+  float_params: int = 0
+  float_stats: int = 0
+  binary_macs: int = 0
+  binary_weight_macs: int = 0
+  float_macs: int = 0
+
+  @property
+  def memory_bits(self) -> int:
+    return self.binary_params + 32 * (self.float_params + self.float_stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+  """Per-layer rows in forward order and their totals."""
+
+  model: str
+  mode: str
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  rules: bctx.BinaryRules
+  rows: tuple[LayerRow, ...]
+
+  def total(self, field: str) -> int:
+    """Sum of an int field of the rows (e.g. 'binary_params') or of `memory_bits`."""
+    return sum(getattr(r, field) for r in self.rows)
+
+  @property
+  def trainable_params(self) -> int:
+    return self.total('binary_params') + self.total('float_params')
+
+  @property
+  def macs(self) -> int:
+    return self.total('binary_macs') + self.total('binary_weight_macs') + self.total('float_macs')
+
+  @property
+  def memory_bytes(self) -> float:
+    return self.total('memory_bits') / 8
+
+  @property
+  def float32_memory_bytes(self) -> float:
+    """The same variables, all float32."""
+    return 4 * (self.trainable_params + self.total('float_stats'))
+
+  @property
+  def compression(self) -> float:
+    """How many times smaller than the all-float32 model."""
+    return self.float32_memory_bytes / self.memory_bytes
+
+
+def _count(tree: Any) -> int:
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def _layer_row(module: nn.Module, output_shape: tuple[int, ...], mode: str,
+               rules: bctx.BinaryRules) -> LayerRow:
+  path = layers.module_path(module)
+  params = module.variables.get('params', {})
+  if isinstance(module, nn.BatchNorm):
+    return LayerRow(path, 'batch_norm', 'float', output_shape, float_params=_count(params),
+                    float_stats=_count(module.variables.get('batch_stats', {})))
+  binary = mode != 'fp' and rules.is_binary(path)
+  precision = ('binary' if mode == 'bnn' else 'binary_weight') if binary else 'float'
+  kernel_size = math.prod(params['kernel'].shape)
+  binary_params = kernel_size if binary else 0
+  macs = math.prod(output_shape[:-1]) * kernel_size
+  return LayerRow(path, 'conv' if isinstance(module, layers.BinaryConv) else 'dense', precision,
+                  output_shape, binary_params=binary_params,
+                  float_params=_count(params) - binary_params,
+                  **{f'{precision}_macs': macs})
+
+
+def summarize(model_config: Any, *, num_classes: int, image_shape: tuple[int, int, int],
+              rules: bctx.BinaryRules) -> Summary:
+  """Summary of the model `model_config` (the ConfigDict `config.model`) builds.
+
+  Args:
+    model_config: as for `models.create_model`; its `mode` decides what the rules binarize.
+    num_classes: logits per example.
+    image_shape: (height, width, channels).
+    rules: the binary-layer rules (e.g. `models.binary_rules(model_config)`).
+
+  Returns:
+    Rows for every conv, dense and BatchNorm call in forward order.
+
+  Raises:
+    ValueError: the rows do not account for every variable of the model (a layer type this
+      summary does not know holds variables).
+  """
+  model = models.create_model(model_config, num_classes=num_classes, image_shape=image_shape)
+  rows = []
+
+  def record(next_fun, args, kwargs, call):
+    out = next_fun(*args, **kwargs)
+    if call.method_name == '__call__' and isinstance(
+        call.module, (layers.BinaryConv, layers.BinaryDense, nn.BatchNorm)):
+      rows.append(_layer_row(call.module, tuple(out.shape[1:]), model_config.mode, rules))
+    return out
+
+  with nn.intercept_methods(record):
+    variables = jax.eval_shape(model.init, jax.random.key(0), sites.sample_input(image_shape))
+  counted = sum(r.binary_params + r.float_params + r.float_stats for r in rows)
+  if counted != _count(variables):
+    raise ValueError(f'The summary rows hold {counted} of the {_count(variables)} variables of '
+                     f'{model_config.name}: a layer type other than BinaryConv, BinaryDense and '
+                     'BatchNorm holds variables; teach summary.py to count it.')
+  return Summary(model_config.name, model_config.mode, tuple(image_shape), num_classes, rules,
+                 tuple(rows))
+
+
+def _precision(row: LayerRow) -> str:
+  return '-' if row.kind == 'batch_norm' else row.precision.replace('_', '-')
+
+
+def _size(num_bytes: float) -> str:
+  if num_bytes < 2**20:
+    return f'{num_bytes / 2**10:,.2f} KiB'
+  return f'{num_bytes / 2**20:,.2f} MiB'
+
+
+def _table(rows: list[tuple[str, ...]], left: int) -> list[str]:
+  """Rows as lines of columns; the first `left` columns left-aligned, the others right-aligned."""
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  return ['  '.join(c.ljust(w) if i < left else c.rjust(w)
+                    for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+
+
+def render(summary: Summary) -> str:
+  """The summary as a text table of layers followed by the totals."""
+  s = summary
+  layer_lines = _table(
+      [('layer', 'precision', 'output', '1-bit params', '32-bit params', '32-bit stats',
+        'memory KiB', 'binary MACs', 'bin-weight MACs', 'float MACs')]
+      + [(r.path, _precision(r), 'x'.join(map(str, r.output_shape)), f'{r.binary_params:,}',
+          f'{r.float_params:,}', f'{r.float_stats:,}', f'{r.memory_bits / 8 / 1024:,.2f}',
+          f'{r.binary_macs:,}', f'{r.binary_weight_macs:,}', f'{r.float_macs:,}')
+         for r in s.rows], left=3)
+
+  def share(field: str) -> str:
+    return f'{100 * s.total(field) / max(s.macs, 1):.1f}%'
+
+  total_lines = _table([
+      ('trainable params', f'{s.trainable_params:,}', ''),
+      ('  1-bit', f'{s.total("binary_params"):,}', ''),
+      ('  32-bit', f'{s.total("float_params"):,}', ''),
+      ('BatchNorm statistics (32-bit)', f'{s.total("float_stats"):,}', ''),
+      ('model size', _size(s.memory_bytes), ''),
+      ('float-32 equivalent', _size(s.float32_memory_bytes), ''),
+      ('compression vs float-32', f'{s.compression:.2f}x', ''),
+      ('MACs per example', f'{s.macs:,}', ''),
+      ('  binary (1-bit x 1-bit)', f'{s.total("binary_macs"):,}', share('binary_macs')),
+      ('  binary-weight (1-bit x float)', f'{s.total("binary_weight_macs"):,}',
+       share('binary_weight_macs')),
+      ('  float', f'{s.total("float_macs"):,}', share('float_macs')),
+  ], left=1)
+  rule = '-' * len(layer_lines[0])
+  title = (f'{s.model}, mode {s.mode}, input {"x".join(map(str, s.image_shape))}, '
+           f'{s.num_classes} classes; binary rules include {s.rules.include} '
+           f'exclude {s.rules.exclude}')
+  return '\n'.join([title, rule, layer_lines[0], rule, *layer_lines[1:], rule, *total_lines])
+
+
+def dataset_shape(data_config: Any) -> tuple[int, tuple[int, int, int]]:
+  """(num_classes, image_shape) of the ConfigDict `config.data`; `image_size` > 0 overrides H, W."""
+  check_choice('dataset', data_config.name, tuple(DATASETS))
+  num_classes, (height, width, channels) = DATASETS[data_config.name]
+  if data_config.image_size:
+    height = width = data_config.image_size
+  return num_classes, (height, width, channels)
+
+
+def _main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
+  config = _CONFIG.value
+  num_classes, image_shape = dataset_shape(config.data)
+  print(render(summarize(config.model, num_classes=num_classes, image_shape=image_shape,
+                         rules=models.binary_rules(config.model))))
+
+
+if __name__ == '__main__':
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/default.py.')
+  flags.mark_flags_as_required(['config'])
+  app.run(_main)

@@ -1,0 +1,77 @@
+"""The optimizer and learning-rate schedule of a run, from `config.optim` and the method.
+
+The method decides the binary-kernel transforms, not the user: STE-free StoMPP zeroes updates
+of frozen kernel entries, the STE baseline clips latent kernels to [-1, 1] (both overridable by
+`binary.mask_frozen_updates` / `binary.clip_latent`, METHOD.md [ours]).
+"""
+
+import optax
+
+from stompp_jax.binary import optim as binary_optim
+from stompp_jax.binary.choices import check_choice
+
+OPTIMIZERS = ('sgd', 'adam', 'adamw')
+SCHEDULES = ('constant', 'cosine', 'warmup_cosine', 'warmup_constant')
+
+
+def learning_rate_schedule(optim_cfg, *, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+  """Learning rate as a function of the step."""
+  check_choice('optim.schedule', optim_cfg.schedule, SCHEDULES)
+  peak = optim_cfg.learning_rate
+  warmup = int(optim_cfg.warmup_epochs * steps_per_epoch) if optim_cfg.schedule.startswith('warmup') else 0
+  warmup = min(warmup, total_steps - 1)
+  if optim_cfg.schedule == 'constant':
+    return optax.constant_schedule(peak)
+  if optim_cfg.schedule == 'cosine':
+    return optax.cosine_decay_schedule(peak, total_steps)
+  if optim_cfg.schedule == 'warmup_cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), total_steps)
+  return optax.join_schedules(  # warmup_constant
+      [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)], [warmup])
+
+
+def method_transforms(binary_cfg) -> tuple[bool, bool]:
+  """(mask_frozen_updates, clip_latent) for the method, after the user's overrides."""
+  mask = binary_cfg.mask_frozen_updates
+  clip = binary_cfg.clip_latent
+  return (binary_cfg.method == 'stompp' if mask is None else mask,
+          binary_cfg.method == 'ste' if clip is None else clip)
+
+
+def create_optimizer(optim_cfg, binary_cfg, *, lr_schedule: optax.Schedule,
+                     kernel_sites: binary_optim.KernelSites,
+                     kernel_mask) -> optax.GradientTransformationExtraArgs:
+  """Builds the optimizer.
+
+  Args:
+    optim_cfg: `config.optim`.
+    binary_cfg: `config.binary` (method and its transform overrides).
+    lr_schedule: from `learning_rate_schedule`.
+    kernel_sites: {param path: site} of the binary kernels.
+    kernel_mask: pytree of bools like params, True on every conv/dense kernel (weight decay).
+
+  Returns:
+    A transformation whose `update` takes `binarization_context=` when frozen updates are
+    masked.
+  """
+  check_choice('optim.name', optim_cfg.name, OPTIMIZERS)
+  parts = []
+  if optim_cfg.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
+  if optim_cfg.name == 'adamw':
+    parts.append(optax.adamw(lr_schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
+                             weight_decay=optim_cfg.weight_decay, mask=kernel_mask))
+  else:
+    if optim_cfg.weight_decay:
+      parts.append(optax.add_decayed_weights(optim_cfg.weight_decay, mask=kernel_mask))
+    if optim_cfg.name == 'sgd':
+      parts.append(optax.sgd(lr_schedule, momentum=optim_cfg.momentum or None,
+                             nesterov=optim_cfg.nesterov))
+    else:
+      parts.append(optax.adam(lr_schedule, b1=optim_cfg.b1, b2=optim_cfg.b2))
+  mask_frozen, clip_latent = method_transforms(binary_cfg)
+  if mask_frozen and kernel_sites:
+    parts.append(binary_optim.zero_frozen_updates(kernel_sites))
+  if clip_latent and kernel_sites:
+    parts.append(binary_optim.clip_latent_kernels(kernel_sites))
+  return optax.chain(*parts)

@@ -1,0 +1,106 @@
+"""Processes, devices and shardings: one `data` mesh axis, jax.jit with NamedSharding, no pmap.
+
+One process (a laptop, one GPU machine) and many processes (TPU pod slices, SLURM GPU jobs)
+run the same code. Each process loads its own slice of the global batch; `global_batch` stitches
+the slices into one global `jax.Array` sharded over the `data` axis. Under jit, BatchNorm
+statistics over that array are global-batch statistics with no axis names.
+"""
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+# Parameters smaller than this stay replicated when parameter sharding is on.
+_MIN_SHARDED_SIZE = 2**18
+
+
+def initialize_distributed() -> None:
+  """Starts `jax.distributed` when this job has several processes; a no-op otherwise.
+
+  Explicit settings win: STOMPP_COORDINATOR_ADDRESS (host:port), STOMPP_NUM_PROCESSES and
+  STOMPP_PROCESS_ID. Else SLURM jobs with several tasks and Cloud TPU VM pod slices are detected
+  and jax derives everything from their environment.
+  """
+  if jax.distributed.is_initialized():
+    return
+  address = os.environ.get('STOMPP_COORDINATOR_ADDRESS')
+  if address:
+    try:
+      num_processes = int(os.environ['STOMPP_NUM_PROCESSES'])
+      process_id = int(os.environ['STOMPP_PROCESS_ID'])
+    except (KeyError, ValueError):
+      raise ValueError('STOMPP_COORDINATOR_ADDRESS is set: also set STOMPP_NUM_PROCESSES and'
+                       ' STOMPP_PROCESS_ID to integers.') from None
+    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
+                               process_id=process_id)
+  elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or _is_tpu_pod():
+    jax.distributed.initialize()
+
+
+def _is_tpu_pod() -> bool:
+  hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  return len([h for h in hosts.split(',') if h]) > 1
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+  """A 1-D mesh with axis `data` over all devices (or the first `num_devices` of one process)."""
+  devices = jax.devices()
+  if num_devices:
+    if jax.process_count() > 1 and num_devices != len(devices):
+      raise ValueError(f'mesh.num_devices={num_devices} with {jax.process_count()} processes: use 0'
+                       ' (all devices) for multi-process runs.')
+    if num_devices > len(devices):
+      raise ValueError(f'mesh.num_devices={num_devices} but only {len(devices)} devices exist:'
+                       ' lower mesh.num_devices or use 0 for all.')
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dim split over `data`."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = 'train.batch_size') -> None:
+  if global_batch_size % mesh.size:
+    raise ValueError(f'{what}={global_batch_size} is not divisible by the {mesh.size} devices:'
+                     f' use a multiple of {mesh.size}.')
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Turns this process's slice of the batch into global arrays sharded over `data`.
+
+  Args:
+    local_batch: {name: array (local_batch, ...)}, this process's consecutive slice.
+    mesh: the mesh; the global batch is local_batch * process_count.
+  """
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def state_sharding(abstract_tree, mesh: Mesh, shard_params: bool):
+  """Shardings for a train-state pytree: replicated, or FSDP-style over `data` when asked.
+
+  With `shard_params`, each large array is split along its largest dim divisible by the mesh
+  size (parameters and their optimizer moments alike); small ones stay replicated.
+  """
+  def leaf_sharding(leaf):
+    shape = getattr(leaf, 'shape', ())
+    if not shard_params or int(np.prod(shape)) < _MIN_SHARDED_SIZE:
+      return replicated(mesh)
+    dims = [d for d in np.argsort(shape)[::-1] if shape[d] % mesh.size == 0]
+    if not dims:
+      return replicated(mesh)
+    spec = [None] * len(shape)
+    spec[dims[0]] = DATA_AXIS
+    return NamedSharding(mesh, P(*spec))
+
+  return jax.tree.map(leaf_sharding, abstract_tree)

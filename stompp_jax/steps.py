@@ -1,0 +1,107 @@
+"""The jitted train and eval steps (pure functions of state and batch)."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from stompp_jax import metrics as metrics_lib
+from stompp_jax import state as state_lib
+from stompp_jax.binary import context as bctx
+
+
+def _nested_get(tree: Any, path: tuple[str, ...]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross entropy in float32. logits (B, K), labels int (B,) -> (B,)."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _site_diagnostics(old_params, new_params, grads, site_paths) -> dict[str, jax.Array]:
+  """Per-site (L,) sign-flip ratio, fraction of latent entries in [-1, 1], kernel gradient norm."""
+  flips, in_clip, grad_norms = [], [], []
+  for path in site_paths:
+    old, new, grad = (_nested_get(t, path) for t in (old_params, new_params, grads))
+    flips.append(jnp.mean((old >= 0) != (new >= 0)))
+    in_clip.append(jnp.mean(jnp.abs(new) <= 1))
+    grad_norms.append(jnp.sqrt(jnp.sum(jnp.square(grad.astype(jnp.float32)))))
+  return {'sign_flip_ratio': jnp.stack(flips), 'in_clip_fraction': jnp.stack(in_clip),
+          'grad_norm': jnp.stack(grad_norms)}
+
+
+def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *, model,
+               binarization: bctx.BinarizationConfig, tx: optax.GradientTransformationExtraArgs,
+               diagnostics: bool) -> tuple[state_lib.TrainState, metrics_lib.TrainMetrics,
+                                           dict[str, jax.Array]]:
+  """One optimizer step on a global batch.
+
+  Args:
+    state: the train state.
+    batch: {'image': (B, H, W, C) float, 'label': int32 (B,)}.
+    model: the Flax model.
+    binarization: static binarization settings with the site table.
+    tx: the optimizer; its update gets the step's BinarizationContext.
+    diagnostics: also return per-site sign flips, in-clip fractions and gradient norms.
+
+  Returns:
+    (new state, averaged metrics, per-site (L,) values of this step). A step whose loss or
+    gradients are not finite changes nothing but the step counter and reports nonfinite = 1.
+  """
+  ctx = bctx.BinarizationContext(step=state.step, key=state.mask_key, config=binarization)
+
+  def loss_fn(params):
+    logits, new_vars = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        ctx=ctx, mutable=['batch_stats', 'binary_stats'])
+    return cross_entropy(logits, batch['label']).mean(), (logits, new_vars)
+
+  (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, binarization_context=ctx)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep_if_finite(params, state.params),
+      batch_stats=keep_if_finite(new_vars['batch_stats'], state.batch_stats),
+      opt_state=keep_if_finite(opt_state, state.opt_state))
+  site_paths = [tuple(p.split('/')) for p in binarization.sites]
+  averaged = metrics_lib.TrainMetrics.single_from_model_output(
+      loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+      nonfinite=1.0 - finite.astype(jnp.float32))
+  per_site = {}
+  if site_paths:
+    stats = new_vars.get('binary_stats', {})
+    per_site['frozen_fraction'] = jnp.stack(
+        [_nested_get(stats, p)['frozen_fraction'] for p in site_paths])
+  if diagnostics and site_paths:
+    per_site.update(_site_diagnostics(state.params, params, grads, site_paths))
+  return new_state, averaged, per_site
+
+
+def eval_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *, model,
+              binarization: bctx.BinarizationConfig, fully_binary: bool) -> metrics_lib.EvalMetrics:
+  """Loss and accuracy of one eval batch, padded examples masked out.
+
+  Args:
+    state: the train state (BatchNorm uses running statistics).
+    batch: {'image': (B, H, W, C), 'label': (B,), 'mask': (B,) 1 for real examples}.
+    fully_binary: every mask = 1 (the deployed network); else the masks of the current step.
+  """
+  ctx = bctx.BinarizationContext(step=state.step, key=state.mask_key, config=binarization,
+                                 fully_binary=fully_binary)
+  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                       batch['image'], train=False, ctx=ctx)
+  return metrics_lib.EvalMetrics.single_from_model_output(
+      loss=cross_entropy(logits, batch['label']),
+      accuracy=(jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32),
+      mask=batch['mask'].astype(bool))

@@ -1,0 +1,92 @@
+"""The run directory: config.json, metrics.jsonl, tensorboard/, checkpoints/, done.json.
+
+Running the same command on the same directory resumes it; a directory made with a different
+config is refused unless `train.override_workdir_config` is set. Fields that only change how a
+run is observed or executed (logging, workers, devices) may differ between resumes.
+"""
+
+import json
+import os
+import tempfile
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+
+# Fields that may change when a run is resumed: they do not change what is computed.
+RESUMABLE_FIELDS = (
+    'train.log_every', 'train.eval_every', 'train.eval_steps', 'train.eval_batch_size',
+    'train.checkpoint_every', 'train.keep_checkpoints', 'train.diagnostics',
+    'train.on_nonfinite', 'train.override_workdir_config', 'data.num_workers', 'data.prefetch',
+    'data.dir', 'data.download', 'mesh.num_devices', 'mesh.shard_params')
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+  return flat
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename: never half-written."""
+  directory = os.path.dirname(os.path.abspath(path))
+  with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, encoding='utf-8',
+                                   prefix='.tmp_') as f:
+    f.write(text)
+    tmp = f.name
+  os.replace(tmp, path)
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  """Fields (dotted) whose values differ, other than RESUMABLE_FIELDS."""
+  old_flat, new_flat = _flatten(old), _flatten(new)
+  keys = sorted(set(old_flat) | set(new_flat))
+  return [k for k in keys if k not in RESUMABLE_FIELDS and old_flat.get(k) != new_flat.get(k)]
+
+
+def prepare(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Creates `workdir` and its config.json, or checks that an existing run matches `config`."""
+  path = os.path.join(workdir, 'config.json')
+  new = json.loads(config.to_json())
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      try:
+        old = json.load(f)
+      except json.JSONDecodeError:
+        raise ValueError(f'{path} is not valid JSON: restore it or start a new --workdir.') from None
+    differences = config_differences(old, new)
+    if differences and not config.train.override_workdir_config:
+      shown = ', '.join(f'{k} ({_flatten(old).get(k)!r} -> {_flatten(new).get(k)!r})' for k in differences[:5])
+      raise ValueError(f'{workdir} holds a run with a different config: {shown}; use another --workdir,'
+                       ' or set --config.train.override_workdir_config=True to resume it anyway.')
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    atomic_write_text(path, json.dumps(new, indent=2, sort_keys=True) + '\n')
+
+
+def trim_metrics(workdir: str, step: int) -> None:
+  """Drops metrics.jsonl rows after `step` (logged by a run that died before its next checkpoint)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= step:
+        kept.append(line)
+    except (json.JSONDecodeError, KeyError):
+      continue  # A line cut short by a kill.
+  if len(kept) != len(lines):
+    atomic_write_text(path, ''.join(kept))
+
+
+def write_done(workdir: str, summary: Mapping[str, Any]) -> None:
+  """Marks the run finished: done.json with the final metrics (written last)."""
+  if jax.process_index() == 0:
+    atomic_write_text(os.path.join(workdir, 'done.json'), json.dumps(dict(summary), indent=2) + '\n')

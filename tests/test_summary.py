@@ -1,0 +1,136 @@
+"""Model summary: totals against hand counts, precision per mode, the command."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import default
+from stompp_jax import models
+from stompp_jax.binary import context as bctx
+from stompp_jax.models import summary as summary_lib
+
+EVERYTHING = bctx.BinaryRules(include=('.*',), exclude=())
+
+
+def summarize(name, image_shape, num_classes, mode='bnn', rules=None):
+  config = default.get_config().model
+  config.name, config.mode = name, mode
+  return summary_lib.summarize(config, num_classes=num_classes, image_shape=image_shape,
+                               rules=rules or models.binary_rules(config))
+
+
+def conv(k, cin, cout, out_size):
+  """(params, MACs) of a bias-free k x k conv producing out_size x out_size x cout."""
+  return k * k * cin * cout, out_size * out_size * k * k * cin * cout
+
+
+def basic_resnet_by_hand(stem, stages, blocks_per_stage, num_classes):
+  """Hand totals of a basic-block ResNet in bnn mode with the default rules.
+
+  Args:
+    stem: (kernel size, channels, output size) of the stem conv (3 input channels).
+    stages: (in channels, channels, output size) per stage.
+    blocks_per_stage: basic blocks (2 binary 3x3 convs each) per stage.
+    num_classes: outputs of the classifier (with bias).
+  """
+  kernel, stem_channels, stem_size = stem
+  binary, floats, bn_channels = [], [conv(kernel, 3, stem_channels, stem_size)], stem_channels
+  for cin, cout, size in stages:
+    binary += [conv(3, cin, cout, size)] + [conv(3, cout, cout, size)] * (2 * blocks_per_stage - 1)
+    bn_channels += 2 * blocks_per_stage * cout
+    if cin != cout:
+      floats.append(conv(1, cin, cout, size))
+      bn_channels += cout
+  features = stages[-1][1]
+  return dict(
+      binary_params=sum(p for p, _ in binary),
+      float_params=sum(p for p, _ in floats) + features * num_classes + num_classes
+      + 2 * bn_channels,
+      float_stats=2 * bn_channels,
+      binary_macs=sum(m for _, m in binary),
+      float_macs=sum(m for _, m in floats) + features * num_classes)
+
+
+# CIFAR ResNet-20: 3x3 stem, 3 stages of 3 basic blocks, 16/32/64 channels at 32/16/8 pixels.
+RESNET20 = dict(stem=(3, 16, 32), stages=((16, 16, 32), (16, 32, 16), (32, 64, 8)),
+                blocks_per_stage=3, num_classes=10)
+# ImageNet ResNet-18: 7x7/2 stem to 112 px, pool to 56, 4 stages of 2 basic blocks.
+RESNET18 = dict(stem=(7, 64, 112),
+                stages=((64, 64, 56), (64, 128, 28), (128, 256, 14), (256, 512, 7)),
+                blocks_per_stage=2, num_classes=1000)
+
+
+@pytest.mark.parametrize('name, image_shape, architecture, published_params', [
+    ('resnet20', (32, 32, 3), RESNET20, 272_474),
+    ('resnet18', (224, 224, 3), RESNET18, 11_689_512),
+])
+def test_bnn_totals_equal_hand_counts(name, image_shape, architecture, published_params):
+  s = summarize(name, image_shape, architecture['num_classes'])
+  expected = basic_resnet_by_hand(**architecture)
+  for field, value in expected.items():
+    assert s.total(field) == value, field
+  assert s.total('binary_weight_macs') == 0
+  assert s.trainable_params == published_params
+  stored_bits = (expected['binary_params']
+                 + 32 * (expected['float_params'] + expected['float_stats']))
+  assert s.memory_bytes == stored_bits / 8
+  assert s.float32_memory_bytes == 4 * (published_params + expected['float_stats'])
+  assert s.compression == pytest.approx(s.float32_memory_bytes / s.memory_bytes)
+
+
+def test_resnet18_macs_match_the_published_1_8_gmacs():
+  assert summarize('resnet18', (224, 224, 3), 1000).macs == pytest.approx(1.82e9, rel=0.01)
+
+
+def test_mode_decides_the_precision_of_the_ruled_layers():
+  bnn = summarize('resnet20', (32, 32, 3), 10, mode='bnn')
+  bwn = summarize('resnet20', (32, 32, 3), 10, mode='bwn')
+  fp = summarize('resnet20', (32, 32, 3), 10, mode='fp')
+  assert bwn.total('binary_params') == bnn.total('binary_params') > 0
+  assert bwn.total('binary_weight_macs') == bnn.total('binary_macs') > 0
+  assert bwn.total('binary_macs') == 0
+  assert fp.total('binary_params') == fp.total('binary_macs') == fp.total('binary_weight_macs') == 0
+  assert fp.macs == bwn.macs == bnn.macs
+  assert fp.compression == 1.0
+
+
+def test_rules_decide_which_layers_count_as_binary():
+  s = summarize('resnet20', (32, 32, 3), 10, rules=EVERYTHING)
+  assert s.total('float_macs') == 0
+  assert all(r.precision == 'binary' for r in s.rows if r.kind != 'batch_norm')
+  # Left in float: BatchNorm scale and bias (as many as its statistics) and the classifier bias.
+  assert s.total('float_params') == s.total('float_stats') + 10
+  assert s.total('binary_params') == 272_474 - s.total('float_params')
+
+
+def test_rows_are_in_forward_order_with_output_shapes():
+  rows = summarize('resnet18', (224, 224, 3), 1000).rows
+  assert [r.path for r in rows[:3]] == ['stem_conv', 'stem_bn', 'stage1_block0/conv1']
+  assert rows[0].output_shape == (112, 112, 64)
+  assert rows[2].output_shape == (56, 56, 64)
+  assert (rows[-1].path, rows[-1].output_shape) == ('classifier', (1000,))
+
+
+def test_dataset_shape():
+  data = default.get_config().data
+  data.name = 'imagenet2012'
+  assert summary_lib.dataset_shape(data) == (1000, (224, 224, 3))
+  data.name, data.image_size = 'cifar100', 40
+  assert summary_lib.dataset_shape(data) == (100, (40, 40, 3))
+  data.name = 'mnist'
+  with pytest.raises(ValueError, match='imagenet2012'):
+    summary_lib.dataset_shape(data)
+
+
+def test_command_prints_the_summary():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, '-m', 'stompp_jax.models.summary', '--config=configs/default.py',
+       '--config.model.name=resnet20', '--config.data.name=cifar10'],
+      cwd=root, capture_output=True, text=True, check=True,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'}).stdout
+  assert out.startswith('resnet20, mode bnn, input 32x32x3, 10 classes')
+  assert 'stage3_block0/shortcut_conv' in out
+  assert '272,474' in out

@@ -1,0 +1,128 @@
+"""End-to-end tests of train_and_evaluate on a tiny model and synthetic data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import default
+from stompp_jax import metrics as metrics_lib
+from stompp_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(method='stompp', **train_overrides):
+  config = default.get_config()
+  config.model.name = 'tiny_resnet'
+  config.model.mode = 'fp' if method == 'fp' else 'bnn'
+  config.binary.method = method
+  config.binary.refresh_every = 4
+  config.data.name = 'cifar10'
+  config.data.source = 'synthetic'
+  config.data.synthetic_image_shape = (16, 16, 3)
+  config.data.synthetic_num_classes = 4
+  config.data.synthetic_train_size = 512
+  config.data.synthetic_eval_size = 96
+  config.train.batch_size = 32
+  config.train.eval_batch_size = 32
+  config.train.num_steps = 12
+  config.train.log_every = 3
+  config.train.eval_every = 6
+  config.train.checkpoint_every = 6
+  for key, value in train_overrides.items():
+    setattr(config.train, key, value)
+  return config
+
+
+def rows(workdir, split):
+  return [r for r in metrics_lib.read_metrics(str(workdir)) if r['split'] == split]
+
+
+@pytest.mark.parametrize('method', ['fp', 'ste', 'stompp', 'stompp_ste'])
+def test_every_method_trains_and_logs(tmp_path, method):
+  final = train.train_and_evaluate(tiny_config(method), str(tmp_path))
+  train_rows, eval_rows = rows(tmp_path, 'train'), rows(tmp_path, 'eval')
+  assert [r['step'] for r in train_rows] == [3, 6, 9, 12]
+  assert [r['step'] for r in eval_rows] == [6, 12]
+  expected_train = {'loss', 'accuracy', 'nonfinite', 'learning_rate', 'images_per_second', 'eta_seconds'}
+  expected_eval = {'eval_loss', 'eval_accuracy'}
+  if method != 'fp':
+    expected_train.add('frozen_fraction')
+    expected_eval |= {'eval_fully_binary_loss', 'eval_fully_binary_accuracy'}
+  assert expected_train <= set(train_rows[0])
+  assert expected_eval <= set(eval_rows[0])
+  assert train_rows[-1]['loss'] < train_rows[0]['loss'], [r['loss'] for r in train_rows]
+  if method != 'fp':
+    fractions = np.array([r['frozen_fraction'] for r in train_rows])
+    assert fractions.shape[1] >= 2
+    assert np.all(np.diff(fractions, axis=0) >= 0), 'frozen fractions must not decrease'
+    # Step 11 is past span_end * 12 steps: every site is fully frozen (STE: always).
+    np.testing.assert_array_equal(fractions[-1], 1.0)
+  done = json.loads((tmp_path / 'done.json').read_text())
+  assert done['step'] == 12 and final['step'] == 12
+  assert json.loads((tmp_path / 'config.json').read_text())['binary']['method'] == method
+  assert os.listdir(tmp_path / 'tensorboard')
+
+
+def test_eight_devices_match_one_device(tmp_path):
+  losses = {}
+  for devices in (1, 8):
+    config = tiny_config('stompp', num_steps=6, log_every=1, eval_every=0)
+    config.mesh.num_devices = devices
+    train.train_and_evaluate(config, str(tmp_path / str(devices)))
+    losses[devices] = [r['loss'] for r in rows(tmp_path / str(devices), 'train')]
+  np.testing.assert_allclose(losses[8], losses[1], rtol=2e-4)
+
+
+def test_resume_continues_at_saved_step(tmp_path, monkeypatch):
+  config = tiny_config('stompp')
+  reference = train.train_and_evaluate(config, str(tmp_path / 'reference'))
+
+  calls = []
+  original = train._Preemption.reached
+
+  def preempt_at_step_5(self, step):
+    calls.append(step)
+    return step == 5 or original(self, step)
+
+  monkeypatch.setattr(train._Preemption, 'reached', preempt_at_step_5)
+  first = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert first['preempted'] and first['step'] == 5
+  assert not (tmp_path / 'resumed' / 'done.json').exists()
+  calls.clear()
+  second = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert calls[0] == 6, 'the resumed run must start after the saved step 5'
+  assert second['step'] == 12 and not second['preempted']
+  resumed_rows = rows(tmp_path / 'resumed', 'train')
+  assert [r['step'] for r in resumed_rows] == [3, 6, 9, 12]
+  reference_rows = rows(tmp_path / 'reference', 'train')
+  # Masks, data order and optimizer state continue exactly: the same losses after the resume.
+  np.testing.assert_allclose([r['loss'] for r in resumed_rows[2:]],
+                             [r['loss'] for r in reference_rows[2:]], rtol=1e-6)
+  assert second['eval_fully_binary_accuracy'] == reference['eval_fully_binary_accuracy']
+
+
+def test_other_config_in_workdir_is_refused(tmp_path):
+  train.train_and_evaluate(tiny_config('stompp', num_steps=3, eval_every=0), str(tmp_path))
+  other = tiny_config('ste', num_steps=3, eval_every=0)
+  with pytest.raises(ValueError, match='different config: binary.method'):
+    train.train_and_evaluate(other, str(tmp_path))
+
+
+def test_cli_trains_imagenet_r50_on_synthetic_data(tmp_path):
+  """The ImageNet path (ResNet-50, ImageNet stem) through the real command line, tiny budget."""
+  command = [
+      sys.executable, '-m', 'stompp_jax.main', '--config=configs/imagenet_r50.py',
+      f'--workdir={tmp_path}', '--config.data.source=synthetic',
+      '--config.data.synthetic_image_shape=(64, 64, 3)', '--config.model.stem=imagenet',
+      '--config.data.num_workers=0', '--config.train.batch_size=2',
+      '--config.train.eval_batch_size=2', '--config.train.num_steps=2',
+      '--config.train.log_every=1', '--config.train.eval_steps=1']
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'step 2/2' in result.stderr
+  assert json.loads((tmp_path / 'done.json').read_text())['step'] == 2
