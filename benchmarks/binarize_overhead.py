@@ -220,8 +220,7 @@ def time_pieces(args, site_list, site_paths, images_batch):
     for name, fn in pieces.items():
       start = time.perf_counter()
       for _ in range(args.steps):
-        out = fn()
-      jax.block_until_ready(out)
+        jax.block_until_ready(fn())  # independent calls could overlap on CPU: block each
       results[name].append((time.perf_counter() - start) / args.steps * 1e3)
   return results
 
@@ -231,8 +230,9 @@ def main(argv=None):
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--reps', type=int, default=7, help='interleaved repetitions')
   parser.add_argument('--steps', type=int, default=3, help='train steps per repetition')
-  parser.add_argument('--step', type=int, default=TOTAL_STEPS * 2 // 5,
-                      help=f'schedule step (of {TOTAL_STEPS}); default mid-progression')
+  parser.add_argument('--step', type=int, default=None,
+                      help=f'schedule step (of {TOTAL_STEPS}); default: the middle of the middle '
+                      'site\'s window, so that site is partly frozen')
   parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
   parser.add_argument('--pieces', action='store_true', help='also time masks/binarizers/convs')
   args = parser.parse_args(argv)
@@ -247,6 +247,9 @@ def main(argv=None):
   model_for = lambda method: ResNet20(relu=(method == 'fp'))
 
   sched = schedule.ScheduleConfig(total_steps=TOTAL_STEPS)
+  if args.step is None:
+    num_sites = len(site_list)
+    args.step = round(TOTAL_STEPS * sched.span_end * (num_sites // 2 + 0.5) / num_sites)
   fractions = [float(schedule.frozen_fraction(args.step, i, len(site_list), sched))
                for i in range(len(site_list))]
   print(f'jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s), '

@@ -66,8 +66,10 @@ def get_config(arg=None):
   c.data.image_size = 0  # Train/eval crop size; 0 = dataset default (32 or 224).
   c.data.num_workers = 0  # grain worker processes for decoding/augmenting; 0 = in-process.
   c.data.prefetch = 2  # Batches prefetched ahead of the train step.
-  c.data.synthetic_num_classes = 10  # synthetic source only.
-  c.data.synthetic_image_shape = (32, 32, 3)  # synthetic source only.
+  # synthetic source only: random images whose class sets their mean (learnable), standing in
+  # for data.name; 0 classes / shape () = those of data.name (224x224x3 for imagenet2012).
+  c.data.synthetic_num_classes = 0
+  c.data.synthetic_image_shape = ()
   c.data.synthetic_train_size = 1024  # synthetic source only.
   c.data.synthetic_eval_size = 256  # synthetic source only.
 

@@ -66,14 +66,14 @@ def _plain_layer(kind, x, kernel):
   return x @ kernel
 
 
-def _formula(method, u, frozen):
+def _formula(method, u, frozen, tensor):
   """(binarized u, d binarized / d u) from METHOD.md, elementwise, numpy."""
   u = np.asarray(u, np.float32)
   sign, clip, in_range = np.where(u >= 0, 1.0, -1.0), np.clip(u, -1, 1), np.abs(u) <= 1
   if method == 'fp':
     return u, np.ones_like(u)
-  if method == 'ste':
-    return sign, None  # the derivative depends on kernel / input, see _expected_grads
+  if method == 'ste':  # identity STE for kernels, clipped STE for activations
+    return sign, np.ones_like(u) if tensor == 'kernel' else in_range.astype(np.float32)
   value = np.where(frozen, sign, clip)
   passes = in_range & ~frozen if method == 'stompp' else in_range
   return value, passes.astype(np.float32)
@@ -93,11 +93,8 @@ def _expected(method, kind, binarize_input, x, kernel, ctx):
   """Expected output and (dx, dkernel) for the cotangent ones, from the formulas."""
   k_mask = np.asarray(_site_mask(ctx, 0, 'kernel', kernel.shape))
   x_mask = np.asarray(_site_mask(ctx, 0, 'input', x.shape[1:]))
-  bk, dk = _formula(method, kernel, k_mask)
-  bx, dxx = _formula(method, x, x_mask) if binarize_input else (np.asarray(x), 1.0)
-  if method == 'ste':
-    dk = np.ones_like(bk)                                                   # identity STE
-    dxx = (np.abs(np.asarray(x)) <= 1).astype(np.float32) if binarize_input else 1.0  # clipped
+  bk, dk = _formula(method, kernel, k_mask, 'kernel')
+  bx, dxx = _formula(method, x, x_mask, 'input') if binarize_input else (np.asarray(x), 1.0)
   y, gx, gk = _plain_vjp(kind, jnp.asarray(bx, x.dtype), jnp.asarray(bk, x.dtype))
   return y, np.asarray(gx, np.float32) * dxx, np.asarray(gk, np.float32) * dk, k_mask
 

@@ -1,27 +1,71 @@
 """Stateless per-element frozen masks with soft refresh (METHOD.md, "Masks").
 
 Every element of a binarized tensor has a score s in [0, 1) and is frozen iff s < p, where p
-is its site's frozen fraction. Scores are a pure function of (key, step): nothing is stored,
-a resumed run sees the same masks, and with `jax_threefry_partitionable` (the default) the
-masks do not depend on how the tensor is sharded.
+is its site's frozen fraction. Scores are a pure function of (key, step): nothing is stored, a
+resumed run sees the same masks.
 
 Soft refresh with period r: element j has a fixed phase o_j in {0..r-1}; its score epoch is
 e_j(t) = floor((t + o_j) / r) and its score is U(key, 1 + e_j(t)). So each element re-draws its
 score once every r steps, and about 1/r of the scores change at any step. Between re-draws the
 frozen set only grows as p rises (nested masks). r = 0 means the scores never change.
+
+Random numbers: U(key, stream)[j] is a counter-based hash of (key, stream, flat index j), not
+threefry. A model has two masked tensors per site and each needs three fields per step; ~300
+unrolled threefry instances made a ResNet-50 step take minutes to compile on CPU, while the
+hash is a few integer ops that XLA fuses into one loop per tensor. Being elementwise in the
+flat index, the values do not depend on how the tensor is sharded over devices.
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TENSORS = ('kernel', 'input')
+_GOLDEN = np.uint32(0x9E3779B9)
+
+
+def _mix(x: jax.Array) -> jax.Array:
+  """A 32-bit integer finalizer with full avalanche (lowbias32, C. Wellons)."""
+  x = x ^ (x >> 16)
+  x = x * np.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * np.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _key_words(key: jax.Array) -> jax.Array:
+  """uint32 (2,) words of a raw (uint32[2]) or typed PRNG key."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  return jnp.asarray(key, jnp.uint32).reshape(-1)[:2]
+
+
+def _derive(words: jax.Array, value) -> jax.Array:
+  """New key words from `words` and an integer `value` (may be traced)."""
+  value = jnp.asarray(value).astype(jnp.uint32)
+  first = _mix(words[0] ^ _mix(value + _GOLDEN))
+  second = _mix(words[1] + _mix(first ^ value))
+  return jnp.stack([first, second])
 
 
 def site_key(key: jax.Array, site: int, tensor: str) -> jax.Array:
-  """The mask key of one binarized tensor: `tensor` ('kernel' or 'input') of `site`."""
+  """The mask key (uint32 (2,)) of one binarized tensor: `tensor` ('kernel' | 'input') of `site`."""
   if tensor not in TENSORS:
     raise ValueError(f'Unknown tensor {tensor!r}: use one of {", ".join(TENSORS)}.')
-  return jax.random.fold_in(jax.random.fold_in(key, site), TENSORS.index(tensor))
+  return _derive(_derive(_key_words(key), site), TENSORS.index(tensor))
+
+
+def _bits(words: jax.Array, stream, shape: tuple[int, ...]) -> jax.Array:
+  """uint32 array of `shape`: hash of (key words, stream, flat element index)."""
+  stream_words = _derive(words, stream)
+  size = int(np.prod(shape, dtype=np.int64))
+  index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  return _mix(_mix(index ^ stream_words[0]) + stream_words[1])
+
+
+def uniform(key: jax.Array, stream, shape: tuple[int, ...]) -> jax.Array:
+  """float32 array of `shape` in [0, 1) with 24 random bits per element (stream may be traced)."""
+  return (_bits(_key_words(key), stream, shape) >> 8).astype(jnp.float32) * np.float32(2.0**-24)
 
 
 def element_scores(key: jax.Array, step: jax.Array, shape: tuple[int, ...],
@@ -29,7 +73,7 @@ def element_scores(key: jax.Array, step: jax.Array, shape: tuple[int, ...],
   """Per-element scores in [0, 1) at `step`.
 
   Args:
-    key: PRNG key of this tensor (see `site_key`).
+    key: key of this tensor (see `site_key`).
     step: int scalar, may be traced.
     shape: static shape of the tensor.
     refresh_every: static int r >= 0; 0 disables refresh.
@@ -40,14 +84,14 @@ def element_scores(key: jax.Array, step: jax.Array, shape: tuple[int, ...],
   if refresh_every < 0:
     raise ValueError(f'refresh_every must be >= 0 (0 = never), got {refresh_every}.')
   if refresh_every == 0:
-    return jax.random.uniform(jax.random.fold_in(key, 1), shape)
+    return uniform(key, 1, shape)
   step = jnp.asarray(step, jnp.int32)
-  phase = jax.random.randint(jax.random.fold_in(key, 0), shape, 0, refresh_every)
+  phase = _bits(_key_words(key), 0, shape) % np.uint32(refresh_every)
   epoch = step // refresh_every
   # e_j = epoch or epoch + 1, so two uniform fields cover every element.
-  in_next_epoch = (step % refresh_every) + phase >= refresh_every
-  current = jax.random.uniform(jax.random.fold_in(key, 1 + epoch), shape)
-  following = jax.random.uniform(jax.random.fold_in(key, 2 + epoch), shape)
+  in_next_epoch = (step % refresh_every).astype(jnp.uint32) + phase >= refresh_every
+  current = uniform(key, 1 + epoch, shape)
+  following = uniform(key, 2 + epoch, shape)
   return jnp.where(in_next_epoch, following, current)
 
 
@@ -56,7 +100,7 @@ def frozen_mask(key: jax.Array, step: jax.Array, fraction: jax.Array, shape: tup
   """Boolean frozen mask: about `fraction` of the entries are True.
 
   Args:
-    key: PRNG key of this tensor (see `site_key`).
+    key: key of this tensor (see `site_key`).
     step: int scalar training step, may be traced.
     fraction: float scalar p in [0, 1], may be traced; p = 0 freezes nothing, p = 1 everything.
     shape: static shape of the mask (the tensor's shape, or its non-batch shape).

@@ -32,6 +32,7 @@ DATASETS = {
     'imagenet2012': _Dataset(1000, (None, None, 3), {'train': 'train', 'eval': 'validation'}),
 }
 _CIFAR100_COARSE_CLASSES = 20
+_DEFAULT_IMAGENET_SIZE = 224  # Synthetic ImageNet-like images when data.image_size is 0.
 _NPZ_FILES = {'train': 'train.npz', 'eval': 'test.npz'}
 
 
@@ -71,7 +72,7 @@ def describe(data_config) -> DatasetInfo:
   """Sizes, class count and stored image shape; reads only npz headers for the npz source."""
   name = dataset_name(data_config)
   if name == 'synthetic':
-    return DatasetInfo(name, data_config.synthetic_num_classes,
+    return DatasetInfo(name, _synthetic_num_classes(data_config),
                        _synthetic_shape(data_config), data_config.synthetic_train_size,
                        data_config.synthetic_eval_size)
   if data_config.source == 'npz':
@@ -94,7 +95,7 @@ def make_source(data_config, split: str):
     size = (data_config.synthetic_train_size if split == 'train'
             else data_config.synthetic_eval_size)
     return SyntheticSource(split, size, _synthetic_shape(data_config),
-                           data_config.synthetic_num_classes)
+                           _synthetic_num_classes(data_config))
   directory = data_dir(data_config)
   if data_config.source == 'tfds':
     coarse = name == 'cifar100' and data_config.cifar100_labels == 'coarse'
@@ -214,9 +215,9 @@ def _validate(data_config) -> None:
   if data_config.source not in SOURCES:
     raise ValueError(f'unknown data.source={data_config.source!r}: use one of '
                      f'{", ".join(SOURCES)}')
-  if data_config.source != 'synthetic' and data_config.name not in DATASETS:
+  if data_config.name not in DATASETS:
     raise ValueError(f'unknown data.name={data_config.name!r}: use one of '
-                     f'{", ".join(DATASETS)} (or data.source=synthetic)')
+                     f'{", ".join(DATASETS)}')
   if data_config.cifar100_labels not in ('fine', 'coarse'):
     raise ValueError(f'unknown data.cifar100_labels={data_config.cifar100_labels!r}: use fine '
                      f'or coarse')
@@ -229,11 +230,21 @@ def _num_classes(data_config) -> int:
 
 
 def _synthetic_shape(data_config) -> tuple:
+  """`data.synthetic_image_shape`, or () for the shape of `data.name`'s images."""
   shape = tuple(int(d) for d in data_config.synthetic_image_shape)
+  if not shape:
+    stored = DATASETS[data_config.name].image_shape
+    size = data_config.image_size or _DEFAULT_IMAGENET_SIZE
+    return tuple(size if d is None else d for d in stored)
   if len(shape) != 3 or min(shape) < 1:
     raise ValueError(f'data.synthetic_image_shape={shape} is not (H, W, C) with positive '
-                     f'sizes: set e.g. (32, 32, 3)')
+                     f'sizes: set e.g. (32, 32, 3), or () for the shape of data.name')
   return shape
+
+
+def _synthetic_num_classes(data_config) -> int:
+  """`data.synthetic_num_classes`, or 0 for the class count of `data.name`."""
+  return data_config.synthetic_num_classes or _num_classes(data_config)
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
