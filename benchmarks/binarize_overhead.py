@@ -1,6 +1,6 @@
 """Overhead of the binarization scaffold on a CIFAR ResNet-20-sized BNN train step (CPU).
 
-    python benchmarks/binarize_overhead.py [--batch 128] [--reps 7] [--steps 3] [--pieces]
+    python benchmarks/binarize_overhead.py [--batch 128] [--reps 15] [--steps 1] [--pieces]
 
 One jitted train step (forward + backward + SGD-momentum update; the compile is timed apart) of a
 ResNet-20 stack: a full-precision 3x3 stem, 3 stages x 3 blocks x 2 binary 3x3 convs with
@@ -228,8 +228,8 @@ def time_pieces(args, site_list, site_paths, images_batch):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=128)
-  parser.add_argument('--reps', type=int, default=7, help='interleaved repetitions')
-  parser.add_argument('--steps', type=int, default=3, help='train steps per repetition')
+  parser.add_argument('--reps', type=int, default=15, help='interleaved repetitions')
+  parser.add_argument('--steps', type=int, default=1, help='train steps per repetition')
   parser.add_argument('--step', type=int, default=None,
                       help=f'schedule step (of {TOTAL_STEPS}); default: the middle of the middle '
                       'site\'s window, so that site is partly frozen')
@@ -276,9 +276,12 @@ def main(argv=None):
   for m in args.methods:
     print(f'  {m:<11} ' + ' '.join(f'{t:.0f}' for t in times[m]))
   if 'stompp' in med and 'ste' in med:
+    ratios = sorted(a / b for a, b in zip(times['stompp'], times['ste']))
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     ok = paired('stompp', 'ste') <= 1.10
     print(f'target stompp / ste <= 1.10: {"met" if ok else "MISSED"} '
-          f'(paired median {paired("stompp", "ste"):.3f})')
+          f'(paired median {paired("stompp", "ste"):.3f}, quartiles {quartiles[0]:.3f} .. '
+          f'{quartiles[2]:.3f}; a wide spread means a noisy machine)')
 
   if args.pieces:
     results = time_pieces(args, site_list, site_paths, args.batch)

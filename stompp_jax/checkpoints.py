@@ -1,7 +1,11 @@
 """Orbax checkpoints of a run: train state, data-iterator state (one file per process), config.
 
-Saves are asynchronous and atomic (orbax writes a temporary directory and renames it), keep the
-newest N, and a corrupt newest checkpoint falls back to the previous one with a warning.
+Saves are asynchronous and atomic: orbax writes a temporary directory and renames it when every
+file is on disk, so a run killed mid-save leaves only a temporary directory, removed at the next
+start. The newest N are kept. Each checkpoint records the train state's signature (paths,
+shapes, dtypes) and a fingerprint of its bits: a checkpoint of another model is refused, and a
+corrupt newest checkpoint (unreadable, or bits that changed on disk) falls back to the previous
+one with a warning. A state with a NaN or an infinity is never saved.
 """
 
 import errno
@@ -10,42 +14,86 @@ from typing import Any, Optional
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from stompp_jax import state as state_lib
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ('No space left on device', 'Disk quota exceeded')
+
+
+class DiskFullError(OSError):
+  """A checkpoint could not be written for lack of space; older checkpoints are intact."""
+
+
+class ForeignCheckpointError(ValueError):
+  """The checkpoints of a workdir hold the train state of another model or optimizer."""
+
 
 class Checkpointer:
-  """Saves and restores one run's checkpoints under `workdir/checkpoints`."""
+  """Saves and restores one run's checkpoints under `workdir/checkpoints`.
 
-  def __init__(self, workdir: str, keep: int):
+  Args:
+    workdir: the run directory.
+    keep: how many of the newest checkpoints to keep.
+    signature: `state.signature` of the abstract train state; a checkpoint with another one
+      belongs to another model or optimizer and is refused.
+  """
+
+  def __init__(self, workdir: str, keep: int, signature: str):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self._signature = signature
+    self._pending_step = None
     self._manager = ocp.CheckpointManager(
         self.directory,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': grain.checkpoint.CheckpointHandler(),
+                       'config': ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             cleanup_tmp_directories=True,
                                              enable_async_checkpointing=True))
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_iterator: Any, config_json: dict) -> None:
-    """Starts an async save of `state` at `step`; the iterator state is captured now."""
+    """Starts an async save of `state` at `step`; the iterator state is captured now.
+
+    Raises:
+      state.NonFiniteError: `state` holds a NaN or an infinity (nothing is written).
+      DiskFullError: this save or the previous one ran out of space.
+    """
+    self.wait()  # Orbax would wait here too; this way an error names the step it belongs to.
+    fingerprint, finite = map(_first_value, state_lib.fingerprint_and_finite(state))
+    if not finite:
+      raise state_lib.NonFiniteError(
+          f'The train state at step {step} holds NaN or infinite values; it was not saved and the'
+          f' checkpoints in {self.directory} are intact: lower optim.learning_rate.')
+    self._pending_step = step
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
           data=grain.checkpoint.CheckpointSave(data_iterator),
-          config=ocp.args.JsonSave(config_json)), force=True)
-    except OSError as e:
-      raise _save_error(e, step, self.directory) from e
+          config=ocp.args.JsonSave(config_json)),
+          custom_metadata={'signature': self._signature, 'fingerprint': fingerprint}, force=True)
+    except Exception as e:  # pylint: disable=broad-except  # Only a full disk is translated.
+      _raise_if_disk_full(e, step, self.directory)
+      raise
 
   def wait(self) -> None:
     """Blocks until pending saves are on disk."""
     try:
       self._manager.wait_until_finished()
-    except OSError as e:
-      raise _save_error(e, None, self.directory) from e
+    except Exception as e:  # pylint: disable=broad-except  # Only a full disk is translated.
+      _raise_if_disk_full(e, self._pending_step, self.directory)
+      raise
+    finally:
+      self._pending_step = None
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any) -> Optional[tuple[int, Any]]:
-    """Restores the newest readable checkpoint into `data_iterator` and returns (step, state).
+    """Restores the newest intact checkpoint into `data_iterator` and returns (step, state).
 
     Args:
       abstract_state: pytree of jax.ShapeDtypeStruct with shardings (the restore target).
@@ -53,35 +101,83 @@ class Checkpointer:
 
     Returns:
       None when there is no checkpoint.
+
+    Raises:
+      ValueError: the checkpoints belong to another model, or none of them can be read.
     """
     steps = self.steps()
+    problems = []
     for step in reversed(steps):
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        return step, self._restore(step, abstract_state, data_iterator)
+      except ForeignCheckpointError:
+        raise  # Older steps belong to the other model too.
       except Exception as e:  # pylint: disable=broad-except  # Any unreadable checkpoint.
-        older = [s for s in steps if s < step]
-        if not older:
-          raise ValueError(f'The only checkpoint in {self.directory} (step {step}) cannot be read'
-                           f' ({type(e).__name__}: {str(e).splitlines()[0][:200]}): delete it to'
-                           ' start over.') from e
-        logging.warning('Checkpoint at step %d in %s cannot be read (%s); falling back to step %d.',
-                        step, self.directory, type(e).__name__, older[-1])
-        continue
-      return step, restored['state']
+        problems.append(step)
+        if step == steps[0]:
+          raise ValueError(
+              f'No checkpoint in {self.directory} can be read (steps'
+              f' {", ".join(map(str, problems))}; step {step}: {_summary(e)}): delete'
+              f' {self.directory} to start over.') from e
+        older = steps[steps.index(step) - 1]
+        logging.warning('The checkpoint at step %d in %s cannot be read (%s); falling back to'
+                        ' step %d.', step, self.directory, _summary(e), older)
     return None
+
+  def _restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+    """The state of `step`, checked against the recorded signature and fingerprint."""
+    custom = self._manager.metadata(step).custom_metadata or {}
+    signature = custom.get('signature')
+    if signature is not None and signature != self._signature:
+      raise ForeignCheckpointError(
+          f'{self.directory} holds checkpoints of a different model or optimizer (the train state'
+          f' at step {step} has other parameters or shapes): use another --workdir, or delete'
+          ' those checkpoints to start over.')
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    fingerprint = custom.get('fingerprint')
+    if fingerprint is not None:
+      actual = _first_value(state_lib.fingerprint_and_finite(restored['state'])[0])
+      if actual != fingerprint:
+        raise ValueError(f'its contents changed on disk: fingerprint {actual}, saved {fingerprint}')
+    return restored['state']
 
   def close(self) -> None:
     self._manager.close()
 
 
-def _save_error(e: OSError, step: Optional[int], directory: str) -> Exception:
-  if e.errno in (errno.ENOSPC, errno.EDQUOT):
+def _summary(error: Exception) -> str:
+  """`Type: first line` of an error, at most 200 characters."""
+  lines = str(error).strip().splitlines() or ['']
+  return f'{type(error).__name__}: {lines[0][:200]}'
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error` or an exception it was raised from reports a full disk or quota."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+      return True
+    if any(text in str(error) for text in _DISK_FULL_TEXTS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _raise_if_disk_full(error: Exception, step: Optional[int], directory: str) -> None:
+  if is_disk_full(error):
     at = f' at step {step}' if step is not None else ''
-    return OSError(e.errno, f'Disk full while saving the checkpoint{at} in {directory}: free space'
-                   ' and run the same command again; the previous checkpoints are intact.')
-  return e
+    full = DiskFullError(f'Disk full while saving the checkpoint{at} in {directory}: free space'
+                         ' and run the same command again; the previous checkpoints are intact.')
+    full.errno = errno.ENOSPC
+    raise full from error
+
+
+def _first_value(x: jax.Array) -> int:
+  """A replicated scalar as a Python int (read from this process's first shard)."""
+  return int(np.asarray(x.addressable_data(0)))
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

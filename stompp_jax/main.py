@@ -1,14 +1,28 @@
 """Command line: python -m stompp_jax.main --config=configs/<file>.py[:args] --workdir=DIR.
 
 Running the same command again resumes from the newest checkpoint in DIR.
+
+Exit status: 0 finished (DIR/done.json written); 75 preempted by SIGTERM after saving a
+checkpoint (EX_TEMPFAIL: run the same command again to resume); 2 bad input found before DIR
+was written (config, data, devices, another run in DIR); 1 any other error. Errors the user can
+fix print one line, `Error: what is wrong: what to do`; --verbosity=1 also logs the traceback.
 """
+
+import logging as python_logging
+import re
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from stompp_jax import checkpoints
 from stompp_jax import train
+
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, retry to continue.
+EXIT_BAD_INPUT = 2
+EXIT_ERROR = 1
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics).', required=True)
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file, optionally :args.', lock_config=True)
@@ -16,17 +30,61 @@ config_flags.DEFINE_config_file('config', None, 'A configs/*.py file, optionally
 
 def _hide_checkpoint_library_logs(record) -> bool:
   """orbax logs every save step by step at INFO; keep its warnings and errors only."""
-  return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+  return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def _fail(message: str, status: int) -> None:
+  logging.debug('The error in full:', exc_info=True)
+  print(f'Error: {" ".join(message.split())}', file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def run(config, workdir: str) -> int:
+  """Trains like `train.train_and_evaluate` and returns the exit status; user errors print one
+  line (other exceptions propagate with their traceback)."""
+  try:
+    result = train.train_and_evaluate(config, workdir)
+  except train.SetupError as e:
+    _fail(str(e), EXIT_BAD_INPUT)
+  except train.USER_ERRORS as e:
+    _fail(str(e), EXIT_ERROR)
+  except OSError as e:
+    if not checkpoints.is_disk_full(e):
+      raise
+    _fail(f'Disk full ({e}): free space in or move --workdir={workdir} and run the same command'
+          ' again; it resumes from the newest checkpoint.', EXIT_ERROR)
+  return EXIT_PREEMPTED if result.get('preempted') else 0
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error for an override of a config field that does not
+  exist (ml_collections raises AttributeError or KeyError from inside the parser)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    text = str(e).replace('\\n', '\n').replace("\\'", "'")
+    names = re.findall(r"'(\w+)'", text)
+    if not names:
+      raise
+    field = names[0]
+    overrides = [a.split('=')[0].lstrip('-') for a in argv[1:] if a.startswith('--config.')]
+    given = next((o for o in overrides if field in o.split('.')[1:]), f'config.…{field}')
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    suggestion = f' (did you mean {hint.group(1)!r}?)' if hint else ''
+    print(f'Error: --{given}: the config has no field {field!r}{suggestion}: configs/default.py'
+          ' lists every field.', file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.INFO)
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_hide_checkpoint_library_logs)
-  train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+  sys.exit(run(flags.FLAGS.config, _WORKDIR.value))
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

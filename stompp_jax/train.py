@@ -5,6 +5,7 @@ checkpoint of `workdir` if there is one, and trains with periodic logging, evalu
 checkpoints. See README.md for the run directory and the metric keys.
 """
 
+import contextlib
 import functools
 import math
 import signal
@@ -78,13 +79,52 @@ def _kernel_mask(params) -> Any:
       lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
 
 
+class SetupError(ValueError):
+  """A problem with the config, the data or the workdir, found before the workdir is written."""
+
+
+# Errors the user can act on: the command line prints their one-line message, no traceback.
+USER_ERRORS = (SetupError, state_lib.NonFiniteError, checkpoints.DiskFullError)
+NONFINITE_POLICIES = ('error', 'skip')
+
+
+@contextlib.contextmanager
+def _as_setup_errors():
+  """Turns the ValueErrors and missing files of config and data checks into SetupError."""
+  try:
+    yield
+  except SetupError:
+    raise
+  except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    raise SetupError(' '.join(str(e).split())) from e
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the names and ranges of `config` that need no data or devices (one-line errors)."""
+  check_choice('train.on_nonfinite', config.train.on_nonfinite, NONFINITE_POLICIES)
+  check_choice('model.name', config.model.name, models.MODEL_NAMES)
+  check_choice('binary.method', config.binary.method, bctx.METHODS)
+  check_choice('binary.order', config.binary.order, schedule.ORDERS)
+  check_choice('binary.shape', config.binary.shape, schedule.SHAPES)
+  schedule.ScheduleConfig(  # Checks the span and the window overlap.
+      total_steps=1, order=config.binary.order, shape=config.binary.shape,
+      span_start=config.binary.span_start, span_end=config.binary.span_end,
+      window_overlap=config.binary.window_overlap)
+
+
 class _Preemption:
-  """SIGTERM (or the multi-host preemption service) asks the loop to save and stop."""
+  """SIGTERM asks the loop to save and stop at the next step boundary.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes: jax.distributed's
+  preemption service receives the SIGTERM of any host and picks one step where all hosts stop
+  (`reached_preemption_sync_point`, as orbax uses), so every host saves the same step.
+  """
 
   def __init__(self):
     self.requested = False
-    self._multi_host = jax.process_count() > 1
-    if not self._multi_host:
+    self._sync = jax.process_count() > 1
+    self._handles_signal = not self._sync
+    if self._handles_signal:
       self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
   def _on_sigterm(self, signum, frame):
@@ -92,13 +132,34 @@ class _Preemption:
     self.requested = True
 
   def reached(self, step: int) -> bool:
-    if self._multi_host:
+    if not self._sync:
+      return self.requested
+    try:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+    except RuntimeError as e:  # The preemption service is off (jax_enable_preemption_service).
+      logging.warning('No preemption service (%s): SIGTERM will stop this run without a'
+                      ' checkpoint.', e)
+      self._sync = False
+      return False
 
   def close(self):
-    if not self._multi_host:
-      signal.signal(signal.SIGTERM, self._previous)
+    if self._handles_signal:
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+
+
+def _closing(close):
+  """An ExitStack exit callback running `close`; its failure after an error is only logged,
+  so it does not hide that error (e.g. a full disk fails the save and then the close)."""
+  def exit_callback(exc_type, exc, traceback):
+    del exc, traceback
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      if exc_type is None:
+        raise
+      logging.warning('Cleaning up after the error below failed too: %s: %s', type(e).__name__, e)
+    return False
+  return exit_callback
 
 
 def _format_duration(seconds: float) -> str:
@@ -123,48 +184,77 @@ def evaluate(state, eval_fns, eval_batches) -> dict[str, float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains and evaluates one run in `workdir`, resuming it if it has checkpoints.
 
+  Every check of the config, the data, the devices and the workdir's earlier run comes before
+  anything is written to `workdir`; those failures raise SetupError.
+
   Returns:
-    The final row: {'step', 'eval/...': accuracies and losses, 'preempted': bool}.
+    The final row: {'step', 'eval/...': accuracies and losses, 'preempted': bool}. A finished
+    run returns its done.json.
+
+  Raises:
+    SetupError: a bad config field, missing or malformed data, a batch that does not split over
+      the devices, or a workdir holding another run or only unreadable checkpoints.
+    state.NonFiniteError: a non-finite loss, gradient or state under train.on_nonfinite=error
+      (naming the step; no checkpoint holds that update).
+    checkpoints.DiskFullError: a checkpoint did not fit on disk (older ones are intact).
   """
-  check_choice('train.on_nonfinite', config.train.on_nonfinite, ('error', 'skip'))
-  parallel.initialize_distributed()
-  workdir_lib.prepare(workdir, config)
+  with contextlib.ExitStack() as cleanup:
+    with _as_setup_errors():
+      validate_config(config)
+      parallel.initialize_distributed()
+      info = pipeline.dataset_info(config.data)
+      total_steps, steps_per_epoch = total_train_steps(config.train, info.train_size)
+      mesh = parallel.make_mesh(config.mesh.num_devices)
+      parallel.check_batch_size(config.train.batch_size, mesh)
+      parallel.check_batch_size(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
+      workdir_lib.check_config(workdir, config)
+      model = models.create_model(config.model, num_classes=info.num_classes,
+                                  image_shape=info.image_shape)
+      binarization, site_list = build_binarization(config, model, info.image_shape, total_steps)
+      lr_schedule = optimizers.learning_rate_schedule(config.optim, total_steps=total_steps,
+                                                      steps_per_epoch=steps_per_epoch)
+      sample = jnp.zeros((1, *info.image_shape), jnp.float32)
+      abstract_params = jax.eval_shape(
+          lambda: model.init(jax.random.PRNGKey(0), sample, train=False))['params']
+      tx = optimizers.create_optimizer(config.optim, config.binary, lr_schedule=lr_schedule,
+                                       kernel_sites=sites_lib.kernel_sites(site_list),
+                                       kernel_mask=_kernel_mask(abstract_params))
+      init_fn = functools.partial(state_lib.create_train_state, model, tx, config.seed, sample)
+      abstract_state = jax.eval_shape(init_fn)
+      state_shardings = parallel.state_sharding(abstract_state, mesh, config.mesh.shard_params)
+      train_iter = pipeline.make_train_iterator(
+          config.data, global_batch_size=config.train.batch_size, seed=config.seed)
+      checkpointer = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
+                                              state_lib.signature(abstract_state))
+      cleanup.push(_closing(checkpointer.close))
+      restored = checkpointer.restore_latest(
+          checkpoints.abstract_like(abstract_state, state_shardings), train_iter)
+
+    if restored is None:
+      state = jax.jit(init_fn, out_shardings=state_shardings)()
+      start_step = 0
+    else:
+      start_step, state = restored
+      logging.info('Resumed from the checkpoint at step %d in %s.', start_step, checkpointer.directory)
+      done = workdir_lib.read_done(workdir)
+      if start_step >= total_steps and done is not None:
+        logging.info('%s is a finished run (done.json): nothing to do.', workdir)
+        return done
+    workdir_lib.write_config(workdir, config)
+    workdir_lib.trim_metrics(workdir, start_step)  # Rows a killed run logged after its checkpoint.
+    if site_list:
+      logging.info('Binarized sites (forward order):\n%s', sites_lib.site_table(site_list))
+    return _train_loop(config, workdir, cleanup, total_steps=total_steps, start_step=start_step,
+                       state=state, model=model, binarization=binarization, tx=tx,
+                       lr_schedule=lr_schedule, mesh=mesh, state_shardings=state_shardings,
+                       train_iter=train_iter, checkpointer=checkpointer)
+
+
+def _train_loop(config, workdir, cleanup, *, total_steps, start_step, state, model, binarization,
+                tx, lr_schedule, mesh, state_shardings, train_iter, checkpointer) -> dict[str, Any]:
+  """Trains from `start_step` to `total_steps` (or a preemption), logging and saving."""
   config_json = config.to_dict()
-  info = pipeline.dataset_info(config.data)
-  model = models.create_model(config.model, num_classes=info.num_classes,
-                              image_shape=info.image_shape)
-  total_steps, steps_per_epoch = total_train_steps(config.train, info.train_size)
-  binarization, site_list = build_binarization(config, model, info.image_shape, total_steps)
-  if site_list:
-    logging.info('Binarized sites (forward order):\n%s', sites_lib.site_table(site_list))
-
-  mesh = parallel.make_mesh(config.mesh.num_devices)
-  parallel.check_batch_size(config.train.batch_size, mesh)
-  parallel.check_batch_size(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
-  lr_schedule = optimizers.learning_rate_schedule(config.optim, total_steps=total_steps,
-                                                  steps_per_epoch=steps_per_epoch)
-  sample = jnp.zeros((1, *info.image_shape), jnp.float32)
-  abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, train=False))['params']
-  tx = optimizers.create_optimizer(config.optim, config.binary, lr_schedule=lr_schedule,
-                                   kernel_sites=sites_lib.kernel_sites(site_list),
-                                   kernel_mask=_kernel_mask(abstract_params))
-  init_fn = functools.partial(state_lib.create_train_state, model, tx, config.seed, sample)
-  abstract_state = jax.eval_shape(init_fn)
-  state_shardings = parallel.state_sharding(abstract_state, mesh, config.mesh.shard_params)
-
-  train_iter = pipeline.make_train_iterator(config.data, global_batch_size=config.train.batch_size,
-                                            seed=config.seed)
-  checkpointer = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints)
-  restored = checkpointer.restore_latest(
-      checkpoints.abstract_like(abstract_state, state_shardings), train_iter)
-  if restored is None:
-    state = jax.jit(init_fn, out_shardings=state_shardings)()
-    start_step = 0
-  else:
-    start_step, state = restored
-    workdir_lib.trim_metrics(workdir, start_step)
-    logging.info('Resumed from the checkpoint at step %d in %s.', start_step, checkpointer.directory)
-
+  policy = config.train.on_nonfinite
   batch_sharding = parallel.batch_sharding(mesh)
   train_step = jax.jit(
       functools.partial(steps.train_step, model=model, binarization=binarization, tx=tx,
@@ -187,64 +277,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return
       yield parallel.global_batch(batch, mesh)
 
+  def run_eval(step):
+    results = evaluate(state, eval_fns, eval_batches)
+    writer.write(step, 'eval', results)
+    logging.info('eval at step %d | %s', step, ' | '.join(
+        f'{k} {100 * v:.2f}%' for k, v in results.items() if k.endswith('accuracy')))
+    return {'step': step, **results}
+
   writer = metrics_lib.MetricWriter(workdir)
+  cleanup.push(_closing(writer.close))
   preemption = _Preemption()
+  cleanup.push(_closing(preemption.close))
   train_metrics, nonfinite_flags, per_site = None, [], {}
   last_row = {'step': start_step}
   window_start, window_steps, step_time = time.perf_counter(), 0, None
   step = start_step
-  try:
-    while step < total_steps:
-      batch = parallel.global_batch(next(train_iter), mesh)
-      state, averaged, per_site = train_step(state, batch)
-      step += 1
-      window_steps += 1
-      train_metrics = averaged if train_metrics is None else train_metrics.merge(averaged)
-      nonfinite_flags.append(averaged.nonfinite.total)
-      is_last = step == total_steps
-      if step % config.train.log_every == 0 or is_last:
-        _check_finite(nonfinite_flags, step, config.train.on_nonfinite)
-        nonfinite_flags = []
-        values = {k: float(v) for k, v in train_metrics.compute().items()}
-        elapsed = time.perf_counter() - window_start
-        step_time = elapsed / window_steps
-        values.update(learning_rate=float(lr_schedule(step - 1)),
-                      images_per_second=config.train.batch_size / step_time,
-                      eta_seconds=step_time * (total_steps - step),
-                      **{k: np.asarray(v) for k, v in per_site.items()})
-        writer.write(step, 'train', values)
-        logging.info('step %d/%d | loss %.4f | acc %.2f%% | %.0f img/s | ETA %s', step, total_steps,
-                     values['loss'], 100 * values['accuracy'], values['images_per_second'],
-                     _format_duration(values['eta_seconds']))
-        train_metrics, window_start, window_steps = None, time.perf_counter(), 0
-      if is_last or (config.train.eval_every and step % config.train.eval_every == 0):
-        results = evaluate(state, eval_fns, eval_batches)
-        writer.write(step, 'eval', results)
-        logging.info('eval at step %d | %s', step, ' | '.join(
-            f'{k} {100 * v:.2f}%' for k, v in results.items() if k.endswith('accuracy')))
-        last_row = {'step': step, **results}
-        window_start = time.perf_counter()
-      preempted = preemption.reached(step)
-      if is_last or preempted or step % config.train.checkpoint_every == 0:
-        _check_finite(nonfinite_flags, step, config.train.on_nonfinite)
-        nonfinite_flags = []
-        checkpointer.save(step, state, train_iter, config_json)
-      if preempted:
-        checkpointer.wait()
-        logging.warning('Preempted: saved the checkpoint at step %d; run the same command to resume.', step)
-        return {**last_row, 'step': step, 'preempted': True}
-    checkpointer.wait()
-    last_row = {**last_row, 'step': step, 'preempted': False}
-    workdir_lib.write_done(workdir, last_row)
-    return last_row
-  finally:
-    preemption.close()
-    checkpointer.close()
-    writer.close()
+  while step < total_steps:
+    batch = parallel.global_batch(next(train_iter), mesh)
+    state, averaged, per_site = train_step(state, batch)
+    step += 1
+    window_steps += 1
+    train_metrics = averaged if train_metrics is None else train_metrics.merge(averaged)
+    nonfinite_flags.append(averaged.nonfinite.total)
+    if policy == 'error' and len(nonfinite_flags) > 1:
+      # The previous step's flag: waiting for it keeps this step queued, so the loop stops one
+      # step after a non-finite one without stalling the device.
+      _check_finite(nonfinite_flags[:-1], step - 1, policy)
+      nonfinite_flags = nonfinite_flags[-1:]
+    is_last = step == total_steps
+    if step % config.train.log_every == 0 or is_last:
+      _check_finite(nonfinite_flags, step, policy)
+      nonfinite_flags = []
+      values = {k: float(v) for k, v in train_metrics.compute().items()}
+      elapsed = time.perf_counter() - window_start
+      step_time = elapsed / window_steps
+      values.update(learning_rate=float(lr_schedule(step - 1)),
+                    images_per_second=config.train.batch_size / step_time,
+                    eta_seconds=step_time * (total_steps - step),
+                    **{k: np.asarray(v) for k, v in per_site.items()})
+      writer.write(step, 'train', values)
+      logging.info('step %d/%d | loss %.4f | acc %.2f%% | %.0f img/s | ETA %s', step, total_steps,
+                   values['loss'], 100 * values['accuracy'], values['images_per_second'],
+                   _format_duration(values['eta_seconds']))
+      train_metrics, window_start, window_steps = None, time.perf_counter(), 0
+    if is_last or (config.train.eval_every and step % config.train.eval_every == 0):
+      last_row = run_eval(step)
+      window_start = time.perf_counter()
+    preempted = preemption.reached(step)
+    if is_last or preempted or step % config.train.checkpoint_every == 0:
+      _check_finite(nonfinite_flags, step, policy)
+      nonfinite_flags = []
+      checkpointer.save(step, state, train_iter, config_json)
+    if preempted:
+      checkpointer.wait()
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('stompp_jax preempted checkpoint saved')
+      logging.warning('Preempted (SIGTERM): saved the checkpoint at step %d in %s; run the same'
+                      ' command to resume.', step, checkpointer.directory)
+      return {**last_row, 'step': step, 'preempted': True}
+  checkpointer.wait()
+  if last_row['step'] != step:  # Resumed at the last step: the final eval was not logged.
+    last_row = run_eval(step)
+  last_row = {**last_row, 'step': step, 'preempted': False}
+  workdir_lib.write_done(workdir, last_row)
+  return last_row
 
 
 def _check_finite(flags: list, step: int, policy: str) -> None:
-  """Raises at the first step whose loss or gradients were not finite (policy 'error')."""
+  """Raises at the first non-finite step under policy 'error'; `flags` end at `step`."""
   if not flags:
     return
   values = np.asarray(jax.device_get(flags))
@@ -253,7 +353,8 @@ def _check_finite(flags: list, step: int, policy: str) -> None:
     return
   first = step - len(flags) + int(bad[0]) + 1
   if policy == 'error':
-    raise FloatingPointError(
-        f'Loss or gradients are not finite at step {first} (the update was not applied): lower'
-        ' optim.learning_rate, or set train.on_nonfinite=skip to drop such updates.')
+    raise state_lib.NonFiniteError(
+        f'The loss, gradients or updated state are not finite at step {first}; that update was'
+        ' not applied and no checkpoint holds it: lower optim.learning_rate (or set'
+        ' optim.grad_clip_norm), or set train.on_nonfinite=skip to drop such updates.')
   logging.warning('Skipped %d non-finite updates up to step %d.', bad.size, step)

@@ -1,8 +1,10 @@
 """The run directory: config.json, metrics.jsonl, tensorboard/, checkpoints/, done.json.
 
 Running the same command on the same directory resumes it; a directory made with a different
-config is refused unless `train.override_workdir_config` is set. Fields that only change how a
-run is observed or executed (logging, workers, devices) may differ between resumes.
+config (config.json, else the config saved in its newest checkpoint) is refused unless
+`train.override_workdir_config` is set. `check_config` only reads, so a refused config leaves the
+directory as it was; `write_config` comes after every check has passed. Fields that only change
+how a run is observed or executed (logging, workers, devices) may differ between resumes.
 """
 
 import json
@@ -48,24 +50,52 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
   return [k for k in keys if k not in RESUMABLE_FIELDS and old_flat.get(k) != new_flat.get(k)]
 
 
-def prepare(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Creates `workdir` and its config.json, or checks that an existing run matches `config`."""
+def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses a workdir whose run has a different config, unless train.override_workdir_config.
+
+  The run's config is config.json, or, when that is missing, the config saved with its newest
+  checkpoint. Nothing is written.
+  """
   path = os.path.join(workdir, 'config.json')
-  new = json.loads(config.to_json())
   if os.path.exists(path):
     with open(path, encoding='utf-8') as f:
       try:
         old = json.load(f)
       except json.JSONDecodeError:
         raise ValueError(f'{path} is not valid JSON: restore it or start a new --workdir.') from None
-    differences = config_differences(old, new)
-    if differences and not config.train.override_workdir_config:
-      shown = ', '.join(f'{k} ({_flatten(old).get(k)!r} -> {_flatten(new).get(k)!r})' for k in differences[:5])
-      raise ValueError(f'{workdir} holds a run with a different config: {shown}; use another --workdir,'
-                       ' or set --config.train.override_workdir_config=True to resume it anyway.')
+  else:
+    old = _newest_checkpoint_config(workdir)
+    if old is None:
+      return
+  new = json.loads(config.to_json())
+  differences = config_differences(old, new)
+  if differences and not config.train.override_workdir_config:
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    shown = ', '.join(f'{k} ({old_flat.get(k)!r} -> {new_flat.get(k)!r})' for k in differences[:5])
+    raise ValueError(f'{workdir} holds a run with a different config: {shown}; use another --workdir,'
+                     ' or set --config.train.override_workdir_config=True to resume it anyway.')
+
+
+def _newest_checkpoint_config(workdir: str) -> dict | None:
+  """The config saved with the newest finished checkpoint (orbax's JSON item), if readable."""
+  directory = os.path.join(workdir, 'checkpoints')
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  steps = sorted(int(name) for name in names if name.isdigit())
+  for step in reversed(steps):
+    try:
+      with open(os.path.join(directory, str(step), 'config', 'metadata'), encoding='utf-8') as f:
+        return json.load(f)
+    except (OSError, json.JSONDecodeError):
+      continue
+  return None
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Creates `workdir` and writes its config.json (process 0), after `check_config`."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    atomic_write_text(path, json.dumps(new, indent=2, sort_keys=True) + '\n')
+    atomic_write_text(os.path.join(workdir, 'config.json'),
+                      json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True) + '\n')
 
 
 def trim_metrics(workdir: str, step: int) -> None:
@@ -84,6 +114,15 @@ def trim_metrics(workdir: str, step: int) -> None:
       continue  # A line cut short by a kill.
   if len(kept) != len(lines):
     atomic_write_text(path, ''.join(kept))
+
+
+def read_done(workdir: str) -> dict | None:
+  """The final metrics of a finished run (done.json), or None."""
+  path = os.path.join(workdir, 'done.json')
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
 
 
 def write_done(workdir: str, summary: Mapping[str, Any]) -> None:

@@ -1,0 +1,236 @@
+"""Steady-state train-step time and memory of fp / ste / stompp / stompp_ste, CPU or GPU.
+
+    python benchmarks/step_time.py --models=resnet18:128,resnet50:64 [--dtype=bfloat16]
+    python benchmarks/step_time.py --models=resnet18:32 --reps=5 --steps=2      # a small CPU run
+
+Models: `name:batch`; resnet18/34 and the CIFAR ResNets (resnet20..110) get CIFAR-10 shapes
+(32x32x3, 10 classes, CIFAR stem), resnet50 the ImageNet shape (224x224x3, 1000 classes).
+The benchmark jits the project's own `steps.train_step` (forward, backward, optimizer with the
+method's transforms, masks generated inside the step) on a synthetic global batch on one device,
+with the state at 40% of a 1000-step schedule (layerwise: about half the sites fully frozen, one
+freezing, the rest still float), exactly as `train.train_and_evaluate` builds it.
+
+Timing: compile (lower + compile) is timed apart; after --warmup steps per method, --reps
+repetitions each run --steps consecutive steps of every method, the methods' order rotating
+between repetitions so machine noise hits all alike; `time.perf_counter` around
+`block_until_ready`. The table gives the median step time per method, and the ratios to fp and
+ste three ways: ratio of medians, median of per-repetition ratios (paired; robust to slow drifts
+of the machine's load) and ratio of minima (least disturbed steps on a shared machine); the
+targets are checked on the paired ratio.
+
+Memory: `step MB` is XLA's own account of the compiled step (arguments + outputs + temporaries
+- donated aliases, from `compiled.memory_analysis()`), per method, on any backend. The device's
+peak (`memory_stats()['peak_bytes_in_use']`, GPU/TPU) and the process's RSS high-water mark
+(CPU) are process-wide (every method of the run together) and printed once.
+
+Targets (issue 8): stompp / fp <= 1.10 and stompp / ste <= 1.05 on GPU; <= 1.15 and <= 1.10 on
+CPU. `--json=PATH` also writes every measurement.
+"""
+
+import argparse
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import default  # noqa: E402
+from stompp_jax import models  # noqa: E402
+from stompp_jax import optimizers  # noqa: E402
+from stompp_jax import sites as sites_lib  # noqa: E402
+from stompp_jax import state as state_lib  # noqa: E402
+from stompp_jax import steps  # noqa: E402
+from stompp_jax import train  # noqa: E402
+
+METHODS = ('fp', 'ste', 'stompp', 'stompp_ste')
+TOTAL_STEPS = 1000
+START_FRACTION = 0.4
+TARGETS = {'gpu': {'fp': 1.10, 'ste': 1.05}, 'cpu': {'fp': 1.15, 'ste': 1.10}}
+IMAGENET_MODELS = ('resnet50',)
+
+
+def model_shape(name: str) -> tuple[str, tuple[int, int, int], int]:
+  """(dataset name, image shape, classes) the benchmark uses for `name`."""
+  if name in IMAGENET_MODELS:
+    return 'imagenet2012', (224, 224, 3), 1000
+  return 'cifar10', (32, 32, 3), 10
+
+
+def make_config(name: str, method: str, dtype: str):
+  config = default.get_config()
+  config.model.name = name
+  config.model.mode = 'fp' if method == 'fp' else 'bnn'
+  config.model.dtype = dtype
+  config.binary.method = method
+  config.data.name = model_shape(name)[0]
+  config.train.num_steps = TOTAL_STEPS
+  return config
+
+
+class Bench:
+  """One (model, method): its compiled train step, state and batch."""
+
+  def __init__(self, name: str, method: str, batch_size: int, dtype: str, seed: int = 0):
+    self.method = method
+    config = make_config(name, method, dtype)
+    _, image_shape, num_classes = model_shape(name)
+    model = models.create_model(config.model, num_classes=num_classes, image_shape=image_shape)
+    binarization, site_list = train.build_binarization(config, model, image_shape, TOTAL_STEPS)
+    self.num_sites = len(site_list)
+    sample = jnp.zeros((1, *image_shape), jnp.float32)
+    abstract_params = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), sample, train=False))['params']
+    kernel_mask = jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], 'key', None) == 'kernel', abstract_params)
+    lr = optimizers.learning_rate_schedule(config.optim, total_steps=TOTAL_STEPS, steps_per_epoch=100)
+    tx = optimizers.create_optimizer(config.optim, config.binary, lr_schedule=lr,
+                                     kernel_sites=sites_lib.kernel_sites(site_list),
+                                     kernel_mask=kernel_mask)
+    state = jax.jit(functools.partial(state_lib.create_train_state, model, tx, seed, sample))()
+    self.state = state.replace(step=jnp.asarray(int(START_FRACTION * TOTAL_STEPS), jnp.int32))
+    rng = np.random.default_rng(seed)
+    self.batch = {
+        'image': jnp.asarray(rng.standard_normal((batch_size, *image_shape), np.float32)),
+        'label': jnp.asarray(rng.integers(0, num_classes, batch_size).astype(np.int32))}
+    step_fn = jax.jit(functools.partial(steps.train_step, model=model, binarization=binarization,
+                                        tx=tx, diagnostics=False), donate_argnums=0)
+    start = time.perf_counter()
+    self.compiled = step_fn.lower(self.state, self.batch).compile()
+    self.compile_seconds = time.perf_counter() - start
+    self.step_bytes = _step_bytes(self.compiled)
+    self.times = []
+
+  def run(self, num_steps: int) -> float:
+    """Runs `num_steps` steps; returns seconds per step."""
+    start = time.perf_counter()
+    for _ in range(num_steps):
+      self.state, _, _ = self.compiled(self.state, self.batch)
+    jax.block_until_ready(self.state)
+    return (time.perf_counter() - start) / num_steps
+
+
+def _step_bytes(compiled) -> int | None:
+  try:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
+    return None
+
+
+def process_memory() -> dict[str, float]:
+  """Process-wide peaks in MB: device peak (where reported) and host RSS high-water mark."""
+  result = {'rss_peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    result['device_peak_mb'] = stats['peak_bytes_in_use'] / 2**20
+  return result
+
+
+def benchmark_model(name: str, batch_size: int, methods, args) -> dict:
+  """Compiles every method, then times them interleaved; returns the measurements."""
+  benches = {}
+  for method in methods:
+    print(f'  compiling {name} {method} ...', flush=True)
+    benches[method] = Bench(name, method, batch_size, args.dtype)
+    for _ in range(args.warmup):
+      benches[method].run(1)
+  for rep in range(args.reps):
+    order = methods[rep % len(methods):] + methods[:rep % len(methods)]
+    for method in order:
+      benches[method].times.append(benches[method].run(args.steps))
+  return {method: dict(compile_seconds=b.compile_seconds, step_bytes=b.step_bytes, times=b.times,
+                       median=statistics.median(b.times), sites=b.num_sites)
+          for method, b in benches.items()}
+
+
+def ratio_table(results: dict, reference: str) -> dict[str, tuple[float, float, float]]:
+  """{method: (ratio of medians, median of per-repetition ratios, ratio of minima)}.
+
+  On a machine shared with other jobs, noise only adds time: the minima are then the least
+  disturbed measurements and their ratio a useful third estimate.
+  """
+  if reference not in results:
+    return {}
+  ref = results[reference]
+  return {m: (r['median'] / ref['median'],
+              statistics.median(a / b for a, b in zip(r['times'], ref['times'])),
+              min(r['times']) / min(ref['times']))
+          for m, r in results.items()}
+
+
+def format_model(name: str, batch_size: int, results: dict, backend: str) -> str:
+  ratios = {ref: ratio_table(results, ref) for ref in ('fp', 'ste')}
+  lines = [f'{name}, batch {batch_size}:',
+           '| method | step ms (median) | min | max | img/s | compile s | step MB (XLA) |'
+           ' / fp (medians, paired, minima) | / ste (medians, paired, minima) |',
+           '|---|---|---|---|---|---|---|---|---|']
+  for method, r in results.items():
+    cells = []
+    for ref in ('fp', 'ste'):
+      pair = ratios[ref].get(method)
+      cells.append('-' if pair is None else ', '.join(f'{v:.3f}' for v in pair))
+    memory = '-' if r['step_bytes'] is None else f"{r['step_bytes'] / 2**20:.0f}"
+    lines.append(f"| {method} | {1e3 * r['median']:.1f} | {1e3 * min(r['times']):.1f} |"
+                 f" {1e3 * max(r['times']):.1f} | {batch_size / r['median']:.1f} |"
+                 f" {r['compile_seconds']:.1f} | {memory} | {cells[0]} | {cells[1]} |")
+  targets = TARGETS['cpu' if backend == 'cpu' else 'gpu']
+  for ref, limit in targets.items():
+    pair = ratios[ref].get('stompp')
+    if pair is not None:
+      verdict = 'meets' if pair[1] <= limit else 'MISSES'
+      lines.append(f'stompp / {ref} = {pair[1]:.3f} (paired) {verdict} the {backend} target <= {limit}')
+  return '\n'.join(lines)
+
+
+def parse_models(spec: str) -> list[tuple[str, int]]:
+  result = []
+  for item in filter(None, spec.split(',')):
+    name, _, batch = item.partition(':')
+    result.append((name, int(batch) if batch else 32))
+  return result
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--models', default='resnet18:128,resnet50:64', help='name:batch,...')
+  parser.add_argument('--methods', default=','.join(METHODS))
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  parser.add_argument('--reps', type=int, default=7, help='Timed repetitions per method.')
+  parser.add_argument('--steps', type=int, default=5, help='Consecutive steps per repetition.')
+  parser.add_argument('--warmup', type=int, default=2, help='Untimed steps per method.')
+  parser.add_argument('--json', default='', help='Also write every measurement here.')
+  args = parser.parse_args(argv)
+  methods = [m for m in args.methods.split(',') if m]
+  device = jax.devices()[0]
+  backend = jax.default_backend()
+  print(f'backend {backend}, device {device.device_kind}, {jax.device_count()} device(s) (one used),'
+        f' {os.cpu_count()} CPUs, host {platform.node()}, load average {os.getloadavg()},'
+        f' jax {jax.__version__}, dtype {args.dtype}', flush=True)
+  everything = {'backend': backend, 'device': device.device_kind, 'dtype': args.dtype,
+                'load_before': os.getloadavg(), 'models': {}}
+  for name, batch_size in parse_models(args.models):
+    results = benchmark_model(name, batch_size, methods, args)
+    everything['models'][f'{name}:{batch_size}'] = results
+    print(format_model(name, batch_size, results, backend), flush=True)
+  everything.update(process_memory(), load_after=os.getloadavg())
+  print('process-wide peaks (all methods together): '
+        + ', '.join(f'{k} {v:.0f}' for k, v in process_memory().items())
+        + f'; load average after {os.getloadavg()}', flush=True)
+  if args.json:
+    with open(args.json, 'w', encoding='utf-8') as f:
+      json.dump(everything, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,134 @@
+"""Helpers of the reliability tests: the command line in a subprocess, checkpoint contents."""
+
+import glob
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# A tiny run through the command line: 16x16 synthetic images, batch 8, frequent checkpoints.
+TINY_FLAGS = {
+    'model.name': 'tiny_resnet',
+    'binary.refresh_every': 4,
+    'data.source': 'synthetic',
+    'data.synthetic_image_shape': '(16, 16, 3)',
+    'data.synthetic_num_classes': 4,
+    'data.synthetic_train_size': 256,
+    'data.synthetic_eval_size': 32,
+    'train.batch_size': 8,
+    'train.eval_batch_size': 16,
+    'train.num_steps': 60,
+    'train.log_every': 5,
+    'train.eval_every': 0,
+    'train.checkpoint_every': 5,
+    'train.keep_checkpoints': 3,
+}
+PREEMPTED_EXIT_CODE = 75
+
+
+def cli_command(workdir, **overrides) -> list[str]:
+  flags = {**TINY_FLAGS, **overrides}
+  return [sys.executable, '-m', 'stompp_jax.main', '--config=configs/default.py',
+          f'--workdir={workdir}', *(f'--config.{k}={v}' for k, v in flags.items())]
+
+
+def cli_env(devices: int, **extra) -> dict:
+  """The environment of a CLI subprocess: `devices` CPU devices, the tests' compile cache."""
+  env = dict(os.environ)
+  env.update(JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES=str(devices),
+             JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2', **extra)
+  return env
+
+
+class Cli:
+  """One `python -m stompp_jax.main` subprocess; its output goes to `log`."""
+
+  def __init__(self, workdir, log, devices=1, env=None, **overrides):
+    self.log = pathlib.Path(log)
+    self._file = open(self.log, 'w', encoding='utf-8')
+    self.process = subprocess.Popen(cli_command(workdir, **overrides), cwd=REPO,
+                                    env={**cli_env(devices), **(env or {})},
+                                    stdout=self._file, stderr=subprocess.STDOUT)
+
+  def wait(self, timeout=300) -> int:
+    try:
+      return self.process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.process.kill()
+      self.process.wait()
+      raise AssertionError(f'timed out after {timeout} s:\n{self.output()[-3000:]}') from None
+    finally:
+      self._file.close()
+
+  def signal(self, signum) -> None:
+    self.process.send_signal(signum)
+
+  def output(self) -> str:
+    return self.log.read_text(encoding='utf-8')
+
+
+def run_cli(workdir, log, devices=1, timeout=300, **overrides) -> str:
+  """Runs the CLI to the end, asserts exit status 0 and returns its output."""
+  cli = Cli(workdir, log, devices, **overrides)
+  status = cli.wait(timeout)
+  assert status == 0, f'exit status {status}:\n{cli.output()[-3000:]}'
+  return cli.output()
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """Finished checkpoints (orbax renames a step's directory to its number when complete)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def wait_for_checkpoint(cli: Cli, workdir, min_step: int, timeout=240) -> int:
+  """Polls until a checkpoint at `min_step` or later exists; returns the newest step."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    steps = [s for s in checkpoint_steps(workdir) if s >= min_step]
+    if steps:
+      return steps[-1]
+    if cli.process.poll() is not None:
+      raise AssertionError(f'the run ended (status {cli.process.returncode}) before a checkpoint'
+                           f' at step {min_step}:\n{cli.output()[-3000:]}')
+    time.sleep(0.02)
+  cli.process.kill()
+  raise AssertionError(f'no checkpoint at step {min_step} within {timeout} s')
+
+
+def read_checkpoint(workdir, step=None) -> tuple[int, dict, list]:
+  """(step, {path: numpy array} of the train state, data-iterator states) of a checkpoint."""
+  directory = os.path.join(workdir, 'checkpoints')
+  manager = ocp.CheckpointManager(directory, item_handlers={'state': ocp.StandardCheckpointHandler()},
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  finally:
+    manager.close()
+  state = {jax.tree_util.keystr(path): np.asarray(value)
+           for path, value in jax.tree_util.tree_flatten_with_path(restored['state'])[0]}
+  data = [json.loads(pathlib.Path(f).read_text())
+          for f in sorted(glob.glob(os.path.join(directory, str(step), 'data', '*.json')))]
+  return step, state, data
+
+
+def assert_bitwise_equal(state, reference) -> None:
+  """Every array of two train states has the same dtype, shape and bits."""
+  assert state.keys() == reference.keys()
+  different = [k for k in state if state[k].dtype != reference[k].dtype
+               or state[k].shape != reference[k].shape
+               or state[k].tobytes() != reference[k].tobytes()]
+  assert not different, f'{len(different)} of {len(state)} arrays differ: {different[:5]}'
+

@@ -1,0 +1,216 @@
+"""Export of the fully binary network: packing, XNOR-popcount layers, threshold folds, and logits
+equal to the training-time fully binary evaluation (on trained runs and on random BatchNorms)."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stompp_jax import binary_inference
+from stompp_jax import export
+from stompp_jax import models
+from stompp_jax import train
+from stompp_jax.binary import context as bctx
+from stompp_jax.data import pipeline
+from stompp_jax.models import resnet
+from test_train import REPO, tiny_config
+
+RNG = np.random.default_rng(0)
+
+
+def signs(x):
+  return np.where(np.asarray(x) >= 0, 1.0, -1.0).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------- bit-level units
+
+
+def test_packed_kernel_decodes_to_its_signs():
+  kernel = RNG.normal(size=(3, 3, 13, 5)).astype(np.float32)
+  kernel[0, 0, 0, 0] = 0.0  # sign(0) = +1
+  packed = export.pack_kernel(kernel)
+  assert packed.dtype == np.uint8 and packed.shape == (3, 3, 2, 5)
+  np.testing.assert_array_equal(binary_inference.decode_signs(packed, 13), signs(kernel))
+  # The documented layout: np.packbits along the input axis, bit 1 = +1, pad bits 0.
+  np.testing.assert_array_equal(packed[1, 2, :, 4], np.packbits(kernel[1, 2, :, 4] >= 0))
+
+
+@pytest.mark.parametrize('cin, size, strides, padding', [
+    (13, 3, 1, 'SAME'),
+    (13, 3, 2, 'SAME'),
+    (40, 3, 2, 'SAME'),  # two 32-bit words
+    (5, 7, 2, ((3, 3), (3, 3))),  # the ImageNet stem's explicit padding
+    (9, 1, 2, 'VALID'),
+])
+def test_xnor_popcount_conv_equals_float_conv_of_signs(cin, size, strides, padding):
+  x = RNG.normal(size=(2, 9, 8, cin)).astype(np.float32)
+  kernel = RNG.normal(size=(size, size, cin, 6)).astype(np.float32)
+  conv = jax.jit(binary_inference.binary_conv, static_argnames=('in_channels', 'strides', 'padding'))
+  y = conv(binary_inference.pack_signs(x), binary_inference.kernel_words(export.pack_kernel(kernel)),
+           in_channels=cin, strides=(strides, strides), padding=padding)
+  expected = binary_inference.float_conv(signs(x), signs(kernel), strides=(strides, strides),
+                                         padding=padding)
+  assert y.dtype == jnp.int32
+  np.testing.assert_array_equal(y, expected)
+
+
+def test_xnor_popcount_dense_equals_matmul_of_signs():
+  x, kernel = RNG.normal(size=(4, 37)), RNG.normal(size=(37, 3))
+  y = 37 - 2 * binary_inference.xor_popcount(
+      binary_inference.pack_signs(x), binary_inference.kernel_words(export.pack_kernel(kernel)))
+  np.testing.assert_array_equal(y, signs(x) @ signs(kernel))
+
+
+def test_threshold_fold_equals_batch_norm_then_sign():
+  channels, taps = 64, 45
+  multiplier = RNG.normal(size=channels).astype(np.float32)
+  multiplier[:4] = 0.0  # gamma = 0: a constant sign
+  center = RNG.normal(scale=10, size=channels).astype(np.float32)
+  center[4:8] = np.round(center[4:8])  # BatchNorm exactly 0 at an integer: sign(0) = +1
+  offset = RNG.normal(size=channels).astype(np.float32)
+  offset[:8] = 0.0
+  threshold, flip = export.fold_threshold(center, multiplier, offset, taps)
+  y = np.arange(-taps, taps + 1)[:, None]
+  expected = binary_inference.batch_norm(y, center, multiplier, offset) >= 0
+  np.testing.assert_array_equal((y >= threshold) != flip, expected)
+  assert flip.any() and not flip.all()
+
+
+# ------------------------------------------------------------------------------- whole models
+
+
+def training_time_logits(config, variables, images):
+  """What steps.eval_step(..., fully_binary=True) computes its metrics from: every mask = 1."""
+  num_classes, image_shape = export.data_shape(config.data)
+  model = models.create_model(config.model, num_classes=num_classes, image_shape=image_shape)
+  binarization, _ = train.build_binarization(config, model, image_shape, total_steps=1)
+  ctx = bctx.BinarizationContext(step=jnp.zeros((), jnp.int32), key=jax.random.PRNGKey(0),
+                                 config=binarization, fully_binary=True)
+  return jax.jit(functools.partial(model.apply, train=False, ctx=ctx))(variables, images)
+
+
+def assert_export_matches(export_dir, config, variables, images):
+  exported = binary_inference.load(export_dir)
+  got, expected = exported(images), training_time_logits(config, variables, images)
+  np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(expected, -1))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+  return exported
+
+
+def assert_binary_layers_store_bits_only(manifest):
+  tensors = manifest['tensors']
+  binary_ops = [op for op in manifest['program'] if op.get('precision', 'float') != 'float']
+  assert binary_ops
+  for op in binary_ops:
+    kernel = tensors[op['kernel']]
+    assert kernel['precision'] == 'binary' and kernel['dtype'] == 'uint8'
+    assert kernel['bytes'] == np.prod(kernel['stored_shape'])
+    assert kernel['stored_shape'][-2] == -(-kernel['shape'][-2] // 8)
+  assert manifest['size']['export_bytes'] == sum(t['bytes'] for t in tensors.values())
+
+
+def random_batch_norms(variables):
+  """Every BatchNorm gets random statistics, biases and scales of both signs (and some 0)."""
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: (RNG.normal(size=x.shape) * (RNG.random(x.shape) > 0.1)
+                       if path[-1].key in ('scale', 'bias') else x), variables['params'])
+  stats = jax.tree_util.tree_map_with_path(
+      lambda path, x: (RNG.normal(scale=3, size=x.shape) if path[-1].key == 'mean'
+                       else RNG.uniform(0.1, 4, size=x.shape)), variables['batch_stats'])
+  return jax.tree.map(lambda x: np.asarray(x, np.float32),
+                      {'params': params, 'batch_stats': stats})
+
+
+TINY_BOTTLENECK = functools.partial(resnet.ResNet, stage_sizes=(1, 1),
+                                    block_cls=resnet.BottleneckBlock, num_filters=4)
+
+
+@pytest.mark.parametrize('mode, rules, stem, bottleneck', [
+    ('bnn', ((r'.*',), ()), 'cifar', False),  # binary stem (on sign(image)), shortcut, classifier
+    ('bnn', None, 'imagenet', True),  # bottlenecks, max-pool, thresholds on two BatchNorms a block
+    ('bwn', ((r'.*',), ()), 'imagenet', False),
+])
+def test_export_of_random_batch_norms_equals_model(tmp_path, monkeypatch, mode, rules, stem,
+                                                   bottleneck):
+  if bottleneck:  # A bottleneck ResNet small enough for a test, under the tiny model's name.
+    monkeypatch.setitem(models._MODELS, 'tiny_resnet', TINY_BOTTLENECK)
+  config = tiny_config('stompp')
+  config.model.mode, config.model.stem = mode, stem
+  config.data.synthetic_image_shape = (24, 24, 3)
+  if rules:
+    config.model.binary_include, config.model.binary_exclude = rules
+  num_classes, image_shape = export.data_shape(config.data)
+  model = models.create_model(config.model, num_classes=num_classes, image_shape=image_shape)
+  init = jax.jit(model.init, static_argnames='train')
+  variables = random_batch_norms(init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)),
+                                      train=False))
+  manifest = export.write_export(str(tmp_path), model_config=config.model, variables=variables,
+                                 num_classes=num_classes, image_shape=image_shape,
+                                 source={'test': True})
+  assert_binary_layers_store_bits_only(manifest)
+  thresholds = [op for op in manifest['program'] if op['op'] == 'threshold']
+  assert len(thresholds) == (0 if mode == 'bwn' else 4 if bottleneck else 2)
+  images = RNG.normal(size=(16, *image_shape)).astype(np.float32)
+  assert_export_matches(str(tmp_path), config, variables, images)
+
+
+def test_mobilenet_v2_is_not_exported_yet(tmp_path):
+  config = tiny_config('stompp')
+  config.model.name = 'mobilenet_v2'
+  with pytest.raises(NotImplementedError, match='mobilenet_v2 is not supported yet'):
+    export.export_config(config, str(tmp_path))
+
+
+@pytest.fixture(scope='module')
+def trained_runs(tmp_path_factory):
+  """Tiny BNN and BWN runs trained with StoMPP for a few steps: {mode: (workdir, config)}."""
+  runs = {}
+  for mode in ('bnn', 'bwn'):
+    config = tiny_config('stompp', num_steps=6, log_every=3, eval_every=0, checkpoint_every=6)
+    config.model.mode = mode
+    config.mesh.num_devices = 1
+    workdir = str(tmp_path_factory.mktemp(mode))
+    train.train_and_evaluate(config, workdir)
+    runs[mode] = workdir, config
+  return runs
+
+
+def eval_images(config):
+  batches = pipeline.make_eval_iterator(config.data, global_batch_size=config.data.synthetic_eval_size)
+  return next(iter(batches))['image']
+
+
+def test_cli_export_of_trained_bnn_equals_fully_binary_eval(trained_runs, tmp_path):
+  workdir, config = trained_runs['bnn']
+  result = subprocess.run(
+      [sys.executable, '-m', 'stompp_jax.export', f'--workdir={workdir}', f'--out={tmp_path}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'export total' in result.stdout and 'float32 model' in result.stdout, result.stdout
+  _, variables, _ = export.restore_variables(workdir)
+  exported = assert_export_matches(str(tmp_path), config, variables, eval_images(config))
+  manifest = exported.manifest
+  assert manifest['source']['step'] == 6
+  assert_binary_layers_store_bits_only(manifest)
+  assert [op['layer'] for op in manifest['program'] if op['op'] == 'threshold'] == [
+      'stage1_block0/bn1', 'stage2_block0/bn1']
+  size = manifest['size']
+  assert size['float32_model_bytes'] > 5 * size['export_bytes']
+  assert size['checkpoint_state_bytes'] > size['float32_model_bytes']
+
+
+def test_export_of_trained_bwn_equals_fully_binary_eval(trained_runs, tmp_path):
+  workdir, config = trained_runs['bwn']
+  manifest = export.export_workdir(workdir, str(tmp_path))
+  assert_binary_layers_store_bits_only(manifest)
+  assert not [op for op in manifest['program'] if op['op'] in ('threshold', 'sign')]
+  _, variables, _ = export.restore_variables(workdir)
+  assert_export_matches(str(tmp_path), config, variables, eval_images(config))
+  assert json.loads((tmp_path / binary_inference.MANIFEST).read_text()) == manifest
+  assert sorted(os.listdir(tmp_path)) == [binary_inference.MANIFEST, binary_inference.TENSORS]

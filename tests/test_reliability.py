@@ -1,0 +1,334 @@
+"""Reliability guarantees (docs/reliability.md): exact resume after SIGKILL, SIGTERM preemption,
+non-finite steps, one-line errors for bad input with nothing written, corrupt checkpoints,
+a full disk. Subprocess tests run the real command line on 1-2 fake CPU devices."""
+
+import errno
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+
+import reliability_utils as ru
+from stompp_jax import checkpoints
+from stompp_jax import state as state_lib
+from stompp_jax import train
+from stompp_jax.data import pipeline
+from test_train import tiny_config
+
+DEVICES = 2  # CPU devices of the command-line runs: the batch is sharded, as on real hardware.
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  """The final checkpoint of a run of ru.TINY_FLAGS that nothing interrupted."""
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  ru.run_cli(workdir, workdir / 'log.txt', DEVICES)
+  return ru.read_checkpoint(workdir)
+
+
+def _resumed_step(output: str) -> int:
+  match = re.search(r'Resumed from the checkpoint at step (\d+)', output)
+  assert match, output[-3000:]
+  return int(match.group(1))
+
+
+def test_sigkill_at_any_step_then_rerun_is_bitwise_identical(tmp_path, uninterrupted):
+  total = ru.TINY_FLAGS['train.num_steps']
+  cli = ru.Cli(tmp_path, tmp_path / 'killed.txt', DEVICES)
+  ru.wait_for_checkpoint(cli, tmp_path, min_step=10)
+  cli.signal(signal.SIGKILL)  # Mid-step, mid-save or mid-log: wherever it is.
+  assert cli.wait() == -signal.SIGKILL
+  assert not (tmp_path / 'done.json').exists(), 'the run ended before the kill: make it longer'
+
+  output = ru.run_cli(tmp_path, tmp_path / 'rerun.txt', DEVICES)
+  assert 10 <= _resumed_step(output) < total
+  step, state, data = ru.read_checkpoint(tmp_path)
+  reference_step, reference_state, reference_data = uninterrupted
+  assert step == reference_step == total
+  ru.assert_bitwise_equal(state, reference_state)  # Params, optimizer, BN stats, mask key, step.
+  assert data == reference_data  # The data order continues where it was.
+  train_rows = [r for r in map(json.loads, open(tmp_path / 'metrics.jsonl')) if r['split'] == 'train']
+  assert [r['step'] for r in train_rows] == list(range(5, total + 1, 5)), 'rows of the killed run'
+
+
+def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes_there(tmp_path, uninterrupted):
+  cli = ru.Cli(tmp_path, tmp_path / 'preempted.txt', DEVICES)
+  ru.wait_for_checkpoint(cli, tmp_path, min_step=10)
+  cli.signal(signal.SIGTERM)
+  assert cli.wait() == ru.PREEMPTED_EXIT_CODE
+  output = cli.output()
+  match = re.search(r'Preempted \(SIGTERM\): saved the checkpoint at step (\d+) in (\S+); run the'
+                    r' same command to resume', output)
+  assert match, output[-3000:]
+  saved = int(match.group(1))
+  assert ru.checkpoint_steps(tmp_path)[-1] == saved < ru.TINY_FLAGS['train.num_steps']
+  assert not (tmp_path / 'done.json').exists()
+
+  output = ru.run_cli(tmp_path, tmp_path / 'rerun.txt', DEVICES)
+  assert _resumed_step(output) == saved
+  _, state, data = ru.read_checkpoint(tmp_path)
+  ru.assert_bitwise_equal(state, uninterrupted[1])
+  assert data == uninterrupted[2]
+
+
+# ---------------------------------------------------------------- non-finite steps
+
+
+@pytest.fixture
+def nan_batch(monkeypatch):
+  """Makes the images of train batch `index` (0-based: the batch of step index + 1) NaN."""
+  poisoned = []
+  original = pipeline.TrainIterator.__next__
+
+  def next_batch(self):
+    index = self._next_batch
+    batch = original(self)
+    if index in poisoned:
+      batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
+    return batch
+
+  monkeypatch.setattr(pipeline.TrainIterator, '__next__', next_batch)
+  return poisoned.append
+
+
+def _all_finite(state: dict) -> bool:
+  return all(np.all(np.isfinite(v)) for v in state.values() if np.issubdtype(v.dtype, np.floating))
+
+
+def test_nonfinite_step_stops_the_run_naming_the_step(tmp_path, nan_batch):
+  nan_batch(4)
+  config = tiny_config('stompp', num_steps=12, log_every=12, checkpoint_every=2, eval_every=0)
+  assert config.train.on_nonfinite == 'error'  # The default.
+  with pytest.raises(state_lib.NonFiniteError, match=r'not finite at step 5\b'):
+    train.train_and_evaluate(config, str(tmp_path))
+  # Stopped one step later, before step 6's checkpoint; no saved state holds the bad update.
+  assert ru.checkpoint_steps(tmp_path) == [2, 4]
+  for step in (2, 4):
+    assert _all_finite(ru.read_checkpoint(tmp_path, step)[1])
+
+
+def test_nonfinite_step_is_skipped_under_skip_policy(tmp_path, nan_batch):
+  nan_batch(4)
+  config = tiny_config('stompp', num_steps=6, log_every=3, checkpoint_every=1, eval_every=0,
+                       keep_checkpoints=10, on_nonfinite='skip')
+  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 6
+  states = {step: ru.read_checkpoint(tmp_path, step)[1] for step in (4, 5, 6)}
+  assert all(_all_finite(s) for s in states.values())
+  step_key = "['step']"
+  unchanged = {k: v for k, v in states[5].items() if k != step_key}
+  ru.assert_bitwise_equal(unchanged, {k: v for k, v in states[4].items() if k != step_key})
+  assert states[5][step_key] == 5
+  assert any(not np.array_equal(states[6][k], states[5][k]) for k in unchanged)
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [r['nonfinite'] for r in rows if r['split'] == 'train'] == [0.0, pytest.approx(1 / 3)]
+
+
+def test_a_state_with_nan_is_never_saved(tmp_path):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  state = {'params': {'w': jnp.array([1.0, jnp.nan])}, 'step': jnp.int32(3)}
+  checkpointer = checkpoints.Checkpointer(str(tmp_path), keep=2, signature='test')
+  try:
+    with pytest.raises(state_lib.NonFiniteError, match='at step 3 holds NaN'):
+      checkpointer.save(3, state, data_iterator=None, config_json={})
+  finally:
+    checkpointer.close()
+  assert ru.checkpoint_steps(tmp_path) == []
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _set(config, dotted, value):
+  section, field = dotted.split('.')
+  setattr(getattr(config, section), field, value)
+  return config
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('model.name', 'resnet9', r"Unknown model.name 'resnet9': use one of resnet18, .*tiny_resnet"),
+    ('data.name', 'cifar11', r"unknown data.name='cifar11': use one of cifar10, cifar100, imagenet2012"),
+    ('binary.method', 'stomp', r"Unknown binary.method 'stomp': use one of fp, ste, stompp, stompp_ste"),
+    ('binary.order', 'random', r"Unknown binary.order 'random': use one of layerwise, global, reverse"),
+    ('binary.shape', 'cubicc', r"Unknown binary.shape 'cubicc': use one of linear, .*flipped_quadratic"),
+    ('binary.span_end', 1.5, r'span \[0.0, 1.5\] is not inside \[0, 1\].*set binary.span_start'),
+    ('binary.span_start', -0.1, r'span \[-0.1, 0.8\] is not inside \[0, 1\]'),
+    ('train.batch_size', 12, r'train.batch_size=12 is not divisible by the 8 devices: use a multiple of 8'),
+    ('train.on_nonfinite', 'ignore', r"Unknown train.on_nonfinite 'ignore': use one of error, skip"),
+])
+def test_bad_config_is_one_line_error_and_writes_nothing(tmp_path, field, value, message):
+  workdir = tmp_path / 'run'
+  with pytest.raises(train.SetupError, match=message) as error:
+    train.train_and_evaluate(_set(tiny_config(), field, value), str(workdir))
+  assert '\n' not in str(error.value)
+  assert not workdir.exists()
+
+
+def _npz_config(data_dir):
+  config = tiny_config()
+  config.data.source = 'npz'
+  config.data.dir = str(data_dir)
+  return config
+
+
+def test_missing_data_is_one_line_error_and_writes_nothing(tmp_path):
+  (tmp_path / 'data').mkdir()
+  with pytest.raises(train.SetupError, match=r'train.npz not found: data.source=npz needs'):
+    train.train_and_evaluate(_npz_config(tmp_path / 'data'), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_malformed_data_is_one_line_error_and_writes_nothing(tmp_path):
+  (tmp_path / 'data').mkdir()
+  for name in ('train.npz', 'test.npz'):
+    (tmp_path / 'data' / name).write_bytes(b'not an npz file')
+  with pytest.raises(train.SetupError, match=r'train.npz is not a readable npz') as error:
+    train.train_and_evaluate(_npz_config(tmp_path / 'data'), str(tmp_path / 'run'))
+  assert '\n' not in str(error.value)
+  assert not (tmp_path / 'run').exists()
+
+
+def _cli_errors(tmp_path, *flags):
+  result = subprocess.run(ru.cli_command(tmp_path / 'run', **dict(f.split('=', 1) for f in flags)),
+                          cwd=ru.REPO, env=ru.cli_env(1), capture_output=True, text=True,
+                          timeout=300)
+  return result.returncode, result.stdout + result.stderr
+
+
+def test_cli_unknown_config_field_is_one_line_error(tmp_path):
+  status, output = _cli_errors(tmp_path, 'train.batchsize=8')
+  assert status == 2
+  assert output.strip() == ("Error: --config.train.batchsize: the config has no field 'batchsize'"
+                            " (did you mean 'batch_size'?): configs/default.py lists every field.")
+  assert not (tmp_path / 'run').exists()
+
+
+def test_cli_bad_value_is_one_line_error(tmp_path):
+  status, output = _cli_errors(tmp_path, 'model.name=resnet9')
+  assert status == 2
+  errors = [line for line in output.splitlines() if 'Traceback' in line or line.startswith('Error')]
+  assert errors == [output.strip().splitlines()[-1]], output
+  assert errors[0].startswith("Error: Unknown model.name 'resnet9': use one of resnet18")
+  assert not (tmp_path / 'run').exists()
+
+
+# ---------------------------------------------------------------- the workdir's earlier run
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+  """A workdir with a finished 3-step run of tiny_config('stompp')."""
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(tiny_config('stompp', num_steps=3, eval_every=0), str(workdir))
+  return workdir
+
+
+def _listing(directory):
+  return sorted((str(p.relative_to(directory)), p.stat().st_mtime_ns) for p in directory.rglob('*'))
+
+
+def test_workdir_of_another_config_is_refused_and_left_as_it_was(finished_run):
+  before = _listing(finished_run)
+  other = tiny_config('stompp', num_steps=3, eval_every=0)
+  other.optim.learning_rate = 0.05
+  with pytest.raises(train.SetupError, match=r'different config: optim.learning_rate \(0.1 -> 0.05\).*'
+                     'override_workdir_config=True'):
+    train.train_and_evaluate(other, str(finished_run))
+  # Without config.json, the config saved with the newest checkpoint is compared.
+  (finished_run / 'config.json').unlink()
+  before = [entry for entry in before if entry[0] != 'config.json']
+  with pytest.raises(train.SetupError, match=r'different config: optim.learning_rate'):
+    train.train_and_evaluate(other, str(finished_run))
+  assert _listing(finished_run) == before
+
+
+def test_workdir_of_another_model_is_refused_even_with_override(finished_run):
+  before = _listing(finished_run)
+  other = tiny_config('stompp', num_steps=3, eval_every=0)
+  other.model.name = 'resnet20'
+  other.train.override_workdir_config = True
+  with pytest.raises(train.SetupError, match=r'holds checkpoints of a different model or optimizer'):
+    train.train_and_evaluate(other, str(finished_run))
+  assert _listing(finished_run) == before
+
+
+def test_rerunning_a_finished_run_changes_nothing(finished_run):
+  before, done = _listing(finished_run), json.loads((finished_run / 'done.json').read_text())
+  config = tiny_config('stompp', num_steps=3, eval_every=0)
+  assert train.train_and_evaluate(config, str(finished_run)) == done
+  assert [e for e in _listing(finished_run) if e[0] != 'config.json'] == [
+      e for e in before if e[0] != 'config.json']
+
+
+# ---------------------------------------------------------------- corrupt checkpoints, full disk
+
+
+def _preempt_at(monkeypatch, step):
+  original = train._Preemption.reached
+  monkeypatch.setattr(train._Preemption, 'reached',
+                      lambda self, s: s == step or original(self, s))
+
+
+def _truncate_array_data(step_dir):
+  files = sorted((step_dir / 'state').rglob('ocdbt.process_0/d/*'), key=lambda p: p.stat().st_size)
+  with open(files[-1], 'r+b') as f:
+    f.truncate(files[-1].stat().st_size // 2)
+
+
+def _change_recorded_fingerprint(step_dir):
+  metadata = json.loads((step_dir / '_CHECKPOINT_METADATA').read_text())
+  metadata['custom_metadata']['fingerprint'] ^= 1
+  (step_dir / '_CHECKPOINT_METADATA').write_text(json.dumps(metadata))
+
+
+@pytest.mark.parametrize('corrupt', [_truncate_array_data, _change_recorded_fingerprint])
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, monkeypatch, caplog, corrupt):
+  config = tiny_config('stompp', num_steps=8, log_every=4, checkpoint_every=3, eval_every=0)
+  train.train_and_evaluate(config, str(tmp_path / 'reference'))
+  _preempt_at(monkeypatch, 7)
+  assert train.train_and_evaluate(config, str(tmp_path / 'run'))['preempted']
+  monkeypatch.undo()
+  assert ru.checkpoint_steps(tmp_path / 'run') == [3, 6, 7]
+  corrupt(tmp_path / 'run' / 'checkpoints' / '7')
+  with caplog.at_level(logging.WARNING):
+    assert train.train_and_evaluate(config, str(tmp_path / 'run'))['step'] == 8
+  assert re.search(r'The checkpoint at step 7 in \S+ cannot be read \(.+\); falling back to step 6',
+                   caplog.text), caplog.text
+  ru.assert_bitwise_equal(ru.read_checkpoint(tmp_path / 'run')[1],
+                          ru.read_checkpoint(tmp_path / 'reference')[1])
+
+
+def test_no_readable_checkpoint_is_one_line_error(finished_run):
+  _truncate_array_data(finished_run / 'checkpoints' / '3')
+  with pytest.raises(train.SetupError, match=r'No checkpoint in \S+ can be read \(steps 3; step 3:'
+                     r' .+\): delete \S+ to start over') as error:
+    train.train_and_evaluate(tiny_config('stompp', num_steps=3, eval_every=0), str(finished_run))
+  assert '\n' not in str(error.value)
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+  """ENOSPC from the file write that commits a checkpoint, in orbax's background thread."""
+  from orbax.checkpoint._src.path import async_path  # pylint: disable=g-import-not-at-top
+  original = async_path.write_text
+
+  async def write_text(path, text):
+    if '/checkpoints/6.orbax-checkpoint-tmp' in str(path):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return await original(path, text)
+
+  monkeypatch.setattr(async_path, 'write_text', write_text)
+  config = tiny_config('stompp', num_steps=9, log_every=3, checkpoint_every=3, eval_every=0)
+  with pytest.raises(checkpoints.DiskFullError, match=r'Disk full while saving the checkpoint at'
+                     r' step 6 in \S+: free space and run the same command again; the previous'
+                     ' checkpoints are intact'):
+    train.train_and_evaluate(config, str(tmp_path))
+  monkeypatch.undo()
+  assert ru.checkpoint_steps(tmp_path) == [3]
+  assert not (tmp_path / 'done.json').exists()
+  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 9  # Resumes from step 3.
+  assert ru.checkpoint_steps(tmp_path) == [3, 6, 9]
+  assert not [p for p in (tmp_path / 'checkpoints').iterdir() if 'tmp' in p.name]
