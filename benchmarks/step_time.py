@@ -142,6 +142,7 @@ def benchmark_model(name: str, batch_size: int, methods, args) -> dict:
   for method in methods:
     print(f'  compiling {name} {method} ...', flush=True)
     benches[method] = Bench(name, method, batch_size, args.dtype)
+    print(f'    compiled in {benches[method].compile_seconds:.1f} s', flush=True)
     for _ in range(args.warmup):
       benches[method].run(1)
   for rep in range(args.reps):

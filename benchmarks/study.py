@@ -217,11 +217,11 @@ def write_report(out: str) -> list[dict]:
     if main_dirs:
       _plot_curves(main_dirs, os.path.join(plots, f'curves_{model}_bnn.png'), f'{model} BNN')
     others = [r['dir'] for r in model_rows if r['order'] != 'layerwise' or r['mode'] != 'bnn']
-    if others:
-      _plot_curves(others + [r['dir'] for r in model_rows
-                             if r['mode'] == 'bnn' and r['method'] == 'stompp'
-                             and r['order'] == 'layerwise' and r['seed'] == 0],
-                   os.path.join(plots, f'curves_{model}_ablations.png'), f'{model} ablations')
+    if others:  # The layerwise StoMPP run first: its sites' freezing starts are marked.
+      reference = [r['dir'] for r in model_rows if r['mode'] == 'bnn' and r['method'] == 'stompp'
+                   and r['order'] == 'layerwise' and r['seed'] == 0]
+      _plot_curves(reference + others, os.path.join(plots, f'curves_{model}_ablations.png'),
+                   f'{model} ablations')
   for r in rows:
     if r['method'] in ('stompp', 'stompp_ste'):
       run = analysis.load_run(r['dir'])

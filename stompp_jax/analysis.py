@@ -186,7 +186,9 @@ def accuracy_by_depth(runs: Sequence[dict[str, Any]]) -> dict[str, dict[int, lis
 def plot_accuracy_vs_depth(runs: Sequence[dict[str, Any]], path: str | None = None):
   """Final fully binary accuracy vs depth per method: mean over runs, bars = min..max."""
   fig, ax = plt.subplots(figsize=(6, 4))
-  for i, (method, by_depth) in enumerate(sorted(accuracy_by_depth(runs).items())):
+  table = accuracy_by_depth(runs)
+  ax.set_xticks(sorted({d for by_depth in table.values() for d in by_depth}))
+  for i, (method, by_depth) in enumerate(sorted(table.items())):
     depths = sorted(by_depth)
     values = [100 * np.array(by_depth[d]) for d in depths]
     means = np.array([v.mean() for v in values])

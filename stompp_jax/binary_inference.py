@@ -64,7 +64,7 @@ def decode_signs(packed_kernel: jax.Array, count: int) -> jax.Array:
 
 
 def xor_popcount(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Disagreements of packed +-1 vectors: x uint32 (..., words), kernel (out, words) -> int32 (..., out)."""
+  """Disagreeing bits: x uint32 (..., words), kernel (out, words) -> int32 (..., out)."""
   differing = jnp.bitwise_xor(x[..., None, :], kernel)
   return jax.lax.population_count(differing).astype(jnp.int32).sum(-1)
 
@@ -110,7 +110,10 @@ def binary_conv(x: jax.Array, kernel: jax.Array, *, in_channels: int, strides: S
 
 def float_conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int], padding: Any,
                groups: int = 1) -> jax.Array:
-  """The training-time conv: x (B, H, W, C), kernel (kh, kw, C / groups, cout) -> (B, H', W', cout)."""
+  """The training-time conv (NHWC, HWIO): x (B, H, W, C), kernel (kh, kw, C / groups, cout).
+
+  Returns (B, H', W', cout) in the operands' dtype.
+  """
   if not isinstance(padding, str):
     padding = [tuple(p) for p in padding]
   return jax.lax.conv_general_dilated(x, kernel, window_strides=tuple(strides), padding=padding,
@@ -183,12 +186,12 @@ OPS: dict[str, Callable[[dict, dict, dict], jax.Array]] = {
 }
 
 
-def run_program(ops: Sequence[dict], tensors: dict[str, jax.Array], images: jax.Array) -> jax.Array:
-  """Interprets `ops` (the manifest's program) on images float (B, H, W, C): the last op's output."""
-  values = {'input': images.astype(jnp.float32)}
-  for op in ops:
+def run_program(manifest: dict, tensors: dict[str, jax.Array], images: jax.Array) -> jax.Array:
+  """Interprets the manifest's program on images float (B, H, W, C): float32 logits (B, K)."""
+  values = {manifest['input']: images.astype(jnp.float32)}
+  for op in manifest['program']:
     values[op['output']] = OPS[op['op']](op, values, tensors)
-  return values[ops[-1]['output']].astype(jnp.float32)
+  return values[manifest['output']].astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +203,7 @@ class ExportedModel:
 
   @functools.cached_property
   def _apply(self):
-    return jax.jit(functools.partial(run_program, self.manifest['program']))
+    return jax.jit(functools.partial(run_program, self.manifest))
 
   def __call__(self, images: jax.Array) -> jax.Array:
     return self._apply(self.tensors, images)

@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from stompp_jax import parallel
 from stompp_jax import state as state_lib
 
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -38,13 +39,18 @@ class Checkpointer:
   Args:
     workdir: the run directory.
     keep: how many of the newest checkpoints to keep.
-    signature: `state.signature` of the abstract train state; a checkpoint with another one
-      belongs to another model or optimizer and is refused.
+    abstract_state: the train state as jax.ShapeDtypeStructs with shardings (`abstract_like`):
+      the restore target; a checkpoint of another `state.signature` is refused.
   """
 
-  def __init__(self, workdir: str, keep: int, signature: str):
+  def __init__(self, workdir: str, keep: int, abstract_state: Any):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-    self._signature = signature
+    self._abstract_state = abstract_state
+    self._signature = state_lib.signature(abstract_state)
+    # Compiled here, with the rest of the run's programs: a process compiling it at its first
+    # save would keep the others waiting in its collective.
+    self._summarize = state_lib.fingerprint_and_finite.lower(abstract_state).compile()
+    parallel.wait_for_all_processes('stompp_jax: checkpointer compiled')
     self._pending_step = None
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -66,7 +72,7 @@ class Checkpointer:
       DiskFullError: this save or the previous one ran out of space.
     """
     self.wait()  # Orbax would wait here too; this way an error names the step it belongs to.
-    fingerprint, finite = map(_first_value, state_lib.fingerprint_and_finite(state))
+    fingerprint, finite = map(_first_value, self._summarize(state))
     if not finite:
       raise state_lib.NonFiniteError(
           f'The train state at step {step} holds NaN or infinite values; it was not saved and the'
@@ -92,11 +98,10 @@ class Checkpointer:
     finally:
       self._pending_step = None
 
-  def restore_latest(self, abstract_state: Any, data_iterator: Any) -> Optional[tuple[int, Any]]:
+  def restore_latest(self, data_iterator: Any) -> Optional[tuple[int, Any]]:
     """Restores the newest intact checkpoint into `data_iterator` and returns (step, state).
 
     Args:
-      abstract_state: pytree of jax.ShapeDtypeStruct with shardings (the restore target).
       data_iterator: a fresh data iterator; its state is set from the checkpoint.
 
     Returns:
@@ -109,7 +114,7 @@ class Checkpointer:
     problems = []
     for step in reversed(steps):
       try:
-        return step, self._restore(step, abstract_state, data_iterator)
+        return step, self._restore(step, data_iterator)
       except ForeignCheckpointError:
         raise  # Older steps belong to the other model too.
       except Exception as e:  # pylint: disable=broad-except  # Any unreadable checkpoint.
@@ -124,7 +129,7 @@ class Checkpointer:
                         ' step %d.', step, self.directory, _summary(e), older)
     return None
 
-  def _restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+  def _restore(self, step: int, data_iterator: Any) -> Any:
     """The state of `step`, checked against the recorded signature and fingerprint."""
     custom = self._manager.metadata(step).custom_metadata or {}
     signature = custom.get('signature')
@@ -134,11 +139,11 @@ class Checkpointer:
           f' at step {step} has other parameters or shapes): use another --workdir, or delete'
           ' those checkpoints to start over.')
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
+        state=ocp.args.StandardRestore(self._abstract_state),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
     fingerprint = custom.get('fingerprint')
     if fingerprint is not None:
-      actual = _first_value(state_lib.fingerprint_and_finite(restored['state'])[0])
+      actual = _first_value(self._summarize(restored['state'])[0])
       if actual != fingerprint:
         raise ValueError(f'its contents changed on disk: fingerprint {actual}, saved {fingerprint}')
     return restored['state']

@@ -1,4 +1,4 @@
-"""Export of the deployed, fully binary network (every mask = 1): bit-packed kernels, folded BatchNorm.
+"""Export of the deployed fully binary network (every mask = 1): packed bits, folded BatchNorm.
 
     python -m stompp_jax.export --workdir=RUN --out=DIR            # newest checkpoint of a run
     python -m stompp_jax.export --config=configs/imagenet.py:model=resnet18 --out=DIR
@@ -69,7 +69,7 @@ def pack_kernel(kernel: np.ndarray) -> np.ndarray:
 
 def fold_threshold(center: np.ndarray, multiplier: np.ndarray, offset: np.ndarray,
                    taps: int) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel integer thresholds equal to sign(batch_norm(y)) on every integer y in [-taps, taps].
+  """Per-channel integer thresholds equal to sign(batch_norm(y)) for every integer |y| <= taps.
 
   The float32 BatchNorm of `binary_inference.batch_norm` (which rounds as Flax's does; run
   in numpy here, IEEE float32 like XLA) is evaluated on every possible XNOR-popcount output,
@@ -105,7 +105,7 @@ class Tensor:
 
 
 def _taps(op: dict, tensors: dict[str, Tensor]) -> int:
-  """+-1 products per output of a binary conv or dense: prod of its kernel shape but the last axis."""
+  """+-1 products per output of a binary conv or dense: its kernel's size over out channels."""
   return math.prod(tensors[op['kernel']].shape[:-1])
 
 
@@ -121,7 +121,7 @@ def fold_batch_norm_signs(ops: list[dict], tensors: dict[str, Tensor]) -> list[d
   """
   producers = {op['output']: op for op in ops}
   consumers = Counter(name for op in ops for name in _inputs(op))
-  folded = {}  # id of a folded batch_norm op -> the threshold op that replaces its sign.
+  thresholds, folded_norms = {}, set()  # sign output -> its threshold op; folded norm outputs.
   for op in ops:
     norm = producers.get(op['input']) if op['op'] == 'sign' else None
     if norm is None or norm['op'] != 'batch_norm' or consumers[norm['output']] != 1:
@@ -134,15 +134,11 @@ def fold_batch_norm_signs(ops: list[dict], tensors: dict[str, Tensor]) -> list[d
     threshold, flip = fold_threshold(*affine, taps=_taps(layer, tensors))
     tensors[f'{path}/threshold'] = Tensor(threshold, 'int32', threshold.shape)
     tensors[f'{path}/flip'] = Tensor(flip, 'bool', flip.shape)
-    folded[id(norm)] = folded[id(op)] = {
+    folded_norms.add(norm['output'])
+    thresholds[op['output']] = {
         'op': 'threshold', 'layer': path, 'input': norm['input'],
         'threshold': f'{path}/threshold', 'flip': f'{path}/flip', 'output': op['output']}
-  result = []
-  for op in ops:
-    if op['op'] == 'batch_norm' and id(op) in folded:
-      continue
-    result.append(folded.get(id(op), op))
-  return result
+  return [thresholds.get(op['output'], op) for op in ops if op['output'] not in folded_norms]
 
 
 # ------------------------------------------------------------------------------- model -> program
@@ -226,7 +222,7 @@ class ProgramBuilder:
     return output
 
   def _kernel_and_bias(self, path: str, groups: int = 1) -> dict[str, Any]:
-    """Fields shared by conv and dense ops: precision, kernel (packed if binary), bias, in_channels."""
+    """Fields of conv and dense ops: precision, kernel (packed if binary), bias, in_channels."""
     precision = self._precisions[path]
     kernel = self._variable('params', f'{path}/kernel')
     fields = dict(layer=path, precision=precision, in_channels=kernel.shape[-2] * groups)
@@ -252,7 +248,7 @@ class ProgramBuilder:
   def conv(self, x: str, path: str) -> str:
     attrs = self._layers[path]
     if attrs['groups'] != 1 and self._precisions[path] == 'binary':
-      raise NotImplementedError(f'{path}: grouped binary convs (XNOR-popcount) are not exported yet.')
+      raise NotImplementedError(f'{path}: grouped binary convs are not exported yet.')
     return self._emit('conv', input=self._layer_input(x, path),
                       **self._kernel_and_bias(path, attrs['groups']),
                       strides=list(attrs['strides']), padding=_json_padding(attrs['padding']),
@@ -293,7 +289,7 @@ class ProgramBuilder:
 
 def resnet_program(builder: ProgramBuilder, model: resnet.ResNet,
                    blocks: tuple[tuple[str, type], ...]) -> None:
-  """Emits models/resnet.py's ResNet.__call__ (any stem, basic or bottleneck blocks) into `builder`."""
+  """Emits models/resnet.py's ResNet.__call__ (either stem, basic or bottleneck blocks)."""
   x = builder.conv('input', 'stem_conv')
   x = builder.act(builder.batch_norm(x, 'stem_bn'))
   if model.stem == 'imagenet':
@@ -357,7 +353,8 @@ def _directory_bytes(path: str) -> int:
 
 
 def write_export(out_dir: str, *, model_config: Any, variables: dict, num_classes: int,
-                 image_shape: tuple[int, int, int], source: dict[str, Any]) -> dict:
+                 image_shape: tuple[int, int, int], source: dict[str, Any],
+                 checkpoint_state_bytes: Optional[int] = None) -> dict:
   """Exports `variables` of the model `model_config` describes into `out_dir`; returns the manifest.
 
   Args:
@@ -365,8 +362,8 @@ def write_export(out_dir: str, *, model_config: Any, variables: dict, num_classe
     model_config: the ConfigDict `config.model` of the run.
     variables: {'params', 'batch_stats'} (float32 latent weights and statistics).
     num_classes, image_shape: as the model was built for training.
-    source: where the variables come from (workdir and step, or config); may hold
-      'checkpoint_state_bytes', the train state's size on disk.
+    source: where the variables come from (workdir and step, or config).
+    checkpoint_state_bytes: the size on disk of the train state they were restored from.
   """
   ops, tensors, summary = build_program(model_config, variables, num_classes=num_classes,
                                         image_shape=image_shape)
@@ -384,7 +381,7 @@ def write_export(out_dir: str, *, model_config: Any, variables: dict, num_classe
                     num_classes=num_classes, image_shape=list(image_shape),
                     binary_include=list(model_config.binary_include),
                     binary_exclude=list(model_config.binary_exclude)),
-      'source': {k: v for k, v in source.items() if k != 'checkpoint_state_bytes'},
+      'source': source,
       'input': 'input',
       'output': ops[-1]['output'],
       'program': ops,
@@ -396,7 +393,7 @@ def write_export(out_dir: str, *, model_config: Any, variables: dict, num_classe
                    by_precision={k: int(v) for k, v in sorted(by_precision.items())},
                    float32_model_bytes=int(float32_bytes),
                    compression=float32_bytes / export_bytes,
-                   checkpoint_state_bytes=source.get('checkpoint_state_bytes'),
+                   checkpoint_state_bytes=checkpoint_state_bytes,
                    summary_memory_bytes=summary.memory_bytes,
                    summary_compression=summary.compression),
   }
@@ -427,26 +424,25 @@ def size_report(manifest: dict) -> str:
     row[1] += math.prod(t['shape'])
     row[2] += t['bytes']
   size, model = manifest['size'], manifest['model']
-  lines = [('tensors', 'count', 'elements', 'bytes')]
-  lines += [(group, str(n), f'{elements:,}', f'{nbytes:,}')
-            for group, (n, elements, nbytes) in groups.items()]
-  lines += [('export total', '', '', f'{size["export_bytes"]:,}'),
-            ('float32 model (params + BatchNorm statistics)', '', '',
-             f'{size["float32_model_bytes"]:,}')]
+  rows = [('tensors', 'count', 'elements', 'bytes')]
+  rows += [(group, str(n), f'{elements:,}', f'{nbytes:,}')
+           for group, (n, elements, nbytes) in groups.items()]
+  rows += [('export total', '', '', f'{size["export_bytes"]:,}'),
+           ('float32 model (params + BatchNorm statistics)', '', '',
+            f'{size["float32_model_bytes"]:,}')]
   if size['checkpoint_state_bytes'] is not None:
-    lines.append(('checkpoint train state on disk (with optimizer state)', '', '',
-                  f'{size["checkpoint_state_bytes"]:,}'))
-  widths = [max(len(line[i]) for line in lines) for i in range(4)]
-  table = ['  '.join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])])
-           for line in lines]
-  title = (f'{model["name"]}, mode {model["mode"]}, input {"x".join(map(str, model["image_shape"]))},'
-           f' {model["num_classes"]} classes; from {json.dumps(manifest["source"])}')
-  return '\n'.join([title, *table,
-                    f'export: {size["export_bytes"] / 2**20:.3f} MiB, {size["compression"]:.2f}x '
-                    f'smaller than the float32 model ({size["float32_model_bytes"] / 2**20:.3f} MiB)',
-                    f'model summary (1 bit per binary weight, BatchNorm unfolded): '
-                    f'{size["summary_memory_bytes"] / 2**20:.3f} MiB, '
-                    f'{size["summary_compression"]:.2f}x'])
+    rows.append(('checkpoint train state on disk (with optimizer state)', '', '',
+                 f'{size["checkpoint_state_bytes"]:,}'))
+  shape = 'x'.join(map(str, model['image_shape']))
+  mib = lambda key: f'{size[key] / 2**20:.3f} MiB'
+  return '\n'.join([
+      f'{model["name"]}, mode {model["mode"]}, input {shape}, {model["num_classes"]} classes;'
+      f' from {json.dumps(manifest["source"])}',
+      *summary_lib._table(rows, left=1),  # pylint: disable=protected-access
+      f'export: {mib("export_bytes")}, {size["compression"]:.2f}x smaller than the float32'
+      f' model ({mib("float32_model_bytes")})',
+      f'model summary (1 bit per binary weight, BatchNorm unfolded): '
+      f'{mib("summary_memory_bytes")}, {size["summary_compression"]:.2f}x'])
 
 
 # ------------------------------------------------------------------------------- sources
@@ -486,8 +482,8 @@ def export_workdir(workdir: str, out_dir: str) -> dict:
   num_classes = variables['params']['classifier']['kernel'].shape[-1]
   return write_export(out_dir, model_config=config.model, variables=variables,
                       num_classes=num_classes, image_shape=image_shape,
-                      source=dict(workdir=os.path.abspath(workdir), step=int(step),
-                                  checkpoint_state_bytes=state_bytes))
+                      source=dict(workdir=os.path.abspath(workdir), step=int(step)),
+                      checkpoint_state_bytes=state_bytes)
 
 
 def export_config(config: ml_collections.ConfigDict, out_dir: str,
@@ -527,7 +523,7 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Run directory: export its newest checkpoint.')
-  flags.DEFINE_string('out', None, 'Output directory for manifest.json and tensors.npz.', required=True)
+  flags.DEFINE_string('out', None, 'Directory for manifest.json and tensors.npz.', required=True)
   config_flags.DEFINE_config_file(
       'config', None, 'Instead of --workdir: export the initialized model of this config.')
   app.run(main)

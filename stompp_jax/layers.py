@@ -8,6 +8,7 @@ Call with `ctx=None` (init, or a plain float network) to run the layer in full p
 A binary layer sows its scheduled kernel frozen fraction into the 'binary_stats' collection.
 """
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -25,8 +26,13 @@ def module_path(module: nn.Module) -> str:
 
 
 class _BinaryLayer(nn.Module):
-  """Shared call logic: binarize kernel and input when this layer is a binary site."""
+  """Shared call logic: binarize kernel and input when this layer is a binary site.
 
+  Its fields are keyword-only, so `BinaryConv(64, (3, 3))` means features, kernel_size as in
+  `nn.Conv`.
+  """
+
+  _: dataclasses.KW_ONLY
   binarize_input: bool = False
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32

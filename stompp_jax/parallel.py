@@ -10,6 +10,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
@@ -38,6 +39,29 @@ def initialize_distributed() -> None:
                                process_id=process_id)
   elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or _is_tpu_pod():
     jax.distributed.initialize()
+
+
+def wait_for_all_processes(name: str, timeout_seconds: int = 1800) -> None:
+  """Blocks until every process of the job reaches the barrier `name` (once per name).
+
+  A barrier of jax.distributed's coordination service, as orbax uses: it runs no device
+  collective, so it can wait longer than collective libraries do (gloo gives up after 30 s), e.g.
+  for a host that compiles slower than the others.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top  # No public handle.
+  distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_seconds * 1000)
+
+
+def check_same_on_all_processes(what: str, value: int) -> None:
+  """Raises ValueError unless every process passes the same `value` (a collective)."""
+  if jax.process_count() == 1:
+    return
+  values = np.asarray(multihost_utils.process_allgather(np.int32(value))).ravel().tolist()
+  if len(set(values)) > 1:
+    raise ValueError(f'The processes disagree on the {what} (per process: {values}): every'
+                     ' process must see the same workdir, data and config.')
 
 
 def _is_tpu_pod() -> bool:

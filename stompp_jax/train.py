@@ -224,11 +224,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state_shardings = parallel.state_sharding(abstract_state, mesh, config.mesh.shard_params)
       train_iter = pipeline.make_train_iterator(
           config.data, global_batch_size=config.train.batch_size, seed=config.seed)
-      checkpointer = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
-                                              state_lib.signature(abstract_state))
+      checkpointer = checkpoints.Checkpointer(
+          workdir, config.train.keep_checkpoints,
+          checkpoints.abstract_like(abstract_state, state_shardings))
       cleanup.push(_closing(checkpointer.close))
-      restored = checkpointer.restore_latest(
-          checkpoints.abstract_like(abstract_state, state_shardings), train_iter)
+      restored = checkpointer.restore_latest(train_iter)
+      parallel.check_same_on_all_processes('checkpoint step to resume from',
+                                            -1 if restored is None else restored[0])
 
     if restored is None:
       state = jax.jit(init_fn, out_shardings=state_shardings)()
@@ -247,27 +249,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return _train_loop(config, workdir, cleanup, total_steps=total_steps, start_step=start_step,
                        state=state, model=model, binarization=binarization, tx=tx,
                        lr_schedule=lr_schedule, mesh=mesh, state_shardings=state_shardings,
-                       train_iter=train_iter, checkpointer=checkpointer)
+                       image_shape=info.image_shape, train_iter=train_iter,
+                       checkpointer=checkpointer)
+
+
+def _abstract_batch(batch_size: int, image_shape, sharding, with_mask: bool) -> dict:
+  """The shapes and dtypes of a global batch of the pipeline (pipeline.py documents them)."""
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  batch = {'image': spec((batch_size, *image_shape), jnp.float32),
+           'label': spec((batch_size,), jnp.int32)}
+  if with_mask:
+    batch['mask'] = spec((batch_size,), jnp.float32)
+  return batch
 
 
 def _train_loop(config, workdir, cleanup, *, total_steps, start_step, state, model, binarization,
-                tx, lr_schedule, mesh, state_shardings, train_iter, checkpointer) -> dict[str, Any]:
+                tx, lr_schedule, mesh, state_shardings, image_shape, train_iter,
+                checkpointer) -> dict[str, Any]:
   """Trains from `start_step` to `total_steps` (or a preemption), logging and saving."""
   config_json = config.to_dict()
   policy = config.train.on_nonfinite
   batch_sharding = parallel.batch_sharding(mesh)
+  # Every program is compiled before the first step and the processes then wait for each other:
+  # a process still compiling must not keep the others waiting inside a collective (gloo on CPU
+  # gives up after 30 s).
+  train_batch = _abstract_batch(config.train.batch_size, image_shape, batch_sharding, False)
+  eval_batch = _abstract_batch(config.train.eval_batch_size, image_shape, batch_sharding, True)
   train_step = jax.jit(
       functools.partial(steps.train_step, model=model, binarization=binarization, tx=tx,
                         diagnostics=config.train.diagnostics),
       in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, None, None), donate_argnums=0)
+      out_shardings=(state_shardings, None, None), donate_argnums=0,
+  ).lower(state, train_batch).compile()
   eval_fns = {'eval_fully_binary': True} if config.binary.method != 'fp' else {}
   eval_fns['eval'] = False
   eval_fns = {
       name: jax.jit(functools.partial(steps.eval_step, model=model, binarization=binarization,
                                       fully_binary=fully_binary),
-                    in_shardings=(state_shardings, batch_sharding))
+                    in_shardings=(state_shardings, batch_sharding)).lower(state, eval_batch).compile()
       for name, fully_binary in eval_fns.items()}
+  parallel.wait_for_all_processes('stompp_jax: every process compiled its programs')
 
   def eval_batches():
     iterator = pipeline.make_eval_iterator(config.data,
@@ -330,8 +351,7 @@ def _train_loop(config, workdir, cleanup, *, total_steps, start_step, state, mod
       checkpointer.save(step, state, train_iter, config_json)
     if preempted:
       checkpointer.wait()
-      if jax.process_count() > 1:
-        multihost_utils.sync_global_devices('stompp_jax preempted checkpoint saved')
+      parallel.wait_for_all_processes('stompp_jax: preemption checkpoint saved')  # Then exit.
       logging.warning('Preempted (SIGTERM): saved the checkpoint at step %d in %s; run the same'
                       ' command to resume.', step, checkpointer.directory)
       return {**last_row, 'step': step, 'preempted': True}

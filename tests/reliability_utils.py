@@ -114,7 +114,11 @@ def read_checkpoint(workdir, step=None) -> tuple[int, dict, list]:
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     step = manager.latest_step() if step is None else step
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Onto one device of this process, whatever devices and processes saved it.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          manager.item_metadata(step)['state'].tree)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   finally:
     manager.close()
   state = {jax.tree_util.keystr(path): np.asarray(value)

@@ -51,9 +51,11 @@ def test_packed_kernel_decodes_to_its_signs():
 def test_xnor_popcount_conv_equals_float_conv_of_signs(cin, size, strides, padding):
   x = RNG.normal(size=(2, 9, 8, cin)).astype(np.float32)
   kernel = RNG.normal(size=(size, size, cin, 6)).astype(np.float32)
-  conv = jax.jit(binary_inference.binary_conv, static_argnames=('in_channels', 'strides', 'padding'))
-  y = conv(binary_inference.pack_signs(x), binary_inference.kernel_words(export.pack_kernel(kernel)),
-           in_channels=cin, strides=(strides, strides), padding=padding)
+  conv = jax.jit(binary_inference.binary_conv,
+                 static_argnames=('in_channels', 'strides', 'padding'))
+  packed_kernel = binary_inference.kernel_words(export.pack_kernel(kernel))
+  y = conv(binary_inference.pack_signs(x), packed_kernel, in_channels=cin,
+           strides=(strides, strides), padding=padding)
   expected = binary_inference.float_conv(signs(x), signs(kernel), strides=(strides, strides),
                                          padding=padding)
   assert y.dtype == jnp.int32
@@ -116,7 +118,7 @@ def assert_binary_layers_store_bits_only(manifest):
 
 
 def random_batch_norms(variables):
-  """Every BatchNorm gets random statistics, biases and scales of both signs (and some 0)."""
+  """Random BatchNorm statistics, scales of both signs (some 0) and biases (classifier's too)."""
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: (RNG.normal(size=x.shape) * (RNG.random(x.shape) > 0.1)
                        if path[-1].key in ('scale', 'bias') else x), variables['params'])
@@ -182,8 +184,8 @@ def trained_runs(tmp_path_factory):
 
 
 def eval_images(config):
-  batches = pipeline.make_eval_iterator(config.data, global_batch_size=config.data.synthetic_eval_size)
-  return next(iter(batches))['image']
+  size = config.data.synthetic_eval_size
+  return next(iter(pipeline.make_eval_iterator(config.data, global_batch_size=size)))['image']
 
 
 def test_cli_export_of_trained_bnn_equals_fully_binary_eval(trained_runs, tmp_path):

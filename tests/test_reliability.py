@@ -7,9 +7,12 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,6 +24,13 @@ from stompp_jax.data import pipeline
 from test_train import tiny_config
 
 DEVICES = 2  # CPU devices of the command-line runs: the batch is sharded, as on real hardware.
+
+
+def small_config(**train_overrides):
+  """tiny_config on one device, 8 steps: the runs of these tests share one compiled step."""
+  config = tiny_config('stompp', **{'num_steps': 8, 'eval_every': 0, **train_overrides})
+  config.mesh.num_devices = 1
+  return config
 
 
 @pytest.fixture(scope='module')
@@ -102,7 +112,7 @@ def _all_finite(state: dict) -> bool:
 
 def test_nonfinite_step_stops_the_run_naming_the_step(tmp_path, nan_batch):
   nan_batch(4)
-  config = tiny_config('stompp', num_steps=12, log_every=12, checkpoint_every=2, eval_every=0)
+  config = small_config(log_every=8, checkpoint_every=2)
   assert config.train.on_nonfinite == 'error'  # The default.
   with pytest.raises(state_lib.NonFiniteError, match=r'not finite at step 5\b'):
     train.train_and_evaluate(config, str(tmp_path))
@@ -114,9 +124,8 @@ def test_nonfinite_step_stops_the_run_naming_the_step(tmp_path, nan_batch):
 
 def test_nonfinite_step_is_skipped_under_skip_policy(tmp_path, nan_batch):
   nan_batch(4)
-  config = tiny_config('stompp', num_steps=6, log_every=3, checkpoint_every=1, eval_every=0,
-                       keep_checkpoints=10, on_nonfinite='skip')
-  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 6
+  config = small_config(log_every=3, checkpoint_every=1, keep_checkpoints=10, on_nonfinite='skip')
+  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 8
   states = {step: ru.read_checkpoint(tmp_path, step)[1] for step in (4, 5, 6)}
   assert all(_all_finite(s) for s in states.values())
   step_key = "['step']"
@@ -125,13 +134,13 @@ def test_nonfinite_step_is_skipped_under_skip_policy(tmp_path, nan_batch):
   assert states[5][step_key] == 5
   assert any(not np.array_equal(states[6][k], states[5][k]) for k in unchanged)
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
-  assert [r['nonfinite'] for r in rows if r['split'] == 'train'] == [0.0, pytest.approx(1 / 3)]
+  assert [r['nonfinite'] for r in rows if r['split'] == 'train'] == [0.0, pytest.approx(1 / 3), 0.0]
 
 
 def test_a_state_with_nan_is_never_saved(tmp_path):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   state = {'params': {'w': jnp.array([1.0, jnp.nan])}, 'step': jnp.int32(3)}
-  checkpointer = checkpoints.Checkpointer(str(tmp_path), keep=2, signature='test')
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  checkpointer = checkpoints.Checkpointer(str(tmp_path), keep=2, abstract_state=abstract)
   try:
     with pytest.raises(state_lib.NonFiniteError, match='at step 3 holds NaN'):
       checkpointer.save(3, state, data_iterator=None, config_json={})
@@ -219,12 +228,18 @@ def test_cli_bad_value_is_one_line_error(tmp_path):
 # ---------------------------------------------------------------- the workdir's earlier run
 
 
-@pytest.fixture
-def finished_run(tmp_path):
-  """A workdir with a finished 3-step run of tiny_config('stompp')."""
-  workdir = tmp_path / 'run'
-  train.train_and_evaluate(tiny_config('stompp', num_steps=3, eval_every=0), str(workdir))
+@pytest.fixture(scope='module')
+def finished_template(tmp_path_factory):
+  """A finished run of small_config(), run once for every test that needs one."""
+  workdir = tmp_path_factory.mktemp('finished') / 'run'
+  train.train_and_evaluate(small_config(), str(workdir))
   return workdir
+
+
+@pytest.fixture
+def finished_run(tmp_path, finished_template):
+  """A copy of finished_template that the test may change."""
+  return shutil.copytree(finished_template, tmp_path / 'run')
 
 
 def _listing(directory):
@@ -233,7 +248,7 @@ def _listing(directory):
 
 def test_workdir_of_another_config_is_refused_and_left_as_it_was(finished_run):
   before = _listing(finished_run)
-  other = tiny_config('stompp', num_steps=3, eval_every=0)
+  other = small_config()
   other.optim.learning_rate = 0.05
   with pytest.raises(train.SetupError, match=r'different config: optim.learning_rate \(0.1 -> 0.05\).*'
                      'override_workdir_config=True'):
@@ -248,7 +263,7 @@ def test_workdir_of_another_config_is_refused_and_left_as_it_was(finished_run):
 
 def test_workdir_of_another_model_is_refused_even_with_override(finished_run):
   before = _listing(finished_run)
-  other = tiny_config('stompp', num_steps=3, eval_every=0)
+  other = small_config()
   other.model.name = 'resnet20'
   other.train.override_workdir_config = True
   with pytest.raises(train.SetupError, match=r'holds checkpoints of a different model or optimizer'):
@@ -258,25 +273,34 @@ def test_workdir_of_another_model_is_refused_even_with_override(finished_run):
 
 def test_rerunning_a_finished_run_changes_nothing(finished_run):
   before, done = _listing(finished_run), json.loads((finished_run / 'done.json').read_text())
-  config = tiny_config('stompp', num_steps=3, eval_every=0)
-  assert train.train_and_evaluate(config, str(finished_run)) == done
-  assert [e for e in _listing(finished_run) if e[0] != 'config.json'] == [
-      e for e in before if e[0] != 'config.json']
+  assert train.train_and_evaluate(small_config(), str(finished_run)) == done
+  assert _listing(finished_run) == before
 
 
 # ---------------------------------------------------------------- corrupt checkpoints, full disk
 
+CORRUPT_TRAIN = {'log_every': 4, 'checkpoint_every': 3}
 
-def _preempt_at(monkeypatch, step):
+
+@pytest.fixture(scope='module')
+def preempted_template(tmp_path_factory):
+  """A run of CORRUPT_CONFIG preempted at step 7: checkpoints at steps 3, 6 and 7."""
+  workdir = tmp_path_factory.mktemp('preempted') / 'run'
   original = train._Preemption.reached
-  monkeypatch.setattr(train._Preemption, 'reached',
-                      lambda self, s: s == step or original(self, s))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train._Preemption, 'reached', lambda self, s: s == 7 or original(self, s))
+    assert train.train_and_evaluate(small_config(**CORRUPT_TRAIN), str(workdir))['preempted']
+  assert ru.checkpoint_steps(workdir) == [3, 6, 7]
+  return workdir
 
 
 def _truncate_array_data(step_dir):
-  files = sorted((step_dir / 'state').rglob('ocdbt.process_0/d/*'), key=lambda p: p.stat().st_size)
-  with open(files[-1], 'r+b') as f:
-    f.truncate(files[-1].stat().st_size // 2)
+  """Cuts every data file of the state in half, as a disk or a copy that lost their ends."""
+  files = [p for p in (step_dir / 'state').rglob('*') if p.is_file() and p.parent.name == 'd']
+  assert files
+  for path in files:
+    with open(path, 'r+b') as f:
+      f.truncate(path.stat().st_size // 2)
 
 
 def _change_recorded_fingerprint(step_dir):
@@ -285,31 +309,32 @@ def _change_recorded_fingerprint(step_dir):
   (step_dir / '_CHECKPOINT_METADATA').write_text(json.dumps(metadata))
 
 
+# Orbax leaves an asyncio loop's callbacks behind when a read fails; they are harmless.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('corrupt', [_truncate_array_data, _change_recorded_fingerprint])
-def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, monkeypatch, caplog, corrupt):
-  config = tiny_config('stompp', num_steps=8, log_every=4, checkpoint_every=3, eval_every=0)
-  train.train_and_evaluate(config, str(tmp_path / 'reference'))
-  _preempt_at(monkeypatch, 7)
-  assert train.train_and_evaluate(config, str(tmp_path / 'run'))['preempted']
-  monkeypatch.undo()
-  assert ru.checkpoint_steps(tmp_path / 'run') == [3, 6, 7]
-  corrupt(tmp_path / 'run' / 'checkpoints' / '7')
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, corrupt,
+                                                            preempted_template, finished_template):
+  workdir = shutil.copytree(preempted_template, tmp_path / 'run')
+  corrupt(workdir / 'checkpoints' / '7')
   with caplog.at_level(logging.WARNING):
-    assert train.train_and_evaluate(config, str(tmp_path / 'run'))['step'] == 8
+    assert train.train_and_evaluate(small_config(**CORRUPT_TRAIN), str(workdir))['step'] == 8
   assert re.search(r'The checkpoint at step 7 in \S+ cannot be read \(.+\); falling back to step 6',
                    caplog.text), caplog.text
-  ru.assert_bitwise_equal(ru.read_checkpoint(tmp_path / 'run')[1],
-                          ru.read_checkpoint(tmp_path / 'reference')[1])
+  # Resumed from step 6 exactly: the end is that of the uninterrupted finished_template.
+  ru.assert_bitwise_equal(ru.read_checkpoint(workdir)[1], ru.read_checkpoint(finished_template)[1])
 
 
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_no_readable_checkpoint_is_one_line_error(finished_run):
-  _truncate_array_data(finished_run / 'checkpoints' / '3')
-  with pytest.raises(train.SetupError, match=r'No checkpoint in \S+ can be read \(steps 3; step 3:'
+  for step in ru.checkpoint_steps(finished_run):
+    _truncate_array_data(finished_run / 'checkpoints' / str(step))
+  with pytest.raises(train.SetupError, match=r'No checkpoint in \S+ can be read \(steps 8, 6; step 6:'
                      r' .+\): delete \S+ to start over') as error:
-    train.train_and_evaluate(tiny_config('stompp', num_steps=3, eval_every=0), str(finished_run))
+    train.train_and_evaluate(small_config(), str(finished_run))
   assert '\n' not in str(error.value)
 
 
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
   """ENOSPC from the file write that commits a checkpoint, in orbax's background thread."""
   from orbax.checkpoint._src.path import async_path  # pylint: disable=g-import-not-at-top
@@ -321,7 +346,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     return await original(path, text)
 
   monkeypatch.setattr(async_path, 'write_text', write_text)
-  config = tiny_config('stompp', num_steps=9, log_every=3, checkpoint_every=3, eval_every=0)
+  config = small_config(log_every=4, checkpoint_every=3)
   with pytest.raises(checkpoints.DiskFullError, match=r'Disk full while saving the checkpoint at'
                      r' step 6 in \S+: free space and run the same command again; the previous'
                      ' checkpoints are intact'):
@@ -329,6 +354,41 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
   monkeypatch.undo()
   assert ru.checkpoint_steps(tmp_path) == [3]
   assert not (tmp_path / 'done.json').exists()
-  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 9  # Resumes from step 3.
-  assert ru.checkpoint_steps(tmp_path) == [3, 6, 9]
+  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 8  # Resumes from step 3.
+  assert ru.checkpoint_steps(tmp_path) == [3, 6, 8]
   assert not [p for p in (tmp_path / 'checkpoints').iterdir() if 'tmp' in p.name]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+  """A 300 KiB tmpfs: room for the first checkpoints of ru.TINY_FLAGS, not for the run."""
+  mount_point = tmp_path / 'small'
+  mount_point.mkdir()
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=300k', 'tmpfs', str(mount_point)],
+                           capture_output=True, text=True, check=False)
+  if mounted.returncode:
+    pytest.skip(f'cannot mount a tmpfs here (needs root): {mounted.stderr.strip()[:200]};'
+                ' test_full_disk_while_saving_keeps_the_previous_checkpoint covers the error path')
+  try:
+    yield mount_point
+  finally:
+    subprocess.run(['umount', str(mount_point)], check=False)
+
+
+def test_cli_on_a_full_disk_stops_with_one_line_and_resumes_after_space_is_freed(
+    tmp_path, small_filesystem, uninterrupted):
+  """A real full disk: tensorstore's ENOSPC from orbax's background thread, through the CLI."""
+  workdir = small_filesystem / 'run'
+  cli = ru.Cli(workdir, tmp_path / 'full.txt', DEVICES)
+  assert cli.wait() == 1
+  errors = [line for line in cli.output().splitlines() if line.startswith('Error: ')]
+  assert len(errors) == 1 and errors[0].startswith('Error: Disk full'), cli.output()[-3000:]
+  assert 'run the same command again' in errors[0]
+  saved = ru.checkpoint_steps(workdir)
+  assert saved, 'no checkpoint fitted: make the filesystem larger'
+  ru.read_checkpoint(workdir)  # The newest complete checkpoint is intact.
+
+  subprocess.run(['mount', '-o', 'remount,size=20m', str(small_filesystem)], check=True)
+  output = ru.run_cli(workdir, tmp_path / 'rerun.txt', DEVICES)
+  assert _resumed_step(output) == saved[-1]
+  ru.assert_bitwise_equal(ru.read_checkpoint(workdir)[1], uninterrupted[1])
