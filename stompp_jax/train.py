@@ -194,8 +194,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Raises:
     SetupError: a bad config field, missing or malformed data, a batch that does not split over
       the devices, or a workdir holding another run or only unreadable checkpoints.
-    state.NonFiniteError: a non-finite loss, gradient or state under train.on_nonfinite=error
-      (naming the step; no checkpoint holds that update).
+    state.NonFiniteError: a non-finite loss or gradient under train.on_nonfinite=error (naming
+      the step; no checkpoint holds that update), or a non-finite state at a checkpoint.
     checkpoints.DiskFullError: a checkpoint did not fit on disk (older ones are intact).
   """
   with contextlib.ExitStack() as cleanup:
@@ -374,7 +374,7 @@ def _check_finite(flags: list, step: int, policy: str) -> None:
   first = step - len(flags) + int(bad[0]) + 1
   if policy == 'error':
     raise state_lib.NonFiniteError(
-        f'The loss, gradients or updated state are not finite at step {first}; that update was'
-        ' not applied and no checkpoint holds it: lower optim.learning_rate (or set'
+        f'The loss or gradients are not finite at step {first}; that update was not applied and'
+        ' no checkpoint holds it: lower optim.learning_rate (or set'
         ' optim.grad_clip_norm), or set train.on_nonfinite=skip to drop such updates.')
   logging.warning('Skipped %d non-finite updates up to step %d.', bad.size, step)

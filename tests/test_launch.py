@@ -61,7 +61,8 @@ class Fakes:
   def env(self, **extra: str) -> dict[str, str]:
     settings = ('NAME', 'ZONE', 'PROJECT', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION', 'REPO', 'BRANCH',
                 'PYTHON_VERSION', 'BUCKET', 'GPUS', 'CUDA_VISIBLE_DEVICES', 'PYTHON')
-    env = {k: v for k, v in os.environ.items() if k not in settings and not k.startswith('SLURM')}
+    env = {k: v for k, v in os.environ.items()
+           if k not in settings and not k.startswith(('SLURM', 'STOMPP_'))}
     return {**env, 'PATH': f'{self.bin}:{env["PATH"]}', 'FAKE_LOG': str(self.log), **extra}
 
   def calls(self) -> list[dict]:
