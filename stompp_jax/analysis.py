@@ -22,11 +22,10 @@ import re
 import sys
 from typing import Any, Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
-import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
+from stompp_jax import metrics as metrics_lib
 
 # The accuracy a run is judged by: the deployed (fully binary) network; fp runs have only eval_*.
 FINAL_ACCURACY_KEYS = ('eval_fully_binary_accuracy', 'eval_accuracy')
@@ -46,13 +45,9 @@ def load_run(run_dir: str) -> dict[str, Any]:
     with open(path, encoding='utf-8') as f:
       return json.load(f)
 
-  rows = []
-  path = os.path.join(run_dir, 'metrics.jsonl')
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      rows = [json.loads(line) for line in f if line.strip()]
   return {'dir': run_dir, 'name': os.path.basename(os.path.normpath(run_dir)),
-          'config': read_json('config.json') or {}, 'rows': rows, 'done': read_json('done.json')}
+          'config': read_json('config.json') or {}, 'rows': metrics_lib.read_metrics(run_dir),
+          'done': read_json('done.json')}
 
 
 def split_rows(run: dict[str, Any], split: str) -> list[dict]:

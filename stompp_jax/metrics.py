@@ -43,14 +43,17 @@ def _to_python(value: Any) -> Any:
 class MetricWriter:
   """Writes metric rows to `workdir/metrics.jsonl` and TensorBoard event files (process 0 only)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start_step: int = 0):
+    """Opens the writers; `start_step` > 0 (a resumed run) makes TensorBoard drop the events a
+    killed run logged after that step, as `workdir.trim_metrics` does for metrics.jsonl."""
     self._active = jax.process_index() == 0
     if not self._active:
       return
     os.makedirs(workdir, exist_ok=True)
     from tensorboardX import SummaryWriter  # Imported here: only process 0 writes.
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-    self._tensorboard = SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'))
+    self._tensorboard = SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'),
+                                      purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, split: str, values: Mapping[str, Any]) -> None:
     """Appends one row; list values (per site) become one TensorBoard scalar per entry."""
@@ -77,6 +80,19 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """All rows of `workdir/metrics.jsonl`."""
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The rows of `workdir/metrics.jsonl` in file order ([] if there is none).
+
+  A last line cut short (the run was killed while writing it) is skipped; the next start of the
+  run removes it (`workdir.trim_metrics`).
+  """
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    *complete, last = f.read().split('\n')
+  rows = [json.loads(line) for line in complete if line.strip()]
+  try:
+    rows += [json.loads(last)] if last.strip() else []
+  except json.JSONDecodeError:
+    pass
+  return rows

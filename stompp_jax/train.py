@@ -305,7 +305,7 @@ def _train_loop(config, workdir, cleanup, *, total_steps, start_step, state, mod
         f'{k} {100 * v:.2f}%' for k, v in results.items() if k.endswith('accuracy')))
     return {'step': step, **results}
 
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, start_step)
   cleanup.push(_closing(writer.close))
   preemption = _Preemption()
   cleanup.push(_closing(preemption.close))

@@ -55,6 +55,18 @@ def test_load_run_and_derived_values(tmp_path):
   assert analysis.method_of(run) == 'bnn stompp'
 
 
+def test_a_last_line_cut_short_by_a_kill_is_skipped(tmp_path):
+  workdir = write_run(tmp_path, 'killed', done=False)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
+    f.write('{"step": 9, "split": "train", "lo')
+  run = analysis.load_run(workdir)
+  assert [r['step'] for r in analysis.split_rows(run, 'train')] == list(range(1, 9))
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
+    f.write('ss": 1.0}')  # Complete JSON, still without its newline.
+  assert analysis.split_rows(analysis.load_run(workdir), 'train')[-1] == {
+      'step': 9, 'split': 'train', 'loss': 1.0}
+
+
 def test_fp_run_and_unnamed_depth(tmp_path):
   fp = analysis.load_run(write_run(tmp_path, 'fp', mode='fp', method='fp', accuracies=(0.4, 0.6)))
   assert analysis.final_accuracy(fp) == pytest.approx(0.61)  # eval_accuracy: no binary eval.

@@ -1,0 +1,58 @@
+"""Tests of stompp_jax.metrics' writers (no training)."""
+
+import glob
+import os
+import struct
+
+from tensorboardX.proto import event_pb2
+
+from stompp_jax import metrics as metrics_lib
+
+
+def read_events(logdir):
+  """Every Event of every TFRecord event file under `logdir`, file by file in name order."""
+  events = []
+  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))):
+    with open(path, 'rb') as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack('<Q', data[offset:offset + 8])
+      events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+      offset += 12 + length + 4
+  return events
+
+
+def test_rows_and_tensorboard_scalars(tmp_path):
+  writer = metrics_lib.MetricWriter(str(tmp_path))
+  writer.write(1, 'train', {'loss': 2.5, 'frozen_fraction': [0.0, 1.0]})
+  writer.write(2, 'eval', {'eval_accuracy': float('nan')})
+  writer.close()
+  assert metrics_lib.read_metrics(str(tmp_path)) == [
+      {'step': 1, 'split': 'train', 'loss': 2.5, 'frozen_fraction': [0.0, 1.0]},
+      {'step': 2, 'split': 'eval', 'eval_accuracy': None}]
+  scalars = {(v.tag, e.step): v.simple_value
+             for e in read_events(tmp_path / 'tensorboard') for v in e.summary.value}
+  assert scalars == {('train/loss', 1): 2.5, ('train/frozen_fraction/site_00', 1): 0.0,
+                     ('train/frozen_fraction/site_01', 1): 1.0}
+
+
+def test_a_resumed_writer_tells_tensorboard_to_drop_the_steps_after_the_checkpoint(tmp_path):
+  first = metrics_lib.MetricWriter(str(tmp_path))
+  for step in range(1, 6):
+    first.write(step, 'train', {'loss': float(step)})
+  first.close()
+  resumed = metrics_lib.MetricWriter(str(tmp_path), start_step=3)
+  resumed.write(4, 'train', {'loss': 40.0})
+  resumed.close()
+  purges = [e.step for e in read_events(tmp_path / 'tensorboard')
+            if e.session_log.status == event_pb2.SessionLog.START]
+  assert purges == [4]
+
+
+def test_a_fresh_writer_purges_nothing(tmp_path):
+  writer = metrics_lib.MetricWriter(str(tmp_path))
+  writer.write(1, 'train', {'loss': 1.0})
+  writer.close()
+  assert not any(e.session_log.status == event_pb2.SessionLog.START
+                 for e in read_events(tmp_path / 'tensorboard'))
