@@ -42,6 +42,7 @@ from stompp_jax.binary import binarize  # noqa: E402
 from stompp_jax.binary import context  # noqa: E402
 from stompp_jax.binary import optim  # noqa: E402
 from stompp_jax.binary import schedule  # noqa: E402
+from stompp_jax.models import inspect  # noqa: E402
 
 METHODS = context.METHODS  # fp, ste, stompp, stompp_ste
 RULES = context.BinaryRules(exclude=('stem', 'shortcut', 'head'))
@@ -240,8 +241,7 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(args.batch, 32, 32, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, args.batch), jnp.int32)
-  site_list = sites_lib.discover_sites(ResNet20().init, RULES, jax.random.key(0),
-                                       sites_lib.sample_input((32, 32, 3)))
+  site_list = sites_lib.discover_sites(inspect.trace_model(ResNet20(), (32, 32, 3)), RULES)
   site_paths = tuple(s.path for s in site_list)
   kernel_sites = sites_lib.kernel_sites(site_list)
   model_for = lambda method: ResNet20(relu=(method == 'fp'))

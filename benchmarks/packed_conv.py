@@ -7,7 +7,7 @@ images, the body conv of a CIFAR ResNet stage. Two jitted functions on the same 
 
   float   jax.lax.conv_general_dilated of float32 +-1 inputs and kernel (what XLA runs for the
           training-time fully binary network);
-  packed  binary_inference.binary_conv: inputs already packed into uint32 words (a deployed BNN
+  packed  inference.binary_conv: inputs already packed into uint32 words (a deployed BNN
           passes packed activations from layer to layer; the kernel is packed once), XOR +
           popcount per tap, exact int32 outputs.
 
@@ -39,8 +39,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stompp_jax import binary_inference  # noqa: E402
-from stompp_jax import export  # noqa: E402
+from stompp_jax.export import fold  # noqa: E402
+from stompp_jax.export import inference  # noqa: E402
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -55,12 +55,12 @@ def make_convs(batch: int, height: int, width: int, channels: int, seed: int = 0
   rng = np.random.default_rng(seed)
   x = np.where(rng.normal(size=(batch, height, width, channels)) >= 0, 1.0, -1.0).astype(np.float32)
   kernel = np.where(rng.normal(size=(3, 3, channels, channels)) >= 0, 1.0, -1.0).astype(np.float32)
-  float_fn = jax.jit(lambda x, k: binary_inference.float_conv(x, k, strides=(1, 1), padding='SAME'))
-  packed_fn = jax.jit(lambda x, k: binary_inference.binary_conv(
+  float_fn = jax.jit(lambda x, k: inference.float_conv(x, k, strides=(1, 1), padding='SAME'))
+  packed_fn = jax.jit(lambda x, k: inference.binary_conv(
       x, k, in_channels=channels, strides=(1, 1), padding='SAME'))
   float_args = (jnp.asarray(x), jnp.asarray(kernel))
-  packed_args = (binary_inference.pack_signs(jnp.asarray(x)),
-                 binary_inference.kernel_words(jnp.asarray(export.pack_kernel(kernel))))
+  packed_args = (inference.pack_signs(jnp.asarray(x)),
+                 inference.kernel_words(jnp.asarray(fold.pack_kernel(kernel))))
   np.testing.assert_array_equal(packed_fn(*packed_args), float_fn(*float_args))
   return float_fn, float_args, packed_fn, packed_args
 

@@ -18,19 +18,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from stompp_jax import errors
 from stompp_jax import parallel
 from stompp_jax import state as state_lib
+from stompp_jax import workdir as workdir_lib
 
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXTS = ('No space left on device', 'Disk quota exceeded')
-
-
-class DiskFullError(OSError):
-  """A checkpoint could not be written for lack of space; older checkpoints are intact."""
-
-
-class ForeignCheckpointError(ValueError):
-  """The checkpoints of a workdir hold the train state of another model or optimizer."""
 
 
 class Checkpointer:
@@ -44,7 +38,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, keep: int, abstract_state: Any):
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.directory = directory(workdir)
     self._abstract_state = abstract_state
     self._signature = state_lib.signature(abstract_state)
     # Compiled here, with the rest of the run's programs: a process compiling it at its first
@@ -68,13 +62,13 @@ class Checkpointer:
     """Starts an async save of `state` at `step`; the iterator state is captured now.
 
     Raises:
-      state.NonFiniteError: `state` holds a NaN or an infinity (nothing is written).
-      DiskFullError: this save or the previous one ran out of space.
+      errors.NonFiniteError: `state` holds a NaN or an infinity (nothing is written).
+      errors.DiskFullError: this save or the previous one ran out of space.
     """
     self.wait()  # Orbax would wait here too; this way an error names the step it belongs to.
     fingerprint, finite = map(_first_value, self._summarize(state))
     if not finite:
-      raise state_lib.NonFiniteError(
+      raise errors.NonFiniteError(
           f'The train state at step {step} holds NaN or infinite values; it was not saved and the'
           f' checkpoints in {self.directory} are intact: lower optim.learning_rate.')
     self._pending_step = step
@@ -115,7 +109,7 @@ class Checkpointer:
     for step in reversed(steps):
       try:
         return step, self._restore(step, data_iterator)
-      except ForeignCheckpointError:
+      except errors.ForeignCheckpointError:
         raise  # Older steps belong to the other model too.
       except Exception as e:  # pylint: disable=broad-except  # Any unreadable checkpoint.
         problems.append(step)
@@ -134,7 +128,7 @@ class Checkpointer:
     custom = self._manager.metadata(step).custom_metadata or {}
     signature = custom.get('signature')
     if signature is not None and signature != self._signature:
-      raise ForeignCheckpointError(
+      raise errors.ForeignCheckpointError(
           f'{self.directory} holds checkpoints of a different model or optimizer (the train state'
           f' at step {step} has other parameters or shapes): use another --workdir, or delete'
           ' those checkpoints to start over.')
@@ -150,6 +144,43 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def directory(workdir: str) -> str:
+  """The absolute checkpoint directory of a run directory."""
+  return os.path.abspath(os.path.join(workdir, workdir_lib.CHECKPOINTS))
+
+
+def read_variables(workdir: str) -> tuple[int, dict, int]:
+  """The model of the newest checkpoint, without the rest of the train state or a model.
+
+  Returns:
+    (step, {'params', 'batch_stats'} as numpy arrays, bytes of the train state on disk).
+
+  Raises:
+    errors.SetupError: `workdir` has no checkpoint.
+  """
+  path = directory(workdir)
+  if not os.path.isdir(path):
+    raise errors.SetupError(f'{workdir} has no {workdir_lib.CHECKPOINTS}/ directory: train a run'
+                            ' there first, or give the run directory of a trained run.')
+  manager = ocp.CheckpointManager(path)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise errors.SetupError(f'No checkpoint in {path}: train the run first.')
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(fallback_sharding=device)))['state']
+  finally:
+    manager.close()
+  variables = jax.device_get({'params': state['params'], 'batch_stats': state['batch_stats']})
+  return step, variables, _directory_bytes(os.path.join(path, str(step), 'state'))
+
+
+def _directory_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
 
 
 def _summary(error: Exception) -> str:
@@ -174,10 +205,9 @@ def is_disk_full(error: BaseException) -> bool:
 def _raise_if_disk_full(error: Exception, step: Optional[int], directory: str) -> None:
   if is_disk_full(error):
     at = f' at step {step}' if step is not None else ''
-    full = DiskFullError(f'Disk full while saving the checkpoint{at} in {directory}: free space'
-                         ' and run the same command again; the previous checkpoints are intact.')
-    full.errno = errno.ENOSPC
-    raise full from error
+    raise errors.DiskFullError(
+        f'Disk full while saving the checkpoint{at} in {directory}: free space and run the same'
+        ' command again; the previous checkpoints are intact.') from error
 
 
 def _first_value(x: jax.Array) -> int:

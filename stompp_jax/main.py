@@ -18,11 +18,8 @@ from absl import logging
 from ml_collections import config_flags
 
 from stompp_jax import checkpoints
+from stompp_jax import errors
 from stompp_jax import train
-
-EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, retry to continue.
-EXIT_BAD_INPUT = 2
-EXIT_ERROR = 1
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics).', required=True)
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file, optionally :args.', lock_config=True)
@@ -44,16 +41,14 @@ def run(config, workdir: str) -> int:
   line (other exceptions propagate with their traceback)."""
   try:
     result = train.train_and_evaluate(config, workdir)
-  except train.SetupError as e:
-    _fail(str(e), EXIT_BAD_INPUT)
-  except train.USER_ERRORS as e:
-    _fail(str(e), EXIT_ERROR)
+  except errors.USER_ERRORS as e:
+    _fail(str(e), errors.exit_status(e))
   except OSError as e:
     if not checkpoints.is_disk_full(e):
       raise
     _fail(f'Disk full ({e}): free space in or move --workdir={workdir} and run the same command'
-          ' again; it resumes from the newest checkpoint.', EXIT_ERROR)
-  return EXIT_PREEMPTED if result.get('preempted') else 0
+          ' again; it resumes from the newest checkpoint.', errors.EXIT_ERROR)
+  return errors.EXIT_PREEMPTED if result.get('preempted') else errors.EXIT_OK
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -73,7 +68,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     suggestion = f' (did you mean {hint.group(1)!r}?)' if hint else ''
     print(f'Error: --{given}: the config has no field {field!r}{suggestion}: configs/default.py'
           ' lists every field.', file=sys.stderr, flush=True)
-    sys.exit(EXIT_BAD_INPUT)
+    sys.exit(errors.EXIT_BAD_INPUT)
 
 
 def main(argv):

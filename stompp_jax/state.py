@@ -9,10 +9,6 @@ import jax.numpy as jnp
 import optax
 
 
-class NonFiniteError(FloatingPointError):
-  """The loss, the gradients or the train state hold a NaN or an infinity."""
-
-
 @flax.struct.dataclass
 class TrainState:
   """Attributes:

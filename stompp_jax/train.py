@@ -20,6 +20,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from stompp_jax import checkpoints
+from stompp_jax import errors
 from stompp_jax import metrics as metrics_lib
 from stompp_jax import models
 from stompp_jax import optimizers
@@ -32,6 +33,7 @@ from stompp_jax.binary import context as bctx
 from stompp_jax.binary import schedule
 from stompp_jax.binary.choices import check_choice
 from stompp_jax.data import pipeline
+from stompp_jax.models import inspect
 
 
 def total_train_steps(train_cfg, train_size: int) -> tuple[int, int]:
@@ -54,8 +56,7 @@ def build_binarization(config: ml_collections.ConfigDict, model, image_shape: tu
   rules = models.binary_rules(config.model)
   site_list = ()
   if method != 'fp':
-    site_list = sites_lib.discover_sites(model.init, rules, jax.random.PRNGKey(0),
-                                         sites_lib.sample_input(image_shape), train=False)
+    site_list = sites_lib.discover_sites(inspect.trace_model(model, image_shape), rules)
     if not site_list:
       raise ValueError('No layer of the model matches the binary rules: check'
                        ' model.binary_include / model.binary_exclude.')
@@ -79,12 +80,6 @@ def _kernel_mask(params) -> Any:
       lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
 
 
-class SetupError(ValueError):
-  """A problem with the config, the data or the workdir, found before the workdir is written."""
-
-
-# Errors the user can act on: the command line prints their one-line message, no traceback.
-USER_ERRORS = (SetupError, state_lib.NonFiniteError, checkpoints.DiskFullError)
 NONFINITE_POLICIES = ('error', 'skip')
 
 
@@ -93,10 +88,10 @@ def _as_setup_errors():
   """Turns the ValueErrors and missing files of config and data checks into SetupError."""
   try:
     yield
-  except SetupError:
+  except errors.SetupError:
     raise
   except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-    raise SetupError(' '.join(str(e).split())) from e
+    raise errors.SetupError(' '.join(str(e).split())) from e
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -185,18 +180,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains and evaluates one run in `workdir`, resuming it if it has checkpoints.
 
   Every check of the config, the data, the devices and the workdir's earlier run comes before
-  anything is written to `workdir`; those failures raise SetupError.
+  anything is written to `workdir`; those failures raise errors.SetupError.
 
   Returns:
     The final row: {'step', 'eval/...': accuracies and losses, 'preempted': bool}. A finished
     run returns its done.json.
 
   Raises:
-    SetupError: a bad config field, missing or malformed data, a batch that does not split over
+    errors.SetupError: a bad config field, missing or malformed data, a batch that does not split over
       the devices, or a workdir holding another run or only unreadable checkpoints.
-    state.NonFiniteError: a non-finite loss or gradient under train.on_nonfinite=error (naming
+    errors.NonFiniteError: a non-finite loss or gradient under train.on_nonfinite=error (naming
       the step; no checkpoint holds that update), or a non-finite state at a checkpoint.
-    checkpoints.DiskFullError: a checkpoint did not fit on disk (older ones are intact).
+    errors.DiskFullError: a checkpoint did not fit on disk (older ones are intact).
   """
   with contextlib.ExitStack() as cleanup:
     with _as_setup_errors():
@@ -373,7 +368,7 @@ def _check_finite(flags: list, step: int, policy: str) -> None:
     return
   first = step - len(flags) + int(bad[0]) + 1
   if policy == 'error':
-    raise state_lib.NonFiniteError(
+    raise errors.NonFiniteError(
         f'The loss or gradients are not finite at step {first}; that update was not applied and'
         ' no checkpoint holds it: lower optim.learning_rate (or set'
         ' optim.grad_clip_norm), or set train.on_nonfinite=skip to drop such updates.')

@@ -15,6 +15,13 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 
+# The names inside a run directory (the one place they are spelled).
+CONFIG = 'config.json'
+METRICS = 'metrics.jsonl'
+TENSORBOARD = 'tensorboard'
+CHECKPOINTS = 'checkpoints'
+DONE = 'done.json'
+
 # Fields that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_FIELDS = (
     'train.log_every', 'train.eval_every', 'train.eval_steps', 'train.eval_batch_size',
@@ -56,7 +63,7 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   The run's config is config.json, or, when that is missing, the config saved with its newest
   checkpoint. Nothing is written.
   """
-  path = os.path.join(workdir, 'config.json')
+  path = os.path.join(workdir, CONFIG)
   if os.path.exists(path):
     with open(path, encoding='utf-8') as f:
       try:
@@ -78,7 +85,7 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def _newest_checkpoint_config(workdir: str) -> dict | None:
   """The config saved with the newest finished checkpoint (orbax's JSON item), if readable."""
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = os.path.join(workdir, CHECKPOINTS)
   names = os.listdir(directory) if os.path.isdir(directory) else []
   steps = sorted(int(name) for name in names if name.isdigit())
   for step in reversed(steps):
@@ -94,13 +101,13 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Creates `workdir` and writes its config.json (process 0), after `check_config`."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    atomic_write_text(os.path.join(workdir, 'config.json'),
+    atomic_write_text(os.path.join(workdir, CONFIG),
                       json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True) + '\n')
 
 
 def trim_metrics(workdir: str, step: int) -> None:
   """Drops metrics.jsonl rows after `step` (logged by a run that died before its next checkpoint)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = os.path.join(workdir, METRICS)
   if jax.process_index() != 0 or not os.path.exists(path):
     return
   with open(path, encoding='utf-8') as f:
@@ -118,7 +125,7 @@ def trim_metrics(workdir: str, step: int) -> None:
 
 def read_done(workdir: str) -> dict | None:
   """The final metrics of a finished run (done.json), or None."""
-  path = os.path.join(workdir, 'done.json')
+  path = os.path.join(workdir, DONE)
   if not os.path.exists(path):
     return None
   with open(path, encoding='utf-8') as f:
@@ -128,4 +135,4 @@ def read_done(workdir: str) -> dict | None:
 def write_done(workdir: str, summary: Mapping[str, Any]) -> None:
   """Marks the run finished: done.json with the final metrics (written last)."""
   if jax.process_index() == 0:
-    atomic_write_text(os.path.join(workdir, 'done.json'), json.dumps(dict(summary), indent=2) + '\n')
+    atomic_write_text(os.path.join(workdir, DONE), json.dumps(dict(summary), indent=2) + '\n')

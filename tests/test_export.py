@@ -13,12 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stompp_jax import binary_inference
-from stompp_jax import export
+from stompp_jax import checkpoints
 from stompp_jax import models
 from stompp_jax import train
 from stompp_jax.binary import context as bctx
 from stompp_jax.data import pipeline
+from stompp_jax.export import files
+from stompp_jax.export import fold
+from stompp_jax.export import inference
+from stompp_jax.export import sources
 from stompp_jax.models import resnet
 from test_train import REPO, tiny_config
 
@@ -41,9 +44,9 @@ def signs(x):
 def test_packed_kernel_decodes_to_its_signs(rng):
   kernel = rng.normal(size=(3, 3, 13, 5)).astype(np.float32)
   kernel[0, 0, 0, 0] = 0.0  # sign(0) = +1
-  packed = export.pack_kernel(kernel)
+  packed = fold.pack_kernel(kernel)
   assert packed.dtype == np.uint8 and packed.shape == (3, 3, 2, 5)
-  np.testing.assert_array_equal(binary_inference.decode_signs(packed, 13), signs(kernel))
+  np.testing.assert_array_equal(inference.decode_signs(packed, 13), signs(kernel))
   # The documented layout: np.packbits along the input axis, bit 1 = +1, pad bits 0.
   np.testing.assert_array_equal(packed[1, 2, :, 4], np.packbits(kernel[1, 2, :, 4] >= 0))
 
@@ -58,12 +61,12 @@ def test_packed_kernel_decodes_to_its_signs(rng):
 def test_xnor_popcount_conv_equals_float_conv_of_signs(rng, cin, size, strides, padding):
   x = rng.normal(size=(2, 9, 8, cin)).astype(np.float32)
   kernel = rng.normal(size=(size, size, cin, 6)).astype(np.float32)
-  conv = jax.jit(binary_inference.binary_conv,
+  conv = jax.jit(inference.binary_conv,
                  static_argnames=('in_channels', 'strides', 'padding'))
-  packed_kernel = binary_inference.kernel_words(export.pack_kernel(kernel))
-  y = conv(binary_inference.pack_signs(x), packed_kernel, in_channels=cin,
+  packed_kernel = inference.kernel_words(fold.pack_kernel(kernel))
+  y = conv(inference.pack_signs(x), packed_kernel, in_channels=cin,
            strides=(strides, strides), padding=padding)
-  expected = binary_inference.float_conv(signs(x), signs(kernel), strides=(strides, strides),
+  expected = inference.float_conv(signs(x), signs(kernel), strides=(strides, strides),
                                          padding=padding)
   assert y.dtype == jnp.int32
   np.testing.assert_array_equal(y, expected)
@@ -71,8 +74,8 @@ def test_xnor_popcount_conv_equals_float_conv_of_signs(rng, cin, size, strides, 
 
 def test_xnor_popcount_dense_equals_matmul_of_signs(rng):
   x, kernel = rng.normal(size=(4, 37)), rng.normal(size=(37, 3))
-  y = 37 - 2 * binary_inference.xor_popcount(
-      binary_inference.pack_signs(x), binary_inference.kernel_words(export.pack_kernel(kernel)))
+  y = 37 - 2 * inference.xor_popcount(
+      inference.pack_signs(x), inference.kernel_words(fold.pack_kernel(kernel)))
   np.testing.assert_array_equal(y, signs(x) @ signs(kernel))
 
 
@@ -84,9 +87,9 @@ def test_threshold_fold_equals_batch_norm_then_sign(rng):
   center[4:8] = np.round(center[4:8])  # BatchNorm exactly 0 at an integer: sign(0) = +1
   offset = rng.normal(size=channels).astype(np.float32)
   offset[:8] = 0.0
-  threshold, flip = export.fold_threshold(center, multiplier, offset, taps)
+  threshold, flip = fold.fold_threshold(center, multiplier, offset, taps)
   y = np.arange(-taps, taps + 1)[:, None]
-  expected = binary_inference.batch_norm(y, center, multiplier, offset) >= 0
+  expected = fold.batch_norm(y, center, multiplier, offset) >= 0
   np.testing.assert_array_equal((y >= threshold) != flip, expected)
   assert flip.any() and not flip.all()
 
@@ -96,7 +99,7 @@ def test_threshold_fold_equals_batch_norm_then_sign(rng):
 
 def training_time_logits(config, variables, images):
   """What steps.eval_step(..., fully_binary=True) computes its metrics from: every mask = 1."""
-  num_classes, image_shape = export.data_shape(config.data)
+  num_classes, image_shape = pipeline.input_shape(config.data)
   model = models.create_model(config.model, num_classes=num_classes, image_shape=image_shape)
   binarization, _ = train.build_binarization(config, model, image_shape, total_steps=1)
   ctx = bctx.BinarizationContext(step=jnp.zeros((), jnp.int32), key=jax.random.PRNGKey(0),
@@ -120,7 +123,7 @@ def assert_close_at_scale(got, expected, ulps=64):
 
 
 def assert_export_matches(export_dir, config, variables, images):
-  exported = binary_inference.load(export_dir)
+  exported = inference.load(export_dir)
   got, expected = exported(images), training_time_logits(config, variables, images)
   np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(expected, -1))
   assert_close_at_scale(got, expected)
@@ -169,14 +172,14 @@ def test_export_of_random_batch_norms_equals_model(tmp_path, monkeypatch, rng, m
   config.data.synthetic_image_shape = (24, 24, 3)
   if rules:
     config.model.binary_include, config.model.binary_exclude = rules
-  num_classes, image_shape = export.data_shape(config.data)
+  num_classes, image_shape = pipeline.input_shape(config.data)
   model = models.create_model(config.model, num_classes=num_classes, image_shape=image_shape)
   init = jax.jit(model.init, static_argnames='train')
   variables = random_batch_norms(init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)),
                                       train=False), rng)
-  manifest = export.write_export(str(tmp_path), model_config=config.model, variables=variables,
-                                 num_classes=num_classes, image_shape=image_shape,
-                                 source={'test': True})
+  manifest = sources.export_variables(str(tmp_path), model_config=config.model,
+                                      variables=variables, num_classes=num_classes,
+                                      image_shape=image_shape, source={'test': True})
   assert_binary_layers_store_bits_only(manifest)
   thresholds = [op for op in manifest['program'] if op['op'] == 'threshold']
   assert len(thresholds) == (0 if mode == 'bwn' else 4 if bottleneck else 2)
@@ -188,7 +191,7 @@ def test_mobilenet_v2_is_not_exported_yet(tmp_path):
   config = tiny_config('stompp')
   config.model.name = 'mobilenet_v2'
   with pytest.raises(NotImplementedError, match='mobilenet_v2 is not supported yet'):
-    export.export_config(config, str(tmp_path))
+    sources.export_config(config, str(tmp_path))
 
 
 @pytest.fixture(scope='module')
@@ -217,7 +220,7 @@ def test_cli_export_of_trained_bnn_equals_fully_binary_eval(trained_runs, tmp_pa
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'export total' in result.stdout and 'float32 model' in result.stdout, result.stdout
-  _, variables, _ = export.restore_variables(workdir)
+  _, variables, _ = checkpoints.read_variables(workdir)
   exported = assert_export_matches(str(tmp_path), config, variables, eval_images(config))
   manifest = exported.manifest
   assert manifest['source']['step'] == 6
@@ -231,10 +234,10 @@ def test_cli_export_of_trained_bnn_equals_fully_binary_eval(trained_runs, tmp_pa
 
 def test_export_of_trained_bwn_equals_fully_binary_eval(trained_runs, tmp_path):
   workdir, config = trained_runs['bwn']
-  manifest = export.export_workdir(workdir, str(tmp_path))
+  manifest = sources.export_workdir(workdir, str(tmp_path))
   assert_binary_layers_store_bits_only(manifest)
   assert not [op for op in manifest['program'] if op['op'] in ('threshold', 'sign')]
-  _, variables, _ = export.restore_variables(workdir)
+  _, variables, _ = checkpoints.read_variables(workdir)
   assert_export_matches(str(tmp_path), config, variables, eval_images(config))
-  assert json.loads((tmp_path / binary_inference.MANIFEST).read_text()) == manifest
-  assert sorted(os.listdir(tmp_path)) == [binary_inference.MANIFEST, binary_inference.TENSORS]
+  assert json.loads((tmp_path / files.MANIFEST).read_text()) == manifest
+  assert sorted(os.listdir(tmp_path)) == [files.MANIFEST, files.TENSORS]

@@ -22,6 +22,7 @@ from stompp_jax import layers
 from stompp_jax import sites
 from stompp_jax.binary import context
 from stompp_jax.binary import schedule
+from stompp_jax.models import inspect
 
 KEY = jax.random.key(3)
 STEP = 50  # one site, linear schedule over T = 100 steps and span [0, 1]: p = 0.5
@@ -235,7 +236,7 @@ class _Net(nn.Module):
 def test_discover_sites_in_call_order():
   net = _Net()
   rules = context.BinaryRules(exclude=('^stem$',))
-  found = sites.discover_sites(net.init, rules, jax.random.key(0), sites.sample_input((8, 8, 3), 2))
+  found = sites.discover_sites(inspect.trace_model(net, (8, 8, 3)), rules)
   assert [s.path for s in found] == ['zeta', 'beta', 'alpha_head']
   assert [s.kind for s in found] == ['conv', 'conv', 'dense']
   assert [s.kernel_shape for s in found] == [(3, 3, 4, 6), (3, 3, 6, 8), (3, 10)]
@@ -261,8 +262,7 @@ def test_discover_sites_nested_paths_and_all_layers_by_default():
       x = Block(name='stage1_block0')(x, ctx)
       return Block(name='stage1_block1')(x, ctx)
 
-  found = sites.discover_sites(Model().init, context.BinaryRules(), jax.random.key(0),
-                               sites.sample_input((4, 4, 2)))
+  found = sites.discover_sites(inspect.trace_model(Model(), (4, 4, 2)), context.BinaryRules())
   assert [s.path for s in found] == ['stage1_block0/conv1', 'stage1_block0/conv2',
                                      'stage1_block1/conv1', 'stage1_block1/conv2']
   # The discovered paths are the layers' own: a context built from them binarizes all four.

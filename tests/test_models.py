@@ -12,6 +12,7 @@ from stompp_jax import models
 from stompp_jax import sites
 from stompp_jax.binary import context as bctx
 from stompp_jax.binary import schedule
+from stompp_jax.models import inspect
 
 CIFAR = (32, 32, 3)
 IMAGENET = (224, 224, 3)
@@ -34,7 +35,7 @@ def create(name, image_shape=CIFAR, num_classes=10, **fields):
 
 
 def abstract_variables(model, image_shape):
-  return jax.eval_shape(model.init, jax.random.key(0), sites.sample_input(image_shape))
+  return jax.eval_shape(model.init, jax.random.key(0), inspect.sample_input(image_shape))
 
 
 def num_params(variables):
@@ -52,7 +53,7 @@ def test_published_parameter_counts_and_output_shapes(name, image_shape, num_cla
   variables = abstract_variables(model, image_shape)
   assert num_params(variables) == expected
   logits = jax.eval_shape(lambda v, x: model.apply(v, x), variables,
-                          sites.sample_input(image_shape, batch_size=2))
+                          inspect.sample_input(image_shape, batch_size=2))
   assert (logits.shape, logits.dtype) == ((2, num_classes), jnp.float32)
 
 
@@ -69,7 +70,7 @@ def test_every_model_maps_cifar_images_to_logits(name):
   model = create(name, num_classes=100)
   variables = abstract_variables(model, CIFAR)
   logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0],
-                          variables, sites.sample_input(CIFAR, batch_size=3))
+                          variables, inspect.sample_input(CIFAR, batch_size=3))
   assert (logits.shape, logits.dtype) == ((3, 100), jnp.float32)
 
 
@@ -111,7 +112,7 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_params_stats_and_logits
   with nn.intercept_methods(record):
     logits, state = jax.eval_shape(
         lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']), variables,
-        sites.sample_input(CIFAR, batch_size=2))
+        inspect.sample_input(CIFAR, batch_size=2))
   assert compute_dtypes == {jnp.dtype(jnp.bfloat16)}
   assert logits.dtype == jnp.float32
   assert {leaf.dtype for leaf in jax.tree.leaves((variables, state))} == {jnp.dtype(jnp.float32)}
@@ -139,7 +140,7 @@ def test_batch_norm_follows_every_conv_with_momentum_0_9_and_epsilon_1e_5():
 
 def fully_binary_context(model, rules):
   """A context with every mask frozen (the deployed network), for the site table of `rules`."""
-  found = sites.discover_sites(model.init, rules, jax.random.key(0), sites.sample_input(CIFAR))
+  found = sites.discover_sites(inspect.trace_model(model, CIFAR), rules)
   config = bctx.BinarizationConfig(method='stompp', schedule=schedule.ScheduleConfig(total_steps=1),
                                    sites=tuple(s.path for s in found), rules=rules)
   return bctx.BinarizationContext(step=jnp.zeros((), jnp.int32), key=jax.random.key(1),
@@ -225,7 +226,7 @@ def test_fp_mode_ignores_the_context():
 
 def site_paths(name, rules):
   model = create(name)
-  found = sites.discover_sites(model.init, rules, jax.random.key(0), sites.sample_input(CIFAR))
+  found = sites.discover_sites(inspect.trace_model(model, CIFAR), rules)
   return [s.path for s in found]
 
 

@@ -18,6 +18,7 @@ import pytest
 
 import reliability_utils as ru
 from stompp_jax import checkpoints
+from stompp_jax import errors
 from stompp_jax import state as state_lib
 from stompp_jax import train
 from stompp_jax.data import pipeline
@@ -114,7 +115,7 @@ def test_nonfinite_step_stops_the_run_naming_the_step(tmp_path, nan_batch):
   nan_batch(4)
   config = small_config(log_every=8, checkpoint_every=2)
   assert config.train.on_nonfinite == 'error'  # The default.
-  with pytest.raises(state_lib.NonFiniteError, match=r'not finite at step 5\b'):
+  with pytest.raises(errors.NonFiniteError, match=r'not finite at step 5\b'):
     train.train_and_evaluate(config, str(tmp_path))
   # Stopped one step later, before step 6's checkpoint; no saved state holds the bad update.
   assert ru.checkpoint_steps(tmp_path) == [2, 4]
@@ -142,7 +143,7 @@ def test_a_state_with_nan_is_never_saved(tmp_path):
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   checkpointer = checkpoints.Checkpointer(str(tmp_path), keep=2, abstract_state=abstract)
   try:
-    with pytest.raises(state_lib.NonFiniteError, match='at step 3 holds NaN'):
+    with pytest.raises(errors.NonFiniteError, match='at step 3 holds NaN'):
       checkpointer.save(3, state, data_iterator=None, config_json={})
   finally:
     checkpointer.close()
@@ -171,7 +172,7 @@ def _set(config, dotted, value):
 ])
 def test_bad_config_is_one_line_error_and_writes_nothing(tmp_path, field, value, message):
   workdir = tmp_path / 'run'
-  with pytest.raises(train.SetupError, match=message) as error:
+  with pytest.raises(errors.SetupError, match=message) as error:
     train.train_and_evaluate(_set(tiny_config(), field, value), str(workdir))
   assert '\n' not in str(error.value)
   assert not workdir.exists()
@@ -186,7 +187,7 @@ def _npz_config(data_dir):
 
 def test_missing_data_is_one_line_error_and_writes_nothing(tmp_path):
   (tmp_path / 'data').mkdir()
-  with pytest.raises(train.SetupError, match=r'train.npz not found: data.source=npz needs'):
+  with pytest.raises(errors.SetupError, match=r'train.npz not found: data.source=npz needs'):
     train.train_and_evaluate(_npz_config(tmp_path / 'data'), str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
 
@@ -195,7 +196,7 @@ def test_malformed_data_is_one_line_error_and_writes_nothing(tmp_path):
   (tmp_path / 'data').mkdir()
   for name in ('train.npz', 'test.npz'):
     (tmp_path / 'data' / name).write_bytes(b'not an npz file')
-  with pytest.raises(train.SetupError, match=r'train.npz is not a readable npz') as error:
+  with pytest.raises(errors.SetupError, match=r'train.npz is not a readable npz') as error:
     train.train_and_evaluate(_npz_config(tmp_path / 'data'), str(tmp_path / 'run'))
   assert '\n' not in str(error.value)
   assert not (tmp_path / 'run').exists()
@@ -250,13 +251,13 @@ def test_workdir_of_another_config_is_refused_and_left_as_it_was(finished_run):
   before = _listing(finished_run)
   other = small_config()
   other.optim.learning_rate = 0.05
-  with pytest.raises(train.SetupError, match=r'different config: optim.learning_rate \(0.1 -> 0.05\).*'
+  with pytest.raises(errors.SetupError, match=r'different config: optim.learning_rate \(0.1 -> 0.05\).*'
                      'override_workdir_config=True'):
     train.train_and_evaluate(other, str(finished_run))
   # Without config.json, the config saved with the newest checkpoint is compared.
   (finished_run / 'config.json').unlink()
   before = [entry for entry in before if entry[0] != 'config.json']
-  with pytest.raises(train.SetupError, match=r'different config: optim.learning_rate'):
+  with pytest.raises(errors.SetupError, match=r'different config: optim.learning_rate'):
     train.train_and_evaluate(other, str(finished_run))
   assert _listing(finished_run) == before
 
@@ -266,7 +267,7 @@ def test_workdir_of_another_model_is_refused_even_with_override(finished_run):
   other = small_config()
   other.model.name = 'resnet20'
   other.train.override_workdir_config = True
-  with pytest.raises(train.SetupError, match=r'holds checkpoints of a different model or optimizer'):
+  with pytest.raises(errors.SetupError, match=r'holds checkpoints of a different model or optimizer'):
     train.train_and_evaluate(other, str(finished_run))
   assert _listing(finished_run) == before
 
@@ -328,7 +329,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, c
 def test_no_readable_checkpoint_is_one_line_error(finished_run):
   for step in ru.checkpoint_steps(finished_run):
     _truncate_array_data(finished_run / 'checkpoints' / str(step))
-  with pytest.raises(train.SetupError, match=r'No checkpoint in \S+ can be read \(steps 8, 6; step 6:'
+  with pytest.raises(errors.SetupError, match=r'No checkpoint in \S+ can be read \(steps 8, 6; step 6:'
                      r' .+\): delete \S+ to start over') as error:
     train.train_and_evaluate(small_config(), str(finished_run))
   assert '\n' not in str(error.value)
@@ -347,7 +348,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
   monkeypatch.setattr(async_path, 'write_text', write_text)
   config = small_config(log_every=4, checkpoint_every=3)
-  with pytest.raises(checkpoints.DiskFullError, match=r'Disk full while saving the checkpoint at'
+  with pytest.raises(errors.DiskFullError, match=r'Disk full while saving the checkpoint at'
                      r' step 6 in \S+: free space and run the same command again; the previous'
                      ' checkpoints are intact'):
     train.train_and_evaluate(config, str(tmp_path))

@@ -9,6 +9,7 @@ import pytest
 from configs import default
 from stompp_jax import models
 from stompp_jax.binary import context as bctx
+from stompp_jax.data import pipeline
 from stompp_jax.models import summary as summary_lib
 
 EVERYTHING = bctx.BinaryRules(include=('.*',), exclude=())
@@ -113,15 +114,15 @@ def test_rows_are_in_forward_order_with_output_shapes():
   assert (rows[-1].path, rows[-1].output_shape) == ('classifier', (1000,))
 
 
-def test_dataset_shape():
+def test_input_shape_reads_no_data():
   data = default.get_config().data
-  data.name = 'imagenet2012'
-  assert summary_lib.dataset_shape(data) == (1000, (224, 224, 3))
-  data.name, data.image_size = 'cifar100', 40
-  assert summary_lib.dataset_shape(data) == (100, (40, 40, 3))
+  data.name, data.dir = 'imagenet2012', '/nonexistent'
+  assert pipeline.input_shape(data) == (1000, (224, 224, 3))
+  data.name, data.image_size, data.augment = 'cifar100', 40, 'imagenet'
+  assert pipeline.input_shape(data) == (100, (40, 40, 3))
   data.name = 'mnist'
   with pytest.raises(ValueError, match='imagenet2012'):
-    summary_lib.dataset_shape(data)
+    pipeline.input_shape(data)
 
 
 def test_command_prints_the_summary():

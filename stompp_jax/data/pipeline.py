@@ -31,6 +31,21 @@ def dataset_info(data_config) -> DatasetInfo:
                              image_shape=_preprocessing(data_config, described).image_shape)
 
 
+def input_shape(data_config) -> tuple[int, tuple[int, int, int]]:
+  """(num_classes, image_shape after the transforms) without reading an image or a directory.
+
+  The shapes come from the one table of datasets (`sources.DATASETS`); the synthetic source's
+  from its config, the npz source's from the files' headers.
+  """
+  if data_config.source in ('synthetic', 'npz'):
+    info = dataset_info(data_config)
+  else:
+    name = sources.dataset_name(data_config)
+    info = DatasetInfo(name, sources.num_classes(data_config), sources.DATASETS[name].image_shape,
+                       0, 0)
+  return info.num_classes, tuple(_preprocessing(data_config, info).image_shape)
+
+
 def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
                         process_index: int | None = None,
                         process_count: int | None = None) -> 'TrainIterator':

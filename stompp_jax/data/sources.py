@@ -81,9 +81,9 @@ def describe(data_config) -> DatasetInfo:
     if headers[1][1:] != shape:
       raise ValueError(f'train.npz images are {shape} but test.npz images are '
                        f'{headers[1][1:]} in {data_dir(data_config)}: both splits need one shape')
-    return DatasetInfo(name, _num_classes(data_config), shape, headers[0][0], headers[1][0])
+    return DatasetInfo(name, num_classes(data_config), shape, headers[0][0], headers[1][0])
   sizes = [len(make_source(data_config, split)) for split in SPLITS]
-  return DatasetInfo(name, _num_classes(data_config), DATASETS[name].image_shape, *sizes)
+  return DatasetInfo(name, num_classes(data_config), DATASETS[name].image_shape, *sizes)
 
 
 def make_source(data_config, split: str):
@@ -115,7 +115,7 @@ def make_source(data_config, split: str):
   else:
     where = _npz_path(data_config, split)
     images, labels = _read_npz(where)
-  _check_labels(labels, _num_classes(data_config), where)
+  _check_labels(labels, num_classes(data_config), where)
   return ArraySource(images, labels, where)
 
 
@@ -223,7 +223,8 @@ def _validate(data_config) -> None:
                      f'or coarse')
 
 
-def _num_classes(data_config) -> int:
+def num_classes(data_config) -> int:
+  """The class count of `data.name` (and `data.cifar100_labels`)."""
   if data_config.name == 'cifar100' and data_config.cifar100_labels == 'coarse':
     return _CIFAR100_COARSE_CLASSES
   return DATASETS[data_config.name].num_classes
@@ -244,7 +245,7 @@ def _synthetic_shape(data_config) -> tuple:
 
 def _synthetic_num_classes(data_config) -> int:
   """`data.synthetic_num_classes`, or 0 for the class count of `data.name`."""
-  return data_config.synthetic_num_classes or _num_classes(data_config)
+  return data_config.synthetic_num_classes or num_classes(data_config)
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:

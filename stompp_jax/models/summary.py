@@ -5,9 +5,8 @@
 
 prints the table of `render(summarize(...))` for the configured model, mode and binary rules.
 
-Everything comes from the model itself: one abstract trace (`jax.eval_shape` of `model.init`)
-records every conv, dense and BatchNorm call with its output shape and its variables, in
-forward order; the rows must add up to the whole variable tree (checked). What is counted:
+Everything comes from the model itself: its one abstract trace (models/inspect.py) records
+every conv, dense and BatchNorm call with its output shape and its variables, in forward order; the rows must add up to the whole variable tree (checked). What is counted:
 
 - 1-bit params: the kernels of the layers the rules make binary, in modes bwn and bnn (none in fp).
 - 32-bit params: every other parameter (float kernels, biases, BatchNorm scale and bias).
@@ -34,17 +33,10 @@ from ml_collections import config_flags
 
 from stompp_jax import layers
 from stompp_jax import models
-from stompp_jax import sites
+from stompp_jax import tables
 from stompp_jax.binary import context as bctx
-from stompp_jax.binary.choices import check_choice
-
-# (num_classes, (height, width, channels)) of the datasets `data.name` may name.
-DATASETS = {
-    'cifar10': (10, (32, 32, 3)),
-    'cifar100': (100, (32, 32, 3)),
-    'imagenet2012': (1000, (224, 224, 3)),
-}
-
+from stompp_jax.data import pipeline
+from stompp_jax.models import inspect
 
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
@@ -118,32 +110,30 @@ def _count(tree: Any) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def _layer_row(module: nn.Module, output_shape: tuple[int, ...], mode: str,
-               rules: bctx.BinaryRules) -> LayerRow:
-  path = layers.module_path(module)
-  params = module.variables.get('params', {})
-  if isinstance(module, nn.BatchNorm):
-    return LayerRow(path, 'batch_norm', 'float', output_shape, float_params=_count(params),
-                    float_stats=_count(module.variables.get('batch_stats', {})))
-  binary = mode != 'fp' and rules.is_binary(path)
+def _layer_row(call: inspect.Call, mode: str, rules: bctx.BinaryRules) -> LayerRow:
+  params = call.variables.get('params', {})
+  if isinstance(call.module, nn.BatchNorm):
+    return LayerRow(call.path, 'batch_norm', 'float', call.output_shape,
+                    float_params=_count(params),
+                    float_stats=_count(call.variables.get('batch_stats', {})))
+  binary = mode != 'fp' and rules.is_binary(call.path)
   precision = ('binary' if mode == 'bnn' else 'binary_weight') if binary else 'float'
-  kernel_size = math.prod(params['kernel'].shape)
+  kernel_size = math.prod(call.kernel_shape())
   binary_params = kernel_size if binary else 0
-  macs = math.prod(output_shape[:-1]) * kernel_size
-  return LayerRow(path, 'conv' if isinstance(module, layers.BinaryConv) else 'dense', precision,
-                  output_shape, binary_params=binary_params,
+  macs = math.prod(call.output_shape[:-1]) * kernel_size
+  return LayerRow(call.path, 'conv' if isinstance(call.module, layers.BinaryConv) else 'dense',
+                  precision, call.output_shape, binary_params=binary_params,
                   float_params=_count(params) - binary_params,
                   **{f'{precision}_macs': macs})
 
 
-def summarize(model_config: Any, *, num_classes: int, image_shape: tuple[int, int, int],
-              rules: bctx.BinaryRules) -> Summary:
-  """Summary of the model `model_config` (the ConfigDict `config.model`) builds.
+def summarize_trace(trace: inspect.Trace, *, model_name: str, mode: str,
+                    rules: bctx.BinaryRules) -> Summary:
+  """Summary of a model from its abstract trace (`inspect.trace_model`).
 
   Args:
-    model_config: as for `models.create_model`; its `mode` decides what the rules binarize.
-    num_classes: logits per example.
-    image_shape: (height, width, channels).
+    trace: the trace; its first call (the model) gives the image shape and the class count.
+    model_name, mode: `config.model.name` and `.mode`; the mode decides what the rules binarize.
     rules: the binary-layer rules (e.g. `models.binary_rules(model_config)`).
 
   Returns:
@@ -153,25 +143,23 @@ def summarize(model_config: Any, *, num_classes: int, image_shape: tuple[int, in
     ValueError: the rows do not account for every variable of the model (a layer type this
       summary does not know holds variables).
   """
-  model = models.create_model(model_config, num_classes=num_classes, image_shape=image_shape)
-  rows = []
-
-  def record(next_fun, args, kwargs, call):
-    out = next_fun(*args, **kwargs)
-    if call.method_name == '__call__' and isinstance(
-        call.module, (layers.BinaryConv, layers.BinaryDense, nn.BatchNorm)):
-      rows.append(_layer_row(call.module, tuple(out.shape[1:]), model_config.mode, rules))
-    return out
-
-  with nn.intercept_methods(record):
-    variables = jax.eval_shape(model.init, jax.random.key(0), sites.sample_input(image_shape))
+  rows = [_layer_row(call, mode, rules) for call in trace.layer_calls()]
   counted = sum(r.binary_params + r.float_params + r.float_stats for r in rows)
-  if counted != _count(variables):
-    raise ValueError(f'The summary rows hold {counted} of the {_count(variables)} variables of '
-                     f'{model_config.name}: a layer type other than BinaryConv, BinaryDense and '
+  if counted != _count(trace.variables):
+    raise ValueError(f'The summary rows hold {counted} of the {_count(trace.variables)} variables'
+                     f' of {model_name}: a layer type other than BinaryConv, BinaryDense and '
                      'BatchNorm holds variables; teach summary.py to count it.')
-  return Summary(model_config.name, model_config.mode, tuple(image_shape), num_classes, rules,
-                 tuple(rows))
+  model_call = trace.calls[0]
+  return Summary(model_name, mode, tuple(model_call.input_shape), model_call.output_shape[-1],
+                 rules, tuple(rows))
+
+
+def summarize(model_config: Any, *, num_classes: int, image_shape: tuple[int, int, int],
+              rules: bctx.BinaryRules) -> Summary:
+  """`summarize_trace` of the model `model_config` (the ConfigDict `config.model`) builds."""
+  model = models.create_model(model_config, num_classes=num_classes, image_shape=image_shape)
+  return summarize_trace(inspect.trace_model(model, image_shape), model_name=model_config.name,
+                         mode=model_config.mode, rules=rules)
 
 
 def _precision(row: LayerRow) -> str:
@@ -184,17 +172,10 @@ def _size(num_bytes: float) -> str:
   return f'{num_bytes / 2**20:,.2f} MiB'
 
 
-def _table(rows: list[tuple[str, ...]], left: int) -> list[str]:
-  """Rows as lines of columns; the first `left` columns left-aligned, the others right-aligned."""
-  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  return ['  '.join(c.ljust(w) if i < left else c.rjust(w)
-                    for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
-
-
 def render(summary: Summary) -> str:
   """The summary as a text table of layers followed by the totals."""
   s = summary
-  layer_lines = _table(
+  layer_lines = tables.table(
       [('layer', 'precision', 'output', '1-bit params', '32-bit params', '32-bit stats',
         'memory KiB', 'binary MACs', 'bin-weight MACs', 'float MACs')]
       + [(r.path, _precision(r), 'x'.join(map(str, r.output_shape)), f'{r.binary_params:,}',
@@ -205,7 +186,7 @@ def render(summary: Summary) -> str:
   def share(field: str) -> str:
     return f'{100 * s.total(field) / max(s.macs, 1):.1f}%'
 
-  total_lines = _table([
+  total_lines = tables.table([
       ('trainable params', f'{s.trainable_params:,}', ''),
       ('  1-bit', f'{s.total("binary_params"):,}', ''),
       ('  32-bit', f'{s.total("float_params"):,}', ''),
@@ -226,20 +207,11 @@ def render(summary: Summary) -> str:
   return '\n'.join([title, rule, layer_lines[0], rule, *layer_lines[1:], rule, *total_lines])
 
 
-def dataset_shape(data_config: Any) -> tuple[int, tuple[int, int, int]]:
-  """(num_classes, image_shape) of the ConfigDict `config.data`; `image_size` > 0 overrides H, W."""
-  check_choice('dataset', data_config.name, tuple(DATASETS))
-  num_classes, (height, width, channels) = DATASETS[data_config.name]
-  if data_config.image_size:
-    height = width = data_config.image_size
-  return num_classes, (height, width, channels)
-
-
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
   config = _CONFIG.value
-  num_classes, image_shape = dataset_shape(config.data)
+  num_classes, image_shape = pipeline.input_shape(config.data)
   print(render(summarize(config.model, num_classes=num_classes, image_shape=image_shape,
                          rules=models.binary_rules(config.model))))
 

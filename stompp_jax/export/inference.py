@@ -1,6 +1,6 @@
 """Reference inference of an exported fully binary network (docs/export.md), in JAX.
 
-    model = binary_inference.load('/tmp/export')       # reads manifest.json and tensors.npz only
+    model = inference.load('/tmp/export')              # reads manifest.json and tensors.npz only
     logits = model(images)                             # float (B, H, W, C) -> float32 (B, classes)
 
 Nothing here imports the model code or Flax: the export's program (a list of ops over named
@@ -22,16 +22,15 @@ Everything is jit-compatible; `ExportedModel.__call__` jits the whole program.
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-MANIFEST = 'manifest.json'
-TENSORS = 'tensors.npz'
+from stompp_jax.export import files
+from stompp_jax.export.fold import batch_norm
+
 WORD_BYTES = 4  # uint32 words: 32 channels per word.
 
 
@@ -121,16 +120,6 @@ def float_conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int], paddi
                                       feature_group_count=groups)
 
 
-def batch_norm(y: jax.Array, center: jax.Array, multiplier: jax.Array,
-               offset: jax.Array) -> jax.Array:
-  """Folded BatchNorm (y - mean) * (scale / sqrt(var + eps)) + bias over the last axis.
-
-  The centered form rounds exactly as Flax's BatchNorm does in float32, so a sign taken after
-  it (after a residual addition, say) is the training-time sign. y: int or float (..., C).
-  """
-  return (y.astype(jnp.float32) - center) * multiplier + offset
-
-
 def threshold_signs(y: jax.Array, threshold: jax.Array, flip: jax.Array) -> jax.Array:
   """Folded BatchNorm + sign of an integer conv output: int32 (..., C) -> packed uint32 words.
 
@@ -211,8 +200,4 @@ class ExportedModel:
 
 def load(directory: str) -> ExportedModel:
   """Reads `directory`/manifest.json and tensors.npz (nothing else)."""
-  with open(os.path.join(directory, MANIFEST), encoding='utf-8') as f:
-    manifest = json.load(f)
-  with np.load(os.path.join(directory, TENSORS)) as stored:
-    tensors = {name: stored[name] for name in manifest['tensors']}
-  return ExportedModel(manifest, tensors)
+  return ExportedModel(*files.read(directory))

@@ -1,0 +1,59 @@
+"""Command line of the export (docs/export.md):
+
+    python -m stompp_jax.export --workdir=RUN --out=DIR            # newest checkpoint of a run
+    python -m stompp_jax.export --config=configs/imagenet.py:model=resnet18 --out=DIR
+                                                                   # initialized model (sizes)
+
+writes DIR/manifest.json and DIR/tensors.npz and prints the size report. Exit status: 0
+written; 2 bad input (no such run, no checkpoint, a model the export does not support), with
+one line `Error: what is wrong: what to do`; 1 any other error.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from stompp_jax import errors
+from stompp_jax.export import files
+from stompp_jax.export import sources
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: export its newest checkpoint.')
+_OUT = flags.DEFINE_string('out', None, 'Directory for manifest.json and tensors.npz.',
+                           required=True)
+config_flags.DEFINE_config_file(
+    'config', None, 'Instead of --workdir: export the initialized model of this config.')
+
+
+def _fail(message: str, status: int) -> None:
+  print(f'Error: {" ".join(message.split())}', file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  workdir, config, out = _WORKDIR.value, flags.FLAGS.config, _OUT.value
+  if (workdir is None) == (config is None):
+    _fail('give exactly one of --workdir and --config: --workdir=RUN exports a trained run,'
+          ' --config=FILE the initialized model of a config.', errors.EXIT_BAD_INPUT)
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO.
+  try:
+    if workdir is not None:
+      manifest = sources.export_workdir(workdir, out)
+    else:
+      manifest = sources.export_config(config, out,
+                                       config_flags.get_config_filename(flags.FLAGS['config']))
+  except NotImplementedError as e:
+    _fail(f'Not exported: {e}', errors.EXIT_BAD_INPUT)
+  except errors.USER_ERRORS as e:
+    _fail(str(e), errors.exit_status(e))
+  print(files.size_report(manifest))
+  print(f'wrote {os.path.join(out, files.MANIFEST)} and {os.path.join(out, files.TENSORS)}')
+
+
+if __name__ == '__main__':
+  app.run(main)
