@@ -44,12 +44,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from stompp_jax import models  # noqa: E402
+from stompp_jax import experiment  # noqa: E402
 from stompp_jax import optimizers  # noqa: E402
 from stompp_jax import sites as sites_lib  # noqa: E402
 from stompp_jax import state as state_lib  # noqa: E402
 from stompp_jax import steps  # noqa: E402
-from stompp_jax import train  # noqa: E402
 
 METHODS = ('fp', 'ste', 'stompp', 'stompp_ste')
 TOTAL_STEPS = 1000
@@ -83,8 +82,9 @@ class Bench:
     self.method = method
     config = make_config(name, method, dtype)
     _, image_shape, num_classes = model_shape(name)
-    model = models.create_model(config.model, num_classes=num_classes, image_shape=image_shape)
-    binarization, site_list = train.build_binarization(config, model, image_shape, TOTAL_STEPS)
+    net = experiment.build_model(config, num_classes=num_classes, image_shape=image_shape)
+    model, site_list = net.model, net.sites
+    binarization = experiment.binarization_config(config, site_list, TOTAL_STEPS)
     self.num_sites = len(site_list)
     sample = jnp.zeros((1, *image_shape), jnp.float32)
     abstract_params = jax.eval_shape(

@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # noqa: E402
 from stompp_jax import analysis  # noqa: E402
+from stompp_jax import workdir as workdir_lib  # noqa: E402
 
 MAIN_METHODS = ('ste', 'stompp', 'stompp_ste')
 ABLATION_ORDERS = ('global', 'reverse')
@@ -105,7 +106,7 @@ def execute(runs: list[dict], args: argparse.Namespace) -> list[str]:
   failed = []
   for i, run in enumerate(runs):
     workdir = os.path.join(args.out, run['name'])
-    if os.path.exists(os.path.join(workdir, 'done.json')):
+    if os.path.exists(os.path.join(workdir, workdir_lib.DONE)):
       print(f'[{i + 1}/{len(runs)}] {run["name"]}: done, skipped', flush=True)
       continue
     print(f'[{i + 1}/{len(runs)}] {run["name"]}: training ({args.steps} steps)', flush=True)
@@ -146,7 +147,7 @@ def collect(out: str) -> list[dict]:
   rows = []
   for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
     workdir = os.path.join(out, name)
-    if not os.path.exists(os.path.join(workdir, 'config.json')):
+    if not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG)):
       continue
     run = analysis.load_run(workdir)
     config = run['config']
@@ -277,7 +278,7 @@ def main(argv=None) -> int:
   if args.dry_run:
     for run in runs:
       config = make_config(run, args)
-      done = os.path.exists(os.path.join(args.out, run['name'], 'done.json'))
+      done = os.path.exists(os.path.join(args.out, run['name'], workdir_lib.DONE))
       print(f"{run['name']} ({run['group']}{', done' if done else ''}): seed={config.seed} "
             f"steps={config.train.num_steps} batch={config.train.batch_size} "
             f"refresh={config.binary.refresh_every} eval_every={config.train.eval_every}")

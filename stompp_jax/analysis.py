@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from stompp_jax import metrics as metrics_lib
+from stompp_jax import workdir as workdir_lib
 
 # The accuracy a run is judged by: the deployed (fully binary) network; fp runs have only eval_*.
 FINAL_ACCURACY_KEYS = ('eval_fully_binary_accuracy', 'eval_accuracy')
@@ -46,8 +47,8 @@ def load_run(run_dir: str) -> dict[str, Any]:
       return json.load(f)
 
   return {'dir': run_dir, 'name': os.path.basename(os.path.normpath(run_dir)),
-          'config': read_json('config.json') or {}, 'rows': metrics_lib.read_metrics(run_dir),
-          'done': read_json('done.json')}
+          'config': read_json(workdir_lib.CONFIG) or {}, 'rows': metrics_lib.read_metrics(run_dir),
+          'done': read_json(workdir_lib.DONE)}
 
 
 def split_rows(run: dict[str, Any], split: str) -> list[dict]:

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from clu import metrics as clu_metrics
 
+from stompp_jax import workdir as workdir_lib
+
 
 @flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
@@ -51,8 +53,8 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     from tensorboardX import SummaryWriter  # Imported here: only process 0 writes.
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-    self._tensorboard = SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'),
+    self._jsonl = open(os.path.join(workdir, workdir_lib.METRICS), 'a', encoding='utf-8')
+    self._tensorboard = SummaryWriter(logdir=os.path.join(workdir, workdir_lib.TENSORBOARD),
                                       purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, split: str, values: Mapping[str, Any]) -> None:
@@ -85,7 +87,7 @@ def read_metrics(workdir: str) -> list[dict]:
   A last line cut short (the run was killed while writing it) is skipped; the next start of the
   run removes it (`workdir.trim_metrics`).
   """
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = os.path.join(workdir, workdir_lib.METRICS)
   if not os.path.exists(path):
     return []
   with open(path, encoding='utf-8') as f:

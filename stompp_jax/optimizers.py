@@ -14,6 +14,15 @@ OPTIMIZERS = ('sgd', 'adam', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'warmup_cosine', 'warmup_constant')
 
 
+def check_optim_config(optim_cfg) -> None:
+  """Checks `config.optim`'s names and ranges (one-line ValueErrors)."""
+  check_choice('optim.name', optim_cfg.name, OPTIMIZERS)
+  check_choice('optim.schedule', optim_cfg.schedule, SCHEDULES)
+  for field in ('warmup_epochs', 'weight_decay', 'grad_clip_norm'):
+    if not optim_cfg[field] >= 0:
+      raise ValueError(f'optim.{field}={optim_cfg[field]} is negative: set it >= 0 (0 = off).')
+
+
 def learning_rate_schedule(optim_cfg, *, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
   """Learning rate as a function of the step."""
   check_choice('optim.schedule', optim_cfg.schedule, SCHEDULES)

@@ -13,6 +13,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from stompp_jax.binary.choices import check_at_least
+
 DATA_AXIS = 'data'
 # Parameters smaller than this stay replicated when parameter sharding is on.
 _MIN_SHARDED_SIZE = 2**18
@@ -67,6 +69,11 @@ def check_same_on_all_processes(what: str, value: int) -> None:
 def _is_tpu_pod() -> bool:
   hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
   return len([h for h in hosts.split(',') if h]) > 1
+
+
+def check_mesh_config(mesh_cfg) -> None:
+  """Checks `config.mesh` (one-line ValueErrors)."""
+  check_at_least('mesh.num_devices', mesh_cfg.num_devices, 0)
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:

@@ -1,19 +1,17 @@
 """train_and_evaluate: the one entry point that the CLI, notebooks and tests call.
 
-Builds the data, model, site table, optimizer and sharded train state, restores the newest
-checkpoint of `workdir` if there is one, and trains with periodic logging, evaluation and
-checkpoints. See README.md for the run directory and the metric keys.
+`experiment.build(config)` makes the run's pieces (no workdir I/O); then the workdir is
+checked, the newest checkpoint of `workdir` restored if there is one, and the loop trains with
+periodic logging, evaluation and checkpoints. See README.md for the run directory and the metric keys.
 """
 
 import contextlib
-import functools
-import math
+import dataclasses
 import signal
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -21,66 +19,12 @@ from jax.experimental import multihost_utils
 
 from stompp_jax import checkpoints
 from stompp_jax import errors
+from stompp_jax import experiment
 from stompp_jax import metrics as metrics_lib
-from stompp_jax import models
-from stompp_jax import optimizers
 from stompp_jax import parallel
 from stompp_jax import sites as sites_lib
-from stompp_jax import state as state_lib
-from stompp_jax import steps
 from stompp_jax import workdir as workdir_lib
-from stompp_jax.binary import context as bctx
-from stompp_jax.binary import schedule
-from stompp_jax.binary.choices import check_choice
 from stompp_jax.data import pipeline
-from stompp_jax.models import inspect
-
-
-def total_train_steps(train_cfg, train_size: int) -> tuple[int, int]:
-  """(total steps, steps per epoch) from num_steps or num_epochs."""
-  steps_per_epoch = max(train_size // train_cfg.batch_size, 1)
-  total = train_cfg.num_steps or math.ceil(train_cfg.num_epochs * steps_per_epoch)
-  if total < 1:
-    raise ValueError(f'The run has {total} steps: set train.num_steps or train.num_epochs > 0.')
-  return total, steps_per_epoch
-
-
-def build_binarization(config: ml_collections.ConfigDict, model, image_shape: tuple[int, ...],
-                       total_steps: int) -> tuple[bctx.BinarizationConfig, tuple[sites_lib.Site, ...]]:
-  """The static binarization settings and the model's site table (forward order)."""
-  method, mode = config.binary.method, config.model.mode
-  if (method == 'fp') != (mode == 'fp'):
-    raise ValueError(f'model.mode={mode!r} with binary.method={method!r}: a float network uses'
-                     ' mode=fp with method=fp; binary networks (mode bnn or bwn) use ste, stompp'
-                     ' or stompp_ste.')
-  rules = models.binary_rules(config.model)
-  site_list = ()
-  if method != 'fp':
-    site_list = sites_lib.discover_sites(inspect.trace_model(model, image_shape), rules)
-    if not site_list:
-      raise ValueError('No layer of the model matches the binary rules: check'
-                       ' model.binary_include / model.binary_exclude.')
-  binarization = bctx.BinarizationConfig(
-      method=method,
-      schedule=schedule.ScheduleConfig(
-          total_steps=total_steps, order=config.binary.order, shape=config.binary.shape,
-          span_start=config.binary.span_start, span_end=config.binary.span_end,
-          window_overlap=config.binary.window_overlap),
-      sites=tuple(s.path for s in site_list),
-      frozen_grad=config.binary.frozen_grad,
-      refresh_every=config.binary.refresh_every,
-      per_example_activation_masks=config.binary.per_example_activation_masks,
-      rules=rules)
-  return binarization, site_list
-
-
-def _kernel_mask(params) -> Any:
-  """True on every conv/dense kernel (the leaves weight decay applies to)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
-
-
-NONFINITE_POLICIES = ('error', 'skip')
 
 
 @contextlib.contextmanager
@@ -92,19 +36,6 @@ def _as_setup_errors():
     raise
   except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
     raise errors.SetupError(' '.join(str(e).split())) from e
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the names and ranges of `config` that need no data or devices (one-line errors)."""
-  check_choice('train.on_nonfinite', config.train.on_nonfinite, NONFINITE_POLICIES)
-  check_choice('model.name', config.model.name, models.MODEL_NAMES)
-  check_choice('binary.method', config.binary.method, bctx.METHODS)
-  check_choice('binary.order', config.binary.order, schedule.ORDERS)
-  check_choice('binary.shape', config.binary.shape, schedule.SHAPES)
-  schedule.ScheduleConfig(  # Checks the span and the window overlap.
-      total_steps=1, order=config.binary.order, shape=config.binary.shape,
-      span_start=config.binary.span_start, span_end=config.binary.span_end,
-      window_overlap=config.binary.window_overlap)
 
 
 class _Preemption:
@@ -181,7 +112,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Every check of the config, the data, the devices and the workdir's earlier run comes before
   anything is written to `workdir`; those failures raise errors.SetupError.
-
   Returns:
     The final row: {'step', 'eval/...': accuracies and losses, 'preempted': bool}. A finished
     run returns its done.json.
@@ -195,94 +125,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   with contextlib.ExitStack() as cleanup:
     with _as_setup_errors():
-      validate_config(config)
-      parallel.initialize_distributed()
-      info = pipeline.dataset_info(config.data)
-      total_steps, steps_per_epoch = total_train_steps(config.train, info.train_size)
-      mesh = parallel.make_mesh(config.mesh.num_devices)
-      parallel.check_batch_size(config.train.batch_size, mesh)
-      parallel.check_batch_size(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
+      workdir_lib.check_workdir(workdir)
+      exp = experiment.build(config)
       workdir_lib.check_config(workdir, config)
-      model = models.create_model(config.model, num_classes=info.num_classes,
-                                  image_shape=info.image_shape)
-      binarization, site_list = build_binarization(config, model, info.image_shape, total_steps)
-      lr_schedule = optimizers.learning_rate_schedule(config.optim, total_steps=total_steps,
-                                                      steps_per_epoch=steps_per_epoch)
-      sample = jnp.zeros((1, *info.image_shape), jnp.float32)
-      abstract_params = jax.eval_shape(
-          lambda: model.init(jax.random.PRNGKey(0), sample, train=False))['params']
-      tx = optimizers.create_optimizer(config.optim, config.binary, lr_schedule=lr_schedule,
-                                       kernel_sites=sites_lib.kernel_sites(site_list),
-                                       kernel_mask=_kernel_mask(abstract_params))
-      init_fn = functools.partial(state_lib.create_train_state, model, tx, config.seed, sample)
-      abstract_state = jax.eval_shape(init_fn)
-      state_shardings = parallel.state_sharding(abstract_state, mesh, config.mesh.shard_params)
       train_iter = pipeline.make_train_iterator(
           config.data, global_batch_size=config.train.batch_size, seed=config.seed)
       checkpointer = checkpoints.Checkpointer(
           workdir, config.train.keep_checkpoints,
-          checkpoints.abstract_like(abstract_state, state_shardings))
+          checkpoints.abstract_like(exp.abstract_state, exp.state_shardings))
       cleanup.push(_closing(checkpointer.close))
       restored = checkpointer.restore_latest(train_iter)
       parallel.check_same_on_all_processes('checkpoint step to resume from',
                                             -1 if restored is None else restored[0])
 
     if restored is None:
-      state = jax.jit(init_fn, out_shardings=state_shardings)()
+      state = jax.jit(exp.init_state, out_shardings=exp.state_shardings)()
       start_step = 0
     else:
       start_step, state = restored
       logging.info('Resumed from the checkpoint at step %d in %s.', start_step, checkpointer.directory)
       done = workdir_lib.read_done(workdir)
-      if start_step >= total_steps and done is not None:
+      if start_step >= exp.total_steps and done is not None:
         logging.info('%s is a finished run (done.json): nothing to do.', workdir)
         return done
     workdir_lib.write_config(workdir, config)
     workdir_lib.trim_metrics(workdir, start_step)  # Rows a killed run logged after its checkpoint.
-    if site_list:
-      logging.info('Binarized sites (forward order):\n%s', sites_lib.site_table(site_list))
-    return _train_loop(config, workdir, cleanup, total_steps=total_steps, start_step=start_step,
-                       state=state, model=model, binarization=binarization, tx=tx,
-                       lr_schedule=lr_schedule, mesh=mesh, state_shardings=state_shardings,
-                       image_shape=info.image_shape, train_iter=train_iter,
-                       checkpointer=checkpointer)
+    if exp.net.sites:
+      logging.info('Binarized sites (forward order):\n%s', sites_lib.site_table(exp.net.sites))
+    return _train_loop(exp, _Run(workdir, cleanup, start_step, state, train_iter, checkpointer))
 
 
-def _abstract_batch(batch_size: int, image_shape, sharding, with_mask: bool) -> dict:
-  """The shapes and dtypes of a global batch of the pipeline (pipeline.py documents them)."""
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-  batch = {'image': spec((batch_size, *image_shape), jnp.float32),
-           'label': spec((batch_size,), jnp.int32)}
-  if with_mask:
-    batch['mask'] = spec((batch_size,), jnp.float32)
-  return batch
+@dataclasses.dataclass
+class _Run:
+  """What the loop needs besides the build: where it writes and where it starts.
+
+  Attributes:
+    workdir: the run directory; cleanup: the ExitStack that closes writers and checkpoints.
+    start_step, state: the step to start from and the train state there.
+    train_iter: the data iterator (at `start_step`); checkpointer: saves into workdir.
+  """
+
+  workdir: str
+  cleanup: contextlib.ExitStack
+  start_step: int
+  state: Any
+  train_iter: Any
+  checkpointer: checkpoints.Checkpointer
 
 
-def _train_loop(config, workdir, cleanup, *, total_steps, start_step, state, model, binarization,
-                tx, lr_schedule, mesh, state_shardings, image_shape, train_iter,
-                checkpointer) -> dict[str, Any]:
-  """Trains from `start_step` to `total_steps` (or a preemption), logging and saving."""
+def _train_loop(exp: experiment.Experiment, run: _Run) -> dict[str, Any]:
+  """Trains from `run.start_step` to `exp.total_steps` (or a preemption), logging and saving."""
+  config, workdir, checkpointer, train_iter = exp.config, run.workdir, run.checkpointer, run.train_iter
   config_json = config.to_dict()
   policy = config.train.on_nonfinite
-  batch_sharding = parallel.batch_sharding(mesh)
+  state, start_step, total_steps, mesh = run.state, run.start_step, exp.total_steps, exp.mesh
   # Every program is compiled before the first step and the processes then wait for each other:
   # a process still compiling must not keep the others waiting inside a collective (gloo on CPU
   # gives up after 30 s).
-  train_batch = _abstract_batch(config.train.batch_size, image_shape, batch_sharding, False)
-  eval_batch = _abstract_batch(config.train.eval_batch_size, image_shape, batch_sharding, True)
-  train_step = jax.jit(
-      functools.partial(steps.train_step, model=model, binarization=binarization, tx=tx,
-                        diagnostics=config.train.diagnostics),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, None, None), donate_argnums=0,
-  ).lower(state, train_batch).compile()
-  eval_fns = {'eval_fully_binary': True} if config.binary.method != 'fp' else {}
-  eval_fns['eval'] = False
-  eval_fns = {
-      name: jax.jit(functools.partial(steps.eval_step, model=model, binarization=binarization,
-                                      fully_binary=fully_binary),
-                    in_shardings=(state_shardings, batch_sharding)).lower(state, eval_batch).compile()
-      for name, fully_binary in eval_fns.items()}
+  train_step = exp.compile_train_step()
+  eval_fns = exp.compile_eval_steps()
   parallel.wait_for_all_processes('stompp_jax: every process compiled its programs')
 
   def eval_batches():
@@ -301,9 +202,9 @@ def _train_loop(config, workdir, cleanup, *, total_steps, start_step, state, mod
     return {'step': step, **results}
 
   writer = metrics_lib.MetricWriter(workdir, start_step)
-  cleanup.push(_closing(writer.close))
+  run.cleanup.push(_closing(writer.close))
   preemption = _Preemption()
-  cleanup.push(_closing(preemption.close))
+  run.cleanup.push(_closing(preemption.close))
   train_metrics, nonfinite_flags, per_site = None, [], {}
   last_row = {'step': start_step}
   window_start, window_steps, step_time = time.perf_counter(), 0, None
@@ -327,7 +228,7 @@ def _train_loop(config, workdir, cleanup, *, total_steps, start_step, state, mod
       values = {k: float(v) for k, v in train_metrics.compute().items()}
       elapsed = time.perf_counter() - window_start
       step_time = elapsed / window_steps
-      values.update(learning_rate=float(lr_schedule(step - 1)),
+      values.update(learning_rate=float(exp.lr_schedule(step - 1)),
                     images_per_second=config.train.batch_size / step_time,
                     eta_seconds=step_time * (total_steps - step),
                     **{k: np.asarray(v) for k, v in per_site.items()})

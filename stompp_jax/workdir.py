@@ -57,6 +57,24 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
   return [k for k in keys if k not in RESUMABLE_FIELDS and old_flat.get(k) != new_flat.get(k)]
 
 
+def check_workdir(workdir: str) -> None:
+  """Refuses a workdir that is a file or cannot be created or written (nothing is written)."""
+  if '://' in workdir:
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'--workdir={workdir} is a file, not a directory: give a directory path'
+                     ' (it is created if missing).')
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f'--workdir={workdir} is under {existing}, which is a file: give a'
+                     ' directory path (it is created if missing).')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f'--workdir={workdir}: {existing} is not writable: give a directory you'
+                     ' can write to.')
+
+
 def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses a workdir whose run has a different config, unless train.override_workdir_config.
 

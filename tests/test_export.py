@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from stompp_jax import checkpoints
+from stompp_jax import experiment
 from stompp_jax import models
 from stompp_jax import train
 from stompp_jax.binary import context as bctx
@@ -100,8 +101,9 @@ def test_threshold_fold_equals_batch_norm_then_sign(rng):
 def training_time_logits(config, variables, images):
   """What steps.eval_step(..., fully_binary=True) computes its metrics from: every mask = 1."""
   num_classes, image_shape = pipeline.input_shape(config.data)
-  model = models.create_model(config.model, num_classes=num_classes, image_shape=image_shape)
-  binarization, _ = train.build_binarization(config, model, image_shape, total_steps=1)
+  net = experiment.build_model(config, num_classes=num_classes, image_shape=image_shape)
+  model = net.model
+  binarization = experiment.binarization_config(config, net.sites, total_steps=1)
   ctx = bctx.BinarizationContext(step=jnp.zeros((), jnp.int32), key=jax.random.PRNGKey(0),
                                  config=binarization, fully_binary=True)
   return jax.jit(functools.partial(model.apply, train=False, ctx=ctx))(variables, images)
@@ -177,7 +179,7 @@ def test_export_of_random_batch_norms_equals_model(tmp_path, monkeypatch, rng, m
   init = jax.jit(model.init, static_argnames='train')
   variables = random_batch_norms(init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)),
                                       train=False), rng)
-  manifest = sources.export_variables(str(tmp_path), model_config=config.model,
+  manifest = sources.export_variables(str(tmp_path), config=config,
                                       variables=variables, num_classes=num_classes,
                                       image_shape=image_shape, source={'test': True})
   assert_binary_layers_store_bits_only(manifest)

@@ -66,8 +66,8 @@ class BinarizationConfig:
   rules: BinaryRules = BinaryRules()
 
   def __post_init__(self):
-    check_choice('binary method', self.method, METHODS)
-    check_choice('frozen_grad', self.frozen_grad, binarize.FROZEN_GRADS[1:])
+    check_choice('binary.method', self.method, METHODS)
+    check_choice('binary.frozen_grad', self.frozen_grad, binarize.FROZEN_GRADS[1:])
 
   @property
   def num_sites(self) -> int:

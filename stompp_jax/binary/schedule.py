@@ -44,8 +44,8 @@ class ScheduleConfig:
   window_overlap: float = 0.0
 
   def __post_init__(self):
-    check_choice('schedule order', self.order, ORDERS)
-    check_choice('schedule shape', self.shape, SHAPES)
+    check_choice('binary.order', self.order, ORDERS)
+    check_choice('binary.shape', self.shape, SHAPES)
     if self.total_steps < 1:
       raise ValueError(f'total_steps must be >= 1, got {self.total_steps}: train for at least one step.')
     if not 0.0 <= self.span_start <= self.span_end <= 1.0:
@@ -53,12 +53,13 @@ class ScheduleConfig:
           f'Schedule span [{self.span_start}, {self.span_end}] is not inside [0, 1] with start <= end:'
           ' set binary.span_start and binary.span_end to fractions of training.')
     if not 0.0 <= self.window_overlap < 1.0:
-      raise ValueError(f'window_overlap must be in [0, 1), got {self.window_overlap}.')
+      raise ValueError(f'binary.window_overlap={self.window_overlap} is not in [0, 1): set it to'
+                       ' the fraction of a layerwise window that neighbours overlap (0 = none).')
 
 
 def apply_shape(shape: str, x: jax.Array) -> jax.Array:
   """Maps progress x in [0, 1] to a frozen fraction in [0, 1]; shape(0)=0, shape(1)=1."""
-  check_choice('schedule shape', shape, SHAPES)
+  check_choice('binary.shape', shape, SHAPES)
   if shape == 'linear':
     return x
   if shape == 'quadratic':

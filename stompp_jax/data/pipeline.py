@@ -113,8 +113,6 @@ def eval_batches(source, prep: transforms.Preprocessing, *, global_batch_size: i
 def iter_dataset(batches: grain.MapDataset, num_workers: int,
                  prefetch: int) -> grain.IterDataset:
   """Batches read by `num_workers` processes (or a background thread), `prefetch` ahead."""
-  if num_workers < 0 or prefetch < 0:
-    raise ValueError(f'data.num_workers={num_workers} and data.prefetch={prefetch} must be >= 0')
   if num_workers == 0:
     return batches.to_iter_dataset(grain.ReadOptions(num_threads=min(prefetch, 1),
                                                      prefetch_buffer_size=prefetch))

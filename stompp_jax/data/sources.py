@@ -13,6 +13,7 @@ import zipfile
 
 import numpy as np
 
+from stompp_jax.binary.choices import check_at_least
 from stompp_jax.data import cifar_archive
 
 SOURCES = ('tfds', 'cifar_archive', 'npz', 'synthetic')
@@ -209,6 +210,17 @@ class SyntheticSource:
   def __repr__(self) -> str:
     return (f'SyntheticSource(split={self._split}, size={self._size}, '
             f'image_shape={self._shape}, num_classes={self._num_classes})')
+
+
+def check_data_config(data_config) -> None:
+  """Checks `config.data`'s names and sizes (one-line ValueErrors); reads nothing."""
+  _validate(data_config)
+  check_at_least('data.image_size', data_config.image_size, 0)
+  check_at_least('data.num_workers', data_config.num_workers, 0)
+  check_at_least('data.prefetch', data_config.prefetch, 0)
+  check_at_least('data.synthetic_num_classes', data_config.synthetic_num_classes, 0)
+  check_at_least('data.synthetic_train_size', data_config.synthetic_train_size, 1)
+  check_at_least('data.synthetic_eval_size', data_config.synthetic_eval_size, 1)
 
 
 def _validate(data_config) -> None:

@@ -21,13 +21,6 @@ from stompp_jax import errors
 from stompp_jax.export import files
 from stompp_jax.export import sources
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: export its newest checkpoint.')
-_OUT = flags.DEFINE_string('out', None, 'Directory for manifest.json and tensors.npz.',
-                           required=True)
-config_flags.DEFINE_config_file(
-    'config', None, 'Instead of --workdir: export the initialized model of this config.')
-
-
 def _fail(message: str, status: int) -> None:
   print(f'Error: {" ".join(message.split())}', file=sys.stderr, flush=True)
   sys.exit(status)
@@ -36,7 +29,7 @@ def _fail(message: str, status: int) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  workdir, config, out = _WORKDIR.value, flags.FLAGS.config, _OUT.value
+  workdir, config, out = flags.FLAGS.workdir, flags.FLAGS.config, flags.FLAGS.out
   if (workdir is None) == (config is None):
     _fail('give exactly one of --workdir and --config: --workdir=RUN exports a trained run,'
           ' --config=FILE the initialized model of a config.', errors.EXIT_BAD_INPUT)
@@ -55,5 +48,9 @@ def main(argv):
   print(f'wrote {os.path.join(out, files.MANIFEST)} and {os.path.join(out, files.TENSORS)}')
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # Flags defined here only: stompp_jax.main defines --workdir too.
+  flags.DEFINE_string('workdir', None, 'Run directory: export its newest checkpoint.')
+  flags.DEFINE_string('out', None, 'Directory for manifest.json and tensors.npz.', required=True)
+  config_flags.DEFINE_config_file(
+      'config', None, 'Instead of --workdir: export the initialized model of this config.')
   app.run(main)

@@ -17,39 +17,36 @@ import numpy as np
 
 from stompp_jax import checkpoints
 from stompp_jax import errors
+from stompp_jax import experiment
 from stompp_jax import models
 from stompp_jax import workdir as workdir_lib
 from stompp_jax.data import pipeline
 from stompp_jax.export import files
 from stompp_jax.export import program
-from stompp_jax.models import inspect
-from stompp_jax.models import summary as summary_lib
 
 
 def _count(tree: Any) -> int:
   return sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(tree))
 
 
-def export_variables(out_dir: str, *, model_config: Any, variables: dict, num_classes: int,
+def export_variables(out_dir: str, *, config: Any, variables: dict, num_classes: int,
                      image_shape: tuple[int, int, int], source: dict[str, Any],
                      checkpoint_state_bytes: Optional[int] = None) -> dict:
   """Exports `variables` of the model `model_config` describes into `out_dir`; returns the manifest.
 
   Args:
     out_dir: created if missing; manifest.json and tensors.npz are (over)written.
-    model_config: the ConfigDict `config.model` of the run.
+    config: the run's ConfigDict (its `model` section builds the model).
     variables: {'params', 'batch_stats'} (float32 latent weights and statistics).
     num_classes, image_shape: as the model was built for training.
     source: where the variables come from (workdir and step, or config).
     checkpoint_state_bytes: the size on disk of the train state they were restored from.
   """
-  model = models.create_model(model_config, num_classes=num_classes, image_shape=image_shape)
-  program.check_exportable(model, model_config.name)
-  trace = inspect.trace_model(model, image_shape)
-  summary = summary_lib.summarize_trace(trace, model_name=model_config.name,
-                                        mode=model_config.mode,
-                                        rules=models.binary_rules(model_config))
-  ops, tensors = program.build_program(model_config, variables, trace=trace, summary=summary)
+  model_config = config.model
+  net = experiment.build_model(config, num_classes=num_classes, image_shape=image_shape)
+  program.check_exportable(net.model, model_config.name)
+  summary = net.summary(model_config)
+  ops, tensors = program.build_program(model_config, variables, trace=net.trace, summary=summary)
   manifest = files.make_manifest(
       model=dict(name=model_config.name, mode=model_config.mode, stem=model_config.stem,
                  num_classes=num_classes, image_shape=list(image_shape),
@@ -80,7 +77,7 @@ def export_workdir(workdir: str, out_dir: str) -> dict:
   step, variables, state_bytes = checkpoints.read_variables(workdir)
   _, image_shape = pipeline.input_shape(config.data)
   num_classes = variables['params']['classifier']['kernel'].shape[-1]
-  return export_variables(out_dir, model_config=config.model, variables=variables,
+  return export_variables(out_dir, config=config, variables=variables,
                           num_classes=num_classes, image_shape=image_shape,
                           source=dict(workdir=os.path.abspath(workdir), step=int(step)),
                           checkpoint_state_bytes=state_bytes)
@@ -91,10 +88,10 @@ def export_config(config: ml_collections.ConfigDict, out_dir: str,
   """Exports the initialized (untrained) model of `config`: sizes do not depend on training."""
   num_classes, image_shape = pipeline.input_shape(config.data)
   model = models.create_model(config.model, num_classes=num_classes, image_shape=image_shape)
-  program.check_exportable(model, config.model.name)
+  program.check_exportable(model, config.model.name)  # Before compiling init.
   init = jax.jit(model.init, static_argnames='train')
   variables = jax.device_get(init(jax.random.PRNGKey(config.seed), jnp.zeros((1, *image_shape)),
                                   train=False))
-  return export_variables(out_dir, model_config=config.model, variables=dict(variables),
+  return export_variables(out_dir, config=config, variables=dict(variables),
                           num_classes=num_classes, image_shape=image_shape,
                           source=dict(config=config_name, initialized=True, seed=config.seed))

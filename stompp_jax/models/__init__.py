@@ -35,6 +35,20 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 AUTO_CIFAR_STEM_MAX_SIZE = 64
 
 
+def check_model_config(model_config: Any) -> None:
+  """Checks `config.model`'s name, stem, mode, dtype and width (one-line ValueErrors)."""
+  check_choice('model.name', model_config.name, MODEL_NAMES)
+  check_choice('model.stem', model_config.stem, ('auto', *resnet.STEMS))
+  check_choice('model.mode', model_config.mode, resnet.MODES)
+  check_choice('model.dtype', model_config.dtype, tuple(DTYPES))
+  if model_config.name != 'mobilenet_v2' and model_config.width_multiplier != 1.0:
+    raise ValueError(f'model.width_multiplier applies to mobilenet_v2 only; '
+                     f'set it to 1.0 for {model_config.name}.')
+  if not model_config.width_multiplier > 0:
+    raise ValueError(f'model.width_multiplier={model_config.width_multiplier} is not positive:'
+                     ' set it > 0 (1.0 = the standard width).')
+
+
 def create_model(model_config: Any, *, num_classes: int,
                  image_shape: tuple[int, int, int]) -> nn.Module:
   """Builds the model that `model_config` (the ConfigDict `config.model`) names.
@@ -48,10 +62,7 @@ def create_model(model_config: Any, *, num_classes: int,
     An unbound module called as `model.apply(variables, x, train=..., ctx=...)` with x float
     (B, H, W, C), returning float32 logits (B, num_classes).
   """
-  check_choice('model', model_config.name, MODEL_NAMES)
-  check_choice('model stem', model_config.stem, ('auto', *resnet.STEMS))
-  check_choice('model mode', model_config.mode, resnet.MODES)
-  check_choice('model dtype', model_config.dtype, tuple(DTYPES))
+  check_model_config(model_config)
   stem = model_config.stem
   if stem == 'auto':
     stem = 'cifar' if max(image_shape[:2]) <= AUTO_CIFAR_STEM_MAX_SIZE else 'imagenet'
@@ -59,9 +70,6 @@ def create_model(model_config: Any, *, num_classes: int,
                 dtype=DTYPES[model_config.dtype])
   if model_config.name == 'mobilenet_v2':
     kwargs['width_multiplier'] = model_config.width_multiplier
-  elif model_config.width_multiplier != 1.0:
-    raise ValueError(f'model.width_multiplier applies to mobilenet_v2 only; '
-                     f'set it to 1.0 for {model_config.name}.')
   return _MODELS[model_config.name](**kwargs)
 
 

@@ -1,0 +1,260 @@
+"""Build once: every piece of a run that its config determines, with no workdir I/O.
+
+    exp = experiment.build(config)                 # checks the config, reads the data's sizes
+    state = jax.jit(exp.init_state, out_shardings=exp.state_shardings)()
+    step = exp.compile_train_step()                # (state, batch) -> (state, metrics, per-site)
+
+The trainer (train.py: build -> check workdir -> restore -> loop), the benchmarks, the model
+summary and the export take their pieces from here. `build_model` is the part that needs only
+the input shape (no data): the model, its one abstract trace (models/inspect.py) and the site
+table read from that trace.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from stompp_jax import models
+from stompp_jax import optimizers
+from stompp_jax import parallel
+from stompp_jax import sites as sites_lib
+from stompp_jax import state as state_lib
+from stompp_jax import steps
+from stompp_jax.binary import context as bctx
+from stompp_jax.binary import schedule
+from stompp_jax.binary.choices import check_at_least
+from stompp_jax.binary.choices import check_choice
+from stompp_jax.data import pipeline
+from stompp_jax.data import sources
+from stompp_jax.models import inspect
+from stompp_jax.models import summary as summary_lib
+
+NONFINITE_POLICIES = ('error', 'skip')
+# train.* integer fields and their smallest valid value.
+_TRAIN_MINIMUMS = {'batch_size': 1, 'eval_batch_size': 1, 'num_steps': 0, 'log_every': 1,
+                   'eval_every': 0, 'eval_steps': 0, 'checkpoint_every': 1,
+                   'keep_checkpoints': 1}
+
+
+def check_train_config(train_cfg: ml_collections.ConfigDict) -> None:
+  """Checks the `train.*` fields (the trainer's own); one-line ValueErrors."""
+  for field, minimum in _TRAIN_MINIMUMS.items():
+    check_at_least(f'train.{field}', train_cfg[field], minimum)
+  if not train_cfg.num_epochs >= 0:
+    raise ValueError(f'train.num_epochs={train_cfg.num_epochs} is negative: set it >= 0, or'
+                     ' train.num_steps > 0.')
+  check_choice('train.on_nonfinite', train_cfg.on_nonfinite, NONFINITE_POLICIES)
+
+
+def check_method(config: ml_collections.ConfigDict) -> None:
+  """model.mode and binary.method must agree: fp with fp, a binary mode with a binary method."""
+  method, mode = config.binary.method, config.model.mode
+  if (method == 'fp') != (mode == 'fp'):
+    raise ValueError(f'model.mode={mode!r} with binary.method={method!r}: a float network uses'
+                     ' mode=fp with method=fp; binary networks (mode bnn or bwn) use ste, stompp'
+                     ' or stompp_ste.')
+
+
+def total_train_steps(train_cfg, train_size: int) -> tuple[int, int]:
+  """(total steps, steps per epoch) from num_steps or num_epochs."""
+  steps_per_epoch = max(train_size // train_cfg.batch_size, 1)
+  total = train_cfg.num_steps or math.ceil(train_cfg.num_epochs * steps_per_epoch)
+  if total < 1:
+    raise ValueError(f'The run has {total} steps: set train.num_steps or train.num_epochs > 0.')
+  return total, steps_per_epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBuild:
+  """The model and what its one abstract trace shows.
+
+  Attributes:
+    model: the Flax module (`model.apply(variables, x, train=..., ctx=...)`).
+    image_shape: (H, W, C) it is built for; num_classes: its logits per example.
+    trace: its abstract trace.
+    rules: the binary-layer rules of `config.model`.
+    sites: the site table (binary layers in forward order; empty for method fp).
+  """
+
+  model: nn.Module
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  trace: inspect.Trace
+  rules: bctx.BinaryRules
+  sites: tuple[sites_lib.Site, ...]
+
+  def summary(self, model_config: Any) -> summary_lib.Summary:
+    """The model summary (params, memory, MACs by precision) of `config.model`."""
+    return summary_lib.summarize_trace(self.trace, model_name=model_config.name,
+                                       mode=model_config.mode, rules=self.rules)
+
+
+def build_model(config: ml_collections.ConfigDict, *, num_classes: int,
+                image_shape: tuple[int, int, int],
+                model: Optional[nn.Module] = None) -> ModelBuild:
+  """The model of `config.model` (or `model`), traced once, and its site table."""
+  if model is None:
+    model = models.create_model(config.model, num_classes=num_classes, image_shape=image_shape)
+  trace = inspect.trace_model(model, image_shape)
+  rules = models.binary_rules(config.model)
+  site_list = ()
+  if config.binary.method != 'fp':
+    site_list = sites_lib.discover_sites(trace, rules)
+    if not site_list:
+      raise ValueError('No layer of the model matches the binary rules: check'
+                       ' model.binary_include / model.binary_exclude.')
+  return ModelBuild(model, tuple(image_shape), num_classes, trace, rules, site_list)
+
+
+def binarization_config(config: ml_collections.ConfigDict, site_list: tuple[sites_lib.Site, ...],
+                        total_steps: int) -> bctx.BinarizationConfig:
+  """The static binarization settings of `config.binary` for a site table."""
+  return bctx.BinarizationConfig(
+      method=config.binary.method,
+      schedule=schedule.ScheduleConfig(
+          total_steps=total_steps, order=config.binary.order, shape=config.binary.shape,
+          span_start=config.binary.span_start, span_end=config.binary.span_end,
+          window_overlap=config.binary.window_overlap),
+      sites=tuple(s.path for s in site_list),
+      frozen_grad=config.binary.frozen_grad,
+      refresh_every=config.binary.refresh_every,
+      per_example_activation_masks=config.binary.per_example_activation_masks,
+      rules=models.binary_rules(config.model))
+
+
+def kernel_mask(params: Any) -> Any:
+  """True on every conv/dense kernel (the leaves weight decay applies to)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+
+
+def abstract_batch(batch_size: int, image_shape: tuple[int, ...], sharding: NamedSharding,
+                   with_mask: bool) -> dict:
+  """The shapes and dtypes of a global batch of the pipeline (pipeline.py documents them)."""
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  batch = {'image': spec((batch_size, *image_shape), jnp.float32),
+           'label': spec((batch_size,), jnp.int32)}
+  if with_mask:
+    batch['mask'] = spec((batch_size,), jnp.float32)
+  return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """The pieces of one run (`build`); nothing here has touched a workdir.
+
+  Attributes:
+    config: the run's config.
+    data: sizes, class count and image shape (after the transforms) of the data.
+    total_steps, steps_per_epoch: from train.num_steps or train.num_epochs.
+    mesh: the device mesh (axis 'data').
+    net: the model, its trace and site table.
+    binarization: the static binarization settings.
+    lr_schedule: step -> learning rate.
+    tx: the optimizer.
+    init_state: () -> the initial TrainState (jit it with `state_shardings`).
+    abstract_state: the TrainState as jax.ShapeDtypeStructs.
+    state_shardings: the TrainState's shardings; batch_sharding: a batch's.
+  """
+
+  config: ml_collections.ConfigDict
+  data: pipeline.DatasetInfo
+  total_steps: int
+  steps_per_epoch: int
+  mesh: Mesh
+  net: ModelBuild
+  binarization: bctx.BinarizationConfig
+  lr_schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  init_state: Callable[[], state_lib.TrainState]
+  abstract_state: Any
+  state_shardings: Any
+  batch_sharding: NamedSharding
+
+  @property
+  def model(self) -> nn.Module:
+    return self.net.model
+
+  def abstract_batch(self, batch_size: int, with_mask: bool = False) -> dict:
+    return abstract_batch(batch_size, self.data.image_shape, self.batch_sharding, with_mask)
+
+  def compile_train_step(self) -> Callable:
+    """The jitted, compiled `steps.train_step` (state donated): (state, batch) -> (state,
+    averaged metrics, per-site values)."""
+    return jax.jit(
+        functools.partial(steps.train_step, model=self.model, binarization=self.binarization,
+                          tx=self.tx, diagnostics=self.config.train.diagnostics),
+        in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, None, None), donate_argnums=0,
+    ).lower(self.abstract_state, self.abstract_batch(self.config.train.batch_size)).compile()
+
+  def compile_eval_steps(self) -> dict[str, Callable]:
+    """{'eval': ..., 'eval_fully_binary': ... (binary methods)}: compiled `steps.eval_step`s,
+    (state, batch with mask) -> metrics."""
+    fully_binary = {'eval_fully_binary': True} if self.config.binary.method != 'fp' else {}
+    batch = self.abstract_batch(self.config.train.eval_batch_size, with_mask=True)
+    return {
+        name: jax.jit(functools.partial(steps.eval_step, model=self.model,
+                                        binarization=self.binarization, fully_binary=binary),
+                      in_shardings=(self.state_shardings, self.batch_sharding),
+                      ).lower(self.abstract_state, batch).compile()
+        for name, binary in {**fully_binary, 'eval': False}.items()}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Every check of `config` that needs no data and no devices, each field by its owner."""
+  check_train_config(config.train)
+  models.check_model_config(config.model)
+  check_choice('binary.method', config.binary.method, bctx.METHODS)
+  check_method(config)
+  schedule.ScheduleConfig(  # Checks order, shape, span and window overlap.
+      total_steps=1, order=config.binary.order, shape=config.binary.shape,
+      span_start=config.binary.span_start, span_end=config.binary.span_end,
+      window_overlap=config.binary.window_overlap)
+  check_at_least('binary.refresh_every', config.binary.refresh_every, 0)
+  optimizers.check_optim_config(config.optim)
+  parallel.check_mesh_config(config.mesh)
+  sources.check_data_config(config.data)
+
+
+def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = None) -> Experiment:
+  """All pieces of the run `config` describes; reads the data's sizes, writes nothing.
+
+  Args:
+    config: a full config (configs/default.py lists every field).
+    model: a Flax module to train instead of the zoo's `config.model.name`.
+
+  Raises:
+    ValueError, FileNotFoundError: a bad field, missing or malformed data, or a batch that
+      does not split over the devices (one-line messages; train.py turns them into SetupError).
+  """
+  check_config(config)
+  parallel.initialize_distributed()
+  info = pipeline.dataset_info(config.data)
+  total_steps, steps_per_epoch = total_train_steps(config.train, info.train_size)
+  mesh = parallel.make_mesh(config.mesh.num_devices)
+  parallel.check_batch_size(config.train.batch_size, mesh)
+  parallel.check_batch_size(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
+  net = build_model(config, num_classes=info.num_classes, image_shape=info.image_shape,
+                    model=model)
+  binarization = binarization_config(config, net.sites, total_steps)
+  lr_schedule = optimizers.learning_rate_schedule(config.optim, total_steps=total_steps,
+                                                  steps_per_epoch=steps_per_epoch)
+  tx = optimizers.create_optimizer(config.optim, config.binary, lr_schedule=lr_schedule,
+                                   kernel_sites=sites_lib.kernel_sites(net.sites),
+                                   kernel_mask=kernel_mask(net.trace.variables['params']))
+  sample = jnp.zeros((1, *info.image_shape), jnp.float32)
+  init_state = functools.partial(state_lib.create_train_state, net.model, tx, config.seed, sample)
+  abstract_state = jax.eval_shape(init_state)
+  state_shardings = parallel.state_sharding(abstract_state, mesh, config.mesh.shard_params)
+  return Experiment(config, info, total_steps, steps_per_epoch, mesh, net, binarization,
+                    lr_schedule, tx, init_state, abstract_state, state_shardings,
+                    parallel.batch_sharding(mesh))

@@ -1,0 +1,143 @@
+"""Bad input through the real command lines: one line `Error: what is wrong: what to do`, exit
+status 2, nothing written, and no compile before it.
+
+Most cases run `stompp_jax.main`'s flag parser and entry in this process (fast: no JAX start
+per case); the config-file, workdir and export cases also run as true subprocesses.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+import reliability_utils as ru
+from stompp_jax import errors
+from stompp_jax import main as cli
+
+BASE = [f'--config.{k}={v}' for k, v in ru.TINY_FLAGS.items()]
+_LOG_LINE = re.compile(r'^[IWEF]\d{4} ')  # absl log lines (INFO about backends, say).
+
+# (override flags, the one line's pattern): every positive-integer and range field.
+FIELD_CASES = [
+    (['--config.train.batch_size=0'], r'train\.batch_size=0 is not a positive integer: set'),
+    (['--config.train.log_every=0'], r'train\.log_every=0 is not a positive integer'),
+    (['--config.train.checkpoint_every=0'], r'train\.checkpoint_every=0 is not a positive'),
+    (['--config.train.eval_batch_size=0'], r'train\.eval_batch_size=0 is not a positive'),
+    (['--config.train.keep_checkpoints=0'], r'train\.keep_checkpoints=0 is not a positive'),
+    (['--config.train.num_steps=-1'], r'train\.num_steps=-1 is not an integer >= 0'),
+    (['--config.train.eval_every=-5'], r'train\.eval_every=-5 is not an integer >= 0'),
+    (['--config.train.eval_steps=-1'], r'train\.eval_steps=-1 is not an integer >= 0'),
+    (['--config.train.num_steps=0', '--config.train.num_epochs=-1.0'],
+     r'train\.num_epochs=-1\.0 is negative: set it >= 0'),
+    (['--config.binary.refresh_every=-1'], r'binary\.refresh_every=-1 is not an integer >= 0'),
+    (['--config.mesh.num_devices=-1'], r'mesh\.num_devices=-1 is not an integer >= 0'),
+    (['--config.data.image_size=-1'], r'data\.image_size=-1 is not an integer >= 0'),
+    (['--config.data.num_workers=-1'], r'data\.num_workers=-1 is not an integer >= 0'),
+    (['--config.data.prefetch=-1'], r'data\.prefetch=-1 is not an integer >= 0'),
+    (['--config.data.synthetic_train_size=0'], r'data\.synthetic_train_size=0 is not a positive'),
+    (['--config.data.synthetic_eval_size=0'], r'data\.synthetic_eval_size=0 is not a positive'),
+    (['--config.data.synthetic_num_classes=-2'], r'data\.synthetic_num_classes=-2 is not an'),
+    (['--config.optim.warmup_epochs=-1.0'], r'optim\.warmup_epochs=-1\.0 is negative'),
+    (['--config.optim.grad_clip_norm=-1.0'], r'optim\.grad_clip_norm=-1\.0 is negative'),
+    (['--config.optim.weight_decay=-0.1'], r'optim\.weight_decay=-0\.1 is negative'),
+    (['--config.model.dtype=float16'], r"Unknown model\.dtype 'float16': use one of float32"),
+    (['--config.model.stem=big'], r"Unknown model\.stem 'big': use one of auto, cifar"),
+    (['--config.train.on_nonfinite=ignore'], r"Unknown train\.on_nonfinite 'ignore'"),
+    (['--config.binary.order=random'], r"Unknown binary\.order 'random': use one of layerwise"),
+    (['--config.binary.window_overlap=1.5'], r'binary\.window_overlap=1\.5 is not in \[0, 1\)'),
+    (['--config.data.source=npz', '--config.data.dir=/nonexistent/stompp'],
+     r'/nonexistent/stompp/train\.npz not found: data\.source=npz needs'),
+    (['--config.train.batch_size=abc'], r"config\.train\.batch_size=abc: invalid literal .*"
+                                        r"--helpshort lists the flags"),
+    (['--bogus=1'], r"Unknown command line flag 'bogus'"),
+]
+
+
+def _one_error_line(output: str) -> str:
+  """The output's only line that is not an absl log line; it must be an `Error: ` line."""
+  lines = [line for line in output.strip().splitlines() if not _LOG_LINE.match(line)]
+  assert len(lines) == 1 and lines[0].startswith('Error: '), output
+  assert 'Traceback' not in output, output
+  return lines[0]
+
+
+def _in_process(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
+  """`python -m stompp_jax.main ARGV` in this process: (exit status, stderr).
+
+  ml_collections defines the `--config.*` override flags from sys.argv when --config is
+  parsed; those of the previous case are removed first.
+  """
+  argv = ['stompp_jax.main', *argv]
+  monkeypatch.setattr(sys, 'argv', argv)
+  for name in [name for name in flags.FLAGS if name.startswith('config.')]:
+    delattr(flags.FLAGS, name)
+  flags.FLAGS.unparse_flags()
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(cli._parse_flags(argv))  # pylint: disable=protected-access
+  return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize('overrides, pattern', FIELD_CASES,
+                         ids=[' '.join(o).replace('--config.', '') for o, _ in FIELD_CASES])
+def test_bad_field_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, overrides,
+                                                  pattern):
+  workdir = tmp_path / 'run'
+  status, output = _in_process(['--config=configs/default.py', f'--workdir={workdir}', *BASE,
+                                *overrides], capsys, monkeypatch)
+  assert status == errors.EXIT_BAD_INPUT, output
+  assert re.search(pattern, _one_error_line(output)), output
+  assert not workdir.exists()
+
+
+def _subprocess(module: str, *argv: str) -> tuple[int, str]:
+  result = subprocess.run([sys.executable, '-m', module, *argv], cwd=ru.REPO, env=ru.cli_env(1),
+                          capture_output=True, text=True, timeout=300)
+  return result.returncode, result.stdout + result.stderr
+
+
+def _a_file(tmp_path):
+  path = tmp_path / 'a_file'
+  path.write_text('not a directory\n')
+  return path
+
+
+@pytest.mark.parametrize('case', ['missing config file', 'misspelled family argument',
+                                  'workdir is a file', 'workdir under a file'])
+def test_cli_bad_path_or_argument_is_one_line_and_writes_nothing(tmp_path, case):
+  workdir, file = tmp_path / 'run', _a_file(tmp_path)
+  argv, pattern = {
+      'missing config file': (['--config=configs/nope.py', f'--workdir={workdir}'],
+                              r"--config=configs/nope\.py: no config file 'configs/nope\.py':"
+                              r" give a file of configs/"),
+      'misspelled family argument': (
+          ['--config=configs/cifar.py:datset=cifar100', f'--workdir={workdir}'],
+          r"Bad config argument 'datset=cifar100': use key=value with keys dataset, model"),
+      'workdir is a file': (['--config=configs/default.py', f'--workdir={file}', *BASE],
+                            r'is a file, not a directory: give a directory path'),
+      'workdir under a file': (['--config=configs/default.py', f'--workdir={file}/run', *BASE],
+                               r'which is a file: give a directory path'),
+  }[case]
+  status, output = _subprocess('stompp_jax.main', *argv)
+  assert status == errors.EXIT_BAD_INPUT, output
+  assert re.search(pattern, _one_error_line(output)), output
+  assert not workdir.exists() and file.read_text() == 'not a directory\n'
+  assert sorted(os.listdir(tmp_path)) == ['a_file']
+
+
+@pytest.mark.parametrize('case', ['missing workdir', 'workdir is a file', 'no checkpoint'])
+def test_export_of_a_bad_workdir_is_one_line_and_writes_nothing(tmp_path, case):
+  out, file, empty = tmp_path / 'out', _a_file(tmp_path), tmp_path / 'empty'
+  empty.mkdir()
+  (empty / 'config.json').write_text('{}\n')
+  workdir, pattern = {
+      'missing workdir': (tmp_path / 'missing', r'is not a directory: give the run directory'),
+      'workdir is a file': (file, r'is not a directory: give the run directory'),
+      'no checkpoint': (empty, r'has no checkpoints/ directory: train a run there first'),
+  }[case]
+  status, output = _subprocess('stompp_jax.export', f'--workdir={workdir}', f'--out={out}')
+  assert status == errors.EXIT_BAD_INPUT, output
+  assert re.search(pattern, _one_error_line(output)), output
+  assert not out.exists()
