@@ -56,7 +56,9 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *, mode
     (new state, averaged metrics, per-site (L,) values of this step). A step whose loss or
     gradients are not finite changes nothing but the step counter and reports nonfinite = 1.
   """
-  ctx = bctx.BinarizationContext(step=state.step, key=state.mask_key, config=binarization)
+  ctx = bctx.with_kernel_masks(  # Each kernel mask once, for the forward pass and the optimizer.
+      bctx.BinarizationContext(step=state.step, key=state.mask_key, config=binarization),
+      [_nested_get(state.params, (*p.split('/'), 'kernel')).shape for p in binarization.sites])
 
   def loss_fn(params):
     logits, new_vars = model.apply(

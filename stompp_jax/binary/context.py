@@ -1,13 +1,19 @@
 """What a binary layer needs to know at call time, and the one function that makes its masks.
 
 `BinarizationConfig` is static (hashable; part of the jit cache key): method, schedule and the
-ordered table of binarized sites. `BinarizationContext` adds the traced parts: the step and the
-mask key. Layers (forward pass) and the optimizer (frozen-update masking) both get their masks
-from `site_frozen_mask`, so the two can never disagree.
+ordered table of binarized sites. `BinarizationContext` adds the traced parts: the step, the
+mask key and, inside a train step, the kernel masks of the step. Layers (forward pass) and the
+optimizer (frozen-update masking) both get their masks from `site_frozen_mask`, so the two can
+never disagree; `with_kernel_masks` computes each kernel mask once per step for both.
+
+Cost: a site whose fraction p is 0 or 1 (not started, or fully frozen; in a layerwise schedule
+all sites but one or two) hashes nothing: `jax.lax.cond` on 0 < p < 1 picks a constant mask
+instead, with the same values (frozen iff score < p).
 """
 
 import dataclasses
 import re
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -90,12 +96,15 @@ class BinarizationContext:
     key: PRNG key from which every mask key derives (traced).
     config: static settings.
     fully_binary: static; True makes every mask 1 (the deployed network, used for eval).
+    kernel_masks: None, or one bool kernel mask per site (tuple, site order) of this step,
+      made by `with_kernel_masks`; `site_frozen_mask` returns them instead of hashing again.
   """
 
   step: jax.Array
   key: jax.Array
   config: BinarizationConfig = dataclasses.field(metadata=dict(static=True))
   fully_binary: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  kernel_masks: Optional[tuple[jax.Array, ...]] = None
 
 
 def site_fraction(ctx: BinarizationContext, site: int) -> jax.Array:
@@ -110,8 +119,38 @@ def site_frozen_mask(ctx: BinarizationContext, site: int, tensor: str,
   """Boolean frozen mask of `tensor` ('kernel' | 'input') of `site`, of `shape`."""
   if ctx.fully_binary or ctx.config.method == 'ste':
     return jnp.ones(shape, bool)
-  return masks.frozen_mask(masks.site_key(ctx.key, site, tensor), ctx.step,
-                           site_fraction(ctx, site), shape, ctx.config.refresh_every)
+  if tensor == 'kernel' and ctx.kernel_masks is not None:
+    mask = ctx.kernel_masks[site]
+    if mask.shape != tuple(shape):
+      raise ValueError(f'The kernel mask of site {site} has shape {mask.shape}, not {shape}.')
+    return mask
+  fraction = site_fraction(ctx, site)
+  key = masks.site_key(ctx.key, site, tensor)
+  return jax.lax.cond(
+      (fraction > 0) & (fraction < 1),
+      lambda: masks.frozen_mask(key, ctx.step, fraction, shape, ctx.config.refresh_every),
+      lambda: jnp.full(shape, fraction >= 1))
+
+
+def with_kernel_masks(ctx: BinarizationContext,
+                      kernel_shapes: Sequence[tuple[int, ...]]) -> BinarizationContext:
+  """`ctx` holding every site's kernel mask of its step, computed once here.
+
+  Args:
+    ctx: the step's context (without kernel masks).
+    kernel_shapes: the kernel shape of each site, in site order.
+
+  Returns:
+    The same context with `kernel_masks` set (unchanged for fp, ste and fully binary, whose
+    masks are constants).
+  """
+  if ctx.fully_binary or ctx.config.method in ('fp', 'ste'):
+    return ctx
+  if len(kernel_shapes) != ctx.config.num_sites:
+    raise ValueError(f'{len(kernel_shapes)} kernel shapes for {ctx.config.num_sites} sites.')
+  kernel_masks = tuple(site_frozen_mask(ctx, site, 'kernel', tuple(shape))
+                       for site, shape in enumerate(kernel_shapes))
+  return dataclasses.replace(ctx, kernel_masks=kernel_masks)
 
 
 def binarize_site_tensor(x: jax.Array, ctx: BinarizationContext, site: int,

@@ -10,10 +10,11 @@ score once every r steps, and about 1/r of the scores change at any step. Betwee
 frozen set only grows as p rises (nested masks). r = 0 means the scores never change.
 
 Random numbers: U(key, stream)[j] is a counter-based hash of (key, stream, flat index j), not
-threefry. A model has two masked tensors per site and each needs three fields per step; ~300
-unrolled threefry instances made a ResNet-50 step take minutes to compile on CPU, while the
-hash is a few integer ops that XLA fuses into one loop per tensor. Being elementwise in the
-flat index, the values do not depend on how the tensor is sharded over devices.
+threefry. ~300 unrolled threefry instances made a ResNet-50 step take minutes to compile on CPU,
+while the hash is a few integer ops that XLA fuses into one loop per tensor. A refreshed score
+costs two hash fields per element: the phase o_j, and U(key, 1 + e_j(t))[j] with the stream
+words of the element's own epoch chosen before hashing (the two epochs' words are scalars).
+Being elementwise in the flat index, the values do not depend on how the tensor is sharded.
 """
 
 import jax
@@ -55,17 +56,28 @@ def site_key(key: jax.Array, site: int, tensor: str) -> jax.Array:
   return _derive(_derive(_key_words(key), site), TENSORS.index(tensor))
 
 
+def _hash(first: jax.Array, second: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """uint32 array of `shape`: hash of stream words (first, second; scalars or of `shape`) and the
+  flat element index."""
+  size = int(np.prod(shape, dtype=np.int64))
+  index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  return _mix(_mix(index ^ first) + second)
+
+
 def _bits(words: jax.Array, stream, shape: tuple[int, ...]) -> jax.Array:
   """uint32 array of `shape`: hash of (key words, stream, flat element index)."""
   stream_words = _derive(words, stream)
-  size = int(np.prod(shape, dtype=np.int64))
-  index = jax.lax.iota(jnp.uint32, size).reshape(shape)
-  return _mix(_mix(index ^ stream_words[0]) + stream_words[1])
+  return _hash(stream_words[0], stream_words[1], shape)
+
+
+def _to_unit(bits: jax.Array) -> jax.Array:
+  """uint32 -> float32 in [0, 1) from the top 24 bits."""
+  return (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
 
 
 def uniform(key: jax.Array, stream, shape: tuple[int, ...]) -> jax.Array:
   """float32 array of `shape` in [0, 1) with 24 random bits per element (stream may be traced)."""
-  return (_bits(_key_words(key), stream, shape) >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+  return _to_unit(_bits(_key_words(key), stream, shape))
 
 
 def element_scores(key: jax.Array, step: jax.Array, shape: tuple[int, ...],
@@ -86,13 +98,16 @@ def element_scores(key: jax.Array, step: jax.Array, shape: tuple[int, ...],
   if refresh_every == 0:
     return uniform(key, 1, shape)
   step = jnp.asarray(step, jnp.int32)
-  phase = _bits(_key_words(key), 0, shape) % np.uint32(refresh_every)
+  words = _key_words(key)
+  phase = _bits(words, 0, shape) % np.uint32(refresh_every)
   epoch = step // refresh_every
-  # e_j = epoch or epoch + 1, so two uniform fields cover every element.
+  # e_j = epoch or epoch + 1: pick that epoch's stream words per element, then hash once
+  # (the same values as uniform(key, 1 + e_j) element by element).
   in_next_epoch = (step % refresh_every).astype(jnp.uint32) + phase >= refresh_every
-  current = uniform(key, 1 + epoch, shape)
-  following = uniform(key, 2 + epoch, shape)
-  return jnp.where(in_next_epoch, following, current)
+  current, following = _derive(words, 1 + epoch), _derive(words, 2 + epoch)
+  first = jnp.where(in_next_epoch, following[0], current[0])
+  second = jnp.where(in_next_epoch, following[1], current[1])
+  return _to_unit(_hash(first, second, shape))
 
 
 def frozen_mask(key: jax.Array, step: jax.Array, fraction: jax.Array, shape: tuple[int, ...],
