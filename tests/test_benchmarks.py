@@ -1,0 +1,61 @@
+"""Smoke tests of the performance benchmarks (they run; speed is never asserted here)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GPU_CHECK = ROOT / 'benchmarks' / 'gpu_check.sh'
+
+
+def test_gpu_check_passes_shellcheck():
+  result = subprocess.run(['shellcheck', str(GPU_CHECK)], capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_gpu_check_tiny_runs_end_to_end_on_cpu_and_writes_the_report(tmp_path):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(ROOT)}
+  env.pop('XLA_FLAGS', None)  # One device, as on the GPU machine.
+  result = subprocess.run(['bash', str(GPU_CHECK), '--tiny', str(tmp_path / 'out')], env=env,
+                          capture_output=True, text=True, timeout=1900)
+  report = (tmp_path / 'out' / 'report.md').read_text()
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert '- JAX backend: cpu' in report
+  for spec in ('tiny_resnet:4', 'tiny_resnet:2'):
+    assert f'## {spec}' in report
+  for method in ('fp', 'ste', 'stompp'):
+    assert f'| {method} |' in report
+  assert 'stompp / fp: step' in report and 'compile' in report and 'memory' in report
+  assert (tmp_path / 'out' / 'tiny_resnet_4.json').exists()
+
+
+def test_gpu_check_without_a_gpu_says_so_and_fails(tmp_path):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'GPU_CHECK_TINY': '0'}
+  result = subprocess.run(['bash', str(GPU_CHECK), str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 1
+  assert 'No GPU backend' in (tmp_path / 'report.md').read_text()
+
+
+def test_torch_peer_is_the_same_network_and_trains():
+  pytest.importorskip('torch')
+  from benchmarks import step_time  # pylint: disable=import-outside-toplevel
+  from benchmarks import torch_peer  # pylint: disable=import-outside-toplevel
+  from stompp_jax import models  # pylint: disable=import-outside-toplevel
+  config = step_time.make_config('resnet20', 'ste', 'float32')
+  model = models.create_model(config.model, num_classes=10, image_shape=(32, 32, 3))
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3))))
+  jax_sizes = sorted(int(np.prod(x.shape)) for x in jax.tree.leaves(params['params']))
+  bench = torch_peer.TorchBench(batch_size=4)
+  torch_sizes = sorted(p.numel() for p in bench.model.parameters())
+  assert torch_sizes == jax_sizes
+  assert len(bench.binary) == 18  # every 3x3 conv of the blocks; stem, shortcuts, head are float
+  before = [w.detach().clone() for w in bench.binary]
+  assert bench.run(1) > 0
+  assert all(float(w.abs().max()) <= 1 for w in bench.binary)
+  assert any(not bool((w == b).all()) for w, b in zip(bench.binary, before))
