@@ -27,6 +27,10 @@ def get_config(arg=None):
   c.model.stem = 'auto'  # auto (from dataset image size) | cifar | imagenet.
   c.model.mode = 'bnn'  # fp | bwn (binary kernels) | bnn (binary kernels and inputs).
   c.model.width_multiplier = 1.0  # MobileNetV2 width.
+  # BNN block topology (models/resnet.py, issue 15): real (the shortcut carries the real block
+  # input) | binarized (the block input is binarized once, by conv1's site, for conv1 and the
+  # shortcut). ResNets only (mobilenet_v2: real). Default real until the study decides.
+  c.model.bnn_shortcut = 'real'
   # Regexes on module paths ('/'-joined, e.g. 'stage2_block1/conv1'). A conv/dense layer is
   # binary iff it matches a `binary_include` rule and no `binary_exclude` rule.
   # Default [ours, after 2606.27759]: stem, classifier and downsampling shortcuts stay float.
