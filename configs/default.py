@@ -54,6 +54,9 @@ def get_config(arg=None):
   c.binary.span_start = 0.0  # Progression starts at this fraction of training [ours].
   c.binary.span_end = 0.8  # ... and ends here; fully binary afterwards [ours].
   c.binary.window_overlap = 0.0  # Layerwise windows overlap by this fraction of a window [ours].
+  # Steps per layerwise window (> 0): the span starts at span_start and lasts as many windows
+  # as the model has sites, whatever the depth (span_end unused); 0 = windows from the span.
+  c.binary.window_steps = 0
   c.binary.refresh_every = 100  # Soft refresh period r in steps (2606.27759); 0 = never.
   c.binary.per_example_activation_masks = False  # Else one mask shared by the batch [ours].
 
@@ -98,7 +101,8 @@ def get_config(arg=None):
   c.train.num_steps = 0  # > 0 overrides num_epochs.
   c.train.log_every = 50  # Steps between train-metric rows.
   c.train.eval_every = 1000  # Steps between evaluations (and at the end); 0 = only at the end.
-  c.train.eval_steps = 0  # Limit eval batches (0 = the whole eval split).
+  # Eval on eval_steps batches of examples spread over the split (0 = the whole split).
+  c.train.eval_steps = 0
   c.train.checkpoint_every = 1000  # Steps between checkpoints (and at the end).
   c.train.keep_checkpoints = 3
   c.train.on_nonfinite = 'error'  # error: stop naming the step | skip: drop that update.

@@ -187,11 +187,10 @@ def _train_loop(exp: experiment.Experiment, run: _Run) -> dict[str, Any]:
   parallel.wait_for_all_processes('stompp_jax: every process compiled its programs')
 
   def eval_batches():
-    iterator = pipeline.make_eval_iterator(config.data,
-                                           global_batch_size=config.train.eval_batch_size)
-    for i, batch in enumerate(iterator):
-      if config.train.eval_steps and i >= config.train.eval_steps:
-        return
+    iterator = pipeline.make_eval_iterator(
+        config.data, global_batch_size=config.train.eval_batch_size,
+        max_examples=config.train.eval_steps * config.train.eval_batch_size)
+    for batch in iterator:
       yield parallel.global_batch(batch, mesh)
 
   def run_eval(step):
