@@ -103,6 +103,10 @@ def get_config(arg=None):
   c.train.eval_every = 1000  # Steps between evaluations (and at the end); 0 = only at the end.
   # Eval on eval_steps batches of examples spread over the split (0 = the whole split).
   c.train.eval_steps = 0
+  # Before each eval, re-estimate the fully binary network's BatchNorm statistics on this many
+  # training batches (an average of per-batch statistics; the state is not changed) and log
+  # eval_fully_binary_recalibrated_loss/_accuracy too. 0 = off; binary methods only.
+  c.train.recalibrate_bn_batches = 0
   c.train.checkpoint_every = 1000  # Steps between checkpoints (and at the end).
   c.train.keep_checkpoints = 3
   c.train.on_nonfinite = 'error'  # error: stop naming the step | skip: drop that update.

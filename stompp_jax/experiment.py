@@ -41,7 +41,7 @@ NONFINITE_POLICIES = ('error', 'skip')
 # train.* integer fields and their smallest valid value.
 _TRAIN_MINIMUMS = {'batch_size': 1, 'eval_batch_size': 1, 'num_steps': 0, 'log_every': 1,
                    'eval_every': 0, 'eval_steps': 0, 'checkpoint_every': 1,
-                   'keep_checkpoints': 1}
+                   'keep_checkpoints': 1, 'recalibrate_bn_batches': 0}
 
 
 def check_train_config(train_cfg: ml_collections.ConfigDict) -> None:
