@@ -160,17 +160,19 @@ TINY_BOTTLENECK = functools.partial(resnet.ResNet, stage_sizes=(1, 1),
                                     block_cls=resnet.BottleneckBlock, num_filters=4)
 
 
+@pytest.mark.parametrize('bnn_shortcut', ['real', 'binarized'])
 @pytest.mark.parametrize('mode, rules, stem, bottleneck', [
     ('bnn', ((r'.*',), ()), 'cifar', False),  # binary stem (on sign(image)), shortcut, classifier
     ('bnn', None, 'imagenet', True),  # bottlenecks, max-pool, thresholds on two BatchNorms a block
     ('bwn', ((r'.*',), ()), 'imagenet', False),
 ])
 def test_export_of_random_batch_norms_equals_model(tmp_path, monkeypatch, rng, mode, rules, stem,
-                                                   bottleneck):
+                                                   bottleneck, bnn_shortcut):
   if bottleneck:  # A bottleneck ResNet small enough for a test, under the tiny model's name.
     monkeypatch.setitem(models._MODELS, 'tiny_resnet', TINY_BOTTLENECK)
   config = tiny_config('stompp')
   config.model.mode, config.model.stem = mode, stem
+  config.model.bnn_shortcut = bnn_shortcut
   config.data.synthetic_image_shape = (24, 24, 3)
   if rules:
     config.model.binary_include, config.model.binary_exclude = rules
@@ -185,6 +187,8 @@ def test_export_of_random_batch_norms_equals_model(tmp_path, monkeypatch, rng, m
   assert_binary_layers_store_bits_only(manifest)
   thresholds = [op for op in manifest['program'] if op['op'] == 'threshold']
   assert len(thresholds) == (0 if mode == 'bwn' else 4 if bottleneck else 2)
+  binarized = [op for op in manifest['program'] if op['op'] == 'binarize']
+  assert len(binarized) == (2 if mode == 'bnn' and bnn_shortcut == 'binarized' else 0)
   images = rng.normal(size=(16, *image_shape)).astype(np.float32)
   assert_export_matches(str(tmp_path), config, variables, images)
 
