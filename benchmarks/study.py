@@ -14,7 +14,7 @@ Cells (CIFAR-10 JPEG copy; every accuracy is the deployed, fully binary network'
          empty span at 0): what the float stem, BatchNorms, shortcuts and classifier learn alone;
   bwn    the first model, BWN StoMPP, layerwise and reverse (order insensitivity; the block
          reading does not apply to BWN: its block inputs are never binarized).
-Seeds: --seeds per model (e.g. resnet20:3,resnet56:2), --ablation_seeds for order/bwn,
+Seeds: --seeds per model (default resnet20:2,resnet56:2), --ablation_seeds for order/bwn,
 --floor_seeds for the floor; runs go seed-major, so a study cut short has every cell's seed 0.
 
 Budget: every binary site gets --steps_per_site window steps (binary.window_steps) whatever
@@ -50,23 +50,24 @@ MAIN_METHODS = ('ste', 'stompp', 'stompp_ste')
 ORDERS = ('layerwise', 'global', 'reverse')
 GROUPS = ('main', 'order', 'floor', 'bwn')
 EVAL_SIZE = {'npz': 10_000, 'synthetic': 64}
-# Seconds per train step at batch 64 (one process, float32), measured with
-# benchmarks/step_time.py --models=resnet20:64,resnet56:64 on the 2-core VM on 2026-12-01 while
-# five other jobs loaded it (load average ~17); an idle machine is faster (docs/results.md).
-STEP_SECONDS = {'resnet20': 0.9, 'resnet56': 2.9, 'tiny_resnet': 0.01}
+# Seconds per train step at batch 64 on the idle 2-core VM, for --plan: half the batch-128 step
+# times of the idle 300-step study (docs/results.md: 0.7-1.2 s ResNet-20, 2.4-3.5 s ResNet-56),
+# assuming time linear in the batch. Measured on 2026-12-01 while five other jobs loaded the VM
+# (load average ~17; benchmarks/step_time.py --models=resnet20:64,resnet56:64): ResNet-20
+# 2.2-3.0 s, about 6x these; pass --step_seconds to plan with other numbers.
+STEP_SECONDS = {'resnet20': 0.45, 'resnet56': 1.5, 'tiny_resnet': 0.01}
 COMPILE_SECONDS = {'resnet20': 60.0, 'resnet56': 150.0, 'tiny_resnet': 10.0}
 
 
 def num_sites(model: str, data: str) -> int:
   """Binary sites of `model` under the default rules (traced, as train.py does)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from stompp_jax import models, sites  # pylint: disable=g-import-not-at-top
+  from stompp_jax import models, sites  # pylint: disable=g-import-not-at-top  (JAX)
+  from stompp_jax.models import inspect  # pylint: disable=g-import-not-at-top
   config = default.get_config().model
   config.name = model
   shape = (16, 16, 3) if data == 'synthetic' else (32, 32, 3)
   net = models.create_model(config, num_classes=10, image_shape=shape)
-  return len(sites.discover_sites(net.init, models.binary_rules(config), jax.random.PRNGKey(0),
-                                  sites.sample_input(shape)))
+  return len(sites.discover_sites(inspect.trace_model(net, shape), models.binary_rules(config)))
 
 
 def run_name(run: dict) -> str:
@@ -428,6 +429,7 @@ def analyze(args) -> str:
   """Writes --summaries/results.md and --summaries/plots/; returns the markdown."""
   summaries = load_summaries(args.summaries)
   text = results_markdown(summaries)
+  os.makedirs(args.summaries, exist_ok=True)
   with open(os.path.join(args.summaries, 'results.md'), 'w', encoding='utf-8') as f:
     f.write(text)
   if summaries:
@@ -465,7 +467,7 @@ def parse_args(argv):
                       help='One JSON summary per finished run (committed), results.md, plots/.')
   parser.add_argument('--models', default='resnet20,resnet56',
                       help='Comma-separated, shallow first; the first also gets the ablations.')
-  parser.add_argument('--seeds', default='resnet20:3,resnet56:2',
+  parser.add_argument('--seeds', default='resnet20:2,resnet56:2',
                       help='Seeds of the main group per model, NAME:N,...')
   parser.add_argument('--methods', default=','.join(MAIN_METHODS),
                       help='Main-group methods of the first model.')
@@ -474,7 +476,8 @@ def parse_args(argv):
   parser.add_argument('--ablation_seeds', type=int, default=2, help='Seeds of order and bwn.')
   parser.add_argument('--floor_seeds', type=int, default=1, help='Seeds of the floor.')
   parser.add_argument('--groups', default=','.join(GROUPS), help=f'Comma-separated of {GROUPS}.')
-  parser.add_argument('--steps_per_site', type=int, default=10, help='binary.window_steps.')
+  parser.add_argument('--steps_per_site', type=int, default=6,
+                      help='binary.window_steps (6 fits ~4 hours; the GPU script uses 40).')
   parser.add_argument('--tail', type=float, default=0.2,
                       help='Fraction of the run after the progression (fully binary training).')
   parser.add_argument('--batch', type=int, default=64)

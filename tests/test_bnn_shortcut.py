@@ -14,6 +14,7 @@ from stompp_jax import models
 from stompp_jax import sites
 from stompp_jax.binary import context as bctx
 from stompp_jax.binary import schedule
+from stompp_jax.models import inspect
 from stompp_jax.models import resnet
 
 IMAGE = (8, 8, 3)
@@ -30,7 +31,7 @@ def make(block, bnn_shortcut, mode='bnn'):
 
 
 def site_list(model, rules):
-  return sites.discover_sites(model.init, rules, jax.random.key(0), sites.sample_input(IMAGE))
+  return sites.discover_sites(inspect.trace_model(model, IMAGE), rules)
 
 
 def context(model, rules, step=0, total_steps=1, fully_binary=True, method='stompp'):
@@ -82,7 +83,7 @@ def test_an_uncommitted_input_site_passes_gradient_in_both_readings():
 def test_params_and_sites_are_the_same_in_both_readings(block, rules):
   real, binarized = make(block, 'real'), make(block, 'binarized')
   shapes = [jax.tree.map(lambda a: a.shape, jax.eval_shape(m.init, jax.random.key(0),
-                                                           sites.sample_input(IMAGE)))
+                                                           inspect.sample_input(IMAGE)))
             for m in (real, binarized)]
   assert shapes[0] == shapes[1]
   assert site_list(real, rules) == site_list(binarized, rules)

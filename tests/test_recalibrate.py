@@ -13,6 +13,7 @@ from stompp_jax import steps
 from stompp_jax import train
 from stompp_jax.binary import context as bctx
 from stompp_jax.binary import schedule
+from stompp_jax.models import inspect
 from stompp_jax.models import resnet
 
 IMAGE = (8, 8, 3)
@@ -23,7 +24,7 @@ BATCH = 64
 def setup(num_devices):
   """(model, binarization, state, state shardings, abstract batch, mesh) of a tiny BNN."""
   model = resnet.TinyResNet(num_classes=4, mode='bnn', bnn_shortcut='binarized')
-  found = sites.discover_sites(model.init, RULES, jax.random.key(0), sites.sample_input(IMAGE))
+  found = sites.discover_sites(inspect.trace_model(model, IMAGE), RULES)
   binarization = bctx.BinarizationConfig(
       method='stompp', schedule=schedule.ScheduleConfig(total_steps=100),
       sites=tuple(s.path for s in found), rules=RULES)
