@@ -7,7 +7,8 @@ The deployed (fully binary) network can have other statistics. `Recalibrator` ru
 binary network in train mode (BatchNorm normalizes with batch statistics) over n training
 batches and returns, for every BatchNorm, the plain average over the batches of its per-batch
 mean and (biased, as flax's) variance: a true average, not an exponential moving one. The
-train state is not changed; train.train_and_evaluate evaluates the fully binary network with
+train state is not changed; `recalibrate_variables` does the same for a checkpoint's variables
+(the export's --recalibrate_bn_batches). train.train_and_evaluate evaluates the fully binary network with
 these statistics as `eval_fully_binary_recalibrated_*` when train.recalibrate_bn_batches > 0.
 
 Works sharded and multi-process: batches are global jax.Arrays, the per-batch reductions run
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 
 from stompp_jax import layers
 from stompp_jax import parallel
+from stompp_jax import state as state_lib
 from stompp_jax.binary import context as bctx
 from stompp_jax.data import pipeline
 
@@ -128,3 +130,23 @@ def recalibrated_state(recalibrator: Recalibrator, state, data_config, *, global
                                             seed=seed, mesh=mesh))
   return state.replace(batch_stats=stats)
 
+
+
+def recalibrate_variables(config, model, binarization, variables: dict, num_batches: int) -> dict:
+  """`variables` ({'params', 'batch_stats'}) with re-estimated batch_stats, on one device, over
+  the first `num_batches` train batches of the run's config (batch size, seed, data)."""
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                               batch_stats=variables['batch_stats'], opt_state=(),
+                               mask_key=jnp.zeros((2,), jnp.uint32))
+  mesh = parallel.make_mesh(1)
+  shardings = parallel.state_sharding(jax.eval_shape(lambda: state), mesh, False)
+  state = jax.device_put(state, shardings)
+  _, image_shape = pipeline.input_shape(config.data)
+  images = jax.ShapeDtypeStruct((config.train.batch_size, *image_shape), jnp.float32,
+                                sharding=parallel.batch_sharding(mesh))
+  recalibrator = Recalibrator(model, binarization, state, shardings, {'image': images},
+                              num_batches)
+  state = recalibrated_state(recalibrator, state, config.data,
+                             global_batch_size=config.train.batch_size, seed=config.seed,
+                             mesh=mesh)
+  return {'params': variables['params'], 'batch_stats': jax.device_get(state.batch_stats)}

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from stompp_jax import checkpoints
+from stompp_jax import errors
 from stompp_jax import experiment
 from stompp_jax import models
 from stompp_jax import train
@@ -247,3 +248,18 @@ def test_export_of_trained_bwn_equals_fully_binary_eval(trained_runs, tmp_path):
   assert_export_matches(str(tmp_path), config, variables, eval_images(config))
   assert json.loads((tmp_path / files.MANIFEST).read_text()) == manifest
   assert sorted(os.listdir(tmp_path)) == [files.MANIFEST, files.TENSORS]
+
+
+def test_export_can_fold_recalibrated_batch_norm_statistics(trained_runs, tmp_path):
+  workdir, config = trained_runs['bnn']
+  manifest = sources.export_workdir(workdir, str(tmp_path), recalibrate_bn_batches=2)
+  assert manifest['source']['recalibrated_bn_batches'] == 2
+  _, variables, _ = checkpoints.read_variables(workdir)
+  num_classes, image_shape = pipeline.input_shape(config.data)
+  recalibrated = sources._recalibrated(config, variables, num_classes, image_shape, 2)  # pylint: disable=protected-access
+  running, estimated = (v['stage1_block0']['bn1']['mean'] for v in
+                        (variables['batch_stats'], recalibrated['batch_stats']))
+  assert not np.allclose(running, estimated)  # Other statistics than the running ones ...
+  assert_export_matches(str(tmp_path), config, recalibrated, eval_images(config))  # ... folded.
+  with pytest.raises(errors.SetupError, match='recalibrate_bn_batches=-1'):
+    sources.export_workdir(workdir, str(tmp_path / 'no'), recalibrate_bn_batches=-1)
