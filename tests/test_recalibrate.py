@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from stompp_jax import errors
 from stompp_jax import parallel
 from stompp_jax import recalibrate
 from stompp_jax import sites
@@ -128,6 +129,6 @@ def test_training_logs_recalibrated_eval_rows_sharded_without_changing_the_run(t
 
 def test_negative_batch_count_is_a_setup_error(tmp_path):
   from test_train import tiny_config  # pylint: disable=g-import-not-at-top
-  with pytest.raises(train.SetupError, match='recalibrate_bn_batches=-1'):
+  with pytest.raises(errors.SetupError, match='recalibrate_bn_batches=-1'):
     train.train_and_evaluate(tiny_config(recalibrate_bn_batches=-1), str(tmp_path))
   assert not list(tmp_path.iterdir())
