@@ -1,36 +1,41 @@
-"""Small-scale reproduction study at a CPU budget: CIFAR ResNet BNNs, STE vs StoMPP vs StoMPP+STE.
+"""The papers' findings at a CPU budget (issue 15): both BNN block readings, fixed steps per site.
 
-    STOMPP_DATA_DIR=/path/to/cifar10_jpeg python benchmarks/study.py --out=runs/study \
-      --models=resnet20,resnet56 --seeds=2 --steps=300 --groups=main,order,bwn
+    python benchmarks/study.py --plan                         # the runs and their time estimate
+    STOMPP_DATA_DIR=/path/to/cifar10_jpeg python benchmarks/study.py    # run (resumable)
+    python benchmarks/study.py --analyze                      # tables, plots, verdicts
+    bash benchmarks/run_study.sh [--commit]                   # the whole study, nohup + nice
 
-Runs (each in its own directory under --out, named model_mode_method_order_sSEED):
-  main   every --models model, BNN, x {ste, stompp, stompp_ste} x --seeds seeds;
-  order  the first model, BNN StoMPP (STE-free) with global and reverse order
-         (layerwise is the main group's run) x --ablation_seeds seeds;
-  bwn    the first model, BWN with ste and stompp x --ablation_seeds seeds.
-Runs are taken seed-major (every seed-0 run first), so a study cut short has the most useful
-runs done. Every run uses the same recipe (METHOD.md's matched minimal recipe at a small budget):
-SGD momentum 0.9, constant lr 0.1, batch --batch, --steps steps, the whole freezing schedule
-compressed into the run (span 0 .. 0.8 of the steps), soft refresh every --refresh steps,
-standard CIFAR augmentation, and the full test split evaluated --evals times (the last at the
-end). Same seed = same init, masks and data order for every method.
+Cells (CIFAR-10 JPEG copy; every accuracy is the deployed, fully binary network's):
+  main   --models x {ste, stompp, stompp_ste} (models after the first: --deep_methods) x
+         model.bnn_shortcut {real, binarized}, BNN, layerwise;
+  order  the first model, BNN STE-free StoMPP, global and reverse order, both readings
+         (layerwise is the main group's run);
+  floor  every model and reading: every kernel and input frozen from step 0 (StoMPP with an
+         empty span at 0): what the float stem, BatchNorms, shortcuts and classifier learn alone;
+  bwn    the first model, BWN StoMPP, layerwise and reverse (order insensitivity; the block
+         reading does not apply to BWN: its block inputs are never binarized).
+Seeds: --seeds per model (default resnet20:2,resnet56:2), --ablation_seeds for order/bwn,
+--floor_seeds for the floor; runs go seed-major, so a study cut short has every cell's seed 0.
 
-A finished run (done.json) is skipped; an unfinished one resumes from its checkpoint, so the
-same command continues an interrupted study. At the end (and with --table_only) the study
-writes, from every run under --out:
-  --out/results.md       per-run table and the mean over seeds per (model, mode, method, order);
-  --out/results.json     the same rows, machine readable;
-  --out/plots/*.png      stompp_jax.analysis plots (curves per model, frozen heatmaps,
-                         accuracy vs depth).
+Budget: every binary site gets --steps_per_site window steps (binary.window_steps) whatever
+the depth, the progression starts at step 0 and fills 1 - --tail of the run; the rest trains the
+fully binary network. So a run of L sites has ceil(L W / (1 - tail)) steps. Every eval logs the
+accuracy as trained (running BatchNorm statistics) and recalibrated (statistics re-estimated on
+--recalibrate training batches, stompp_jax/recalibrate.py).
 
---data=synthetic with --models=tiny_resnet is a seconds-long smoke test (used by the tests).
-Accuracies on the CIFAR-10 JPEG copy are "CIFAR-10 (JPEG copy)", not CIFAR-10.
+Resume: a run whose summary (--summaries/NAME.json, committed) exists is skipped; an unfinished
+run resumes from its checkpoint under --out (git-ignored). `--only=NAME,...` runs some runs;
+`--names` prints the plan's run names (run_study.sh loops over them).
+
+--data=synthetic with --models=tiny_resnet is a seconds-long smoke test (tests/test_study.py).
 """
 
 import argparse
 import collections
 import json
+import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -39,135 +44,185 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # noqa: E402
-from stompp_jax import analysis  # noqa: E402
-from stompp_jax import workdir as workdir_lib  # noqa: E402
 
+READINGS = ('real', 'binarized')  # models/resnet.py BNN_SHORTCUTS (imported lazily with JAX).
 MAIN_METHODS = ('ste', 'stompp', 'stompp_ste')
-ABLATION_ORDERS = ('global', 'reverse')
-BWN_METHODS = ('ste', 'stompp')
-GROUPS = ('main', 'order', 'bwn')
-WALL_FILE = 'study_wall_seconds.json'
+ORDERS = ('layerwise', 'global', 'reverse')
+GROUPS = ('main', 'order', 'floor', 'bwn')
+EVAL_SIZE = {'npz': 10_000, 'synthetic': 64}
+# Seconds per train step at batch 64 on the idle 2-core VM, for --plan: half the batch-128 step
+# times of the idle 300-step study (docs/results.md: 0.7-1.2 s ResNet-20, 2.4-3.5 s ResNet-56),
+# assuming time linear in the batch. Measured on 2026-12-01 while five other jobs loaded the VM
+# (load average ~17; benchmarks/step_time.py --models=resnet20:64,resnet56:64): ResNet-20
+# 2.2-3.0 s, about 6x these; pass --step_seconds to plan with other numbers.
+STEP_SECONDS = {'resnet20': 0.45, 'resnet56': 1.5, 'tiny_resnet': 0.01}
+COMPILE_SECONDS = {'resnet20': 60.0, 'resnet56': 150.0, 'tiny_resnet': 10.0}
 
 
-def run_name(model: str, mode: str, method: str, order: str, seed: int) -> str:
-  return f'{model}_{mode}_{method}_{order}_s{seed}'
+def num_sites(model: str, data: str) -> int:
+  """Binary sites of `model` under the default rules (traced, as train.py does)."""
+  from stompp_jax import models, sites  # pylint: disable=g-import-not-at-top  (JAX)
+  from stompp_jax.models import inspect  # pylint: disable=g-import-not-at-top
+  config = default.get_config().model
+  config.name = model
+  shape = (16, 16, 3) if data == 'synthetic' else (32, 32, 3)
+  net = models.create_model(config, num_classes=10, image_shape=shape)
+  return len(sites.discover_sites(inspect.trace_model(net, shape), models.binary_rules(config)))
 
 
-def plan_runs(models, seeds: int, ablation_seeds: int, groups) -> list[dict]:
-  """The study's runs, seed-major: [{'name', 'group', 'model', 'mode', 'method', 'order', 'seed'}]."""
+def run_name(run: dict) -> str:
+  return (f"{run['model']}_{run['mode']}_{run['bnn_shortcut']}_{run['method']}_{run['order']}"
+          f"_s{run['seed']}")
+
+
+def plan_runs(args: argparse.Namespace) -> list[dict]:
+  """The study's runs, seed-major: dicts with name, group, model, mode, bnn_shortcut, method,
+  order, seed (method 'floor' = every site frozen from step 0)."""
+  first = args.models[0]
+  max_seed = max([*args.seeds.values(), args.ablation_seeds, args.floor_seeds])
   runs = []
-  for seed in range(max(seeds, ablation_seeds)):
+  for seed in range(max_seed):
     specs = []
-    if 'main' in groups and seed < seeds:
-      specs += [('main', m, 'bnn', method, 'layerwise') for m in models for method in MAIN_METHODS]
-    if 'order' in groups and seed < ablation_seeds:
-      specs += [('order', models[0], 'bnn', 'stompp', order) for order in ABLATION_ORDERS]
-    if 'bwn' in groups and seed < ablation_seeds:
-      specs += [('bwn', models[0], 'bwn', method, 'layerwise') for method in BWN_METHODS]
-    for group, model, mode, method, order in specs:
-      runs.append(dict(name=run_name(model, mode, method, order, seed), group=group, model=model,
-                       mode=mode, method=method, order=order, seed=seed))
+    if 'main' in args.groups:
+      for model in args.models:
+        if seed < args.seeds[model]:
+          methods = args.methods if model == first else args.deep_methods
+          specs += [('main', model, 'bnn', r, m, 'layerwise') for r in READINGS for m in methods]
+    if 'order' in args.groups and seed < args.ablation_seeds:
+      specs += [('order', first, 'bnn', r, 'stompp', o) for r in READINGS for o in ORDERS[1:]]
+    if 'floor' in args.groups and seed < args.floor_seeds:
+      specs += [('floor', model, 'bnn', r, 'floor', 'layerwise') for model in args.models
+                for r in READINGS]
+    if 'bwn' in args.groups and seed < args.ablation_seeds:
+      specs += [('bwn', first, 'bwn', 'real', 'stompp', o) for o in ('layerwise', 'reverse')]
+    for group, model, mode, reading, method, order in specs:
+      run = dict(group=group, model=model, mode=mode, bnn_shortcut=reading, method=method,
+                 order=order, seed=seed)
+      runs.append({'name': run_name(run), **run})
   return runs
 
 
-def make_config(run: dict, args: argparse.Namespace):
-  """The config of one run: the study's recipe with the run's model, mode, method, order, seed."""
+def total_steps(sites: int, args: argparse.Namespace) -> int:
+  return math.ceil(sites * args.steps_per_site / (1.0 - args.tail))
+
+
+def make_config(run: dict, sites: int, args: argparse.Namespace):
+  """The config of one run: the study's recipe with the run's cell and seed."""
   config = default.get_config()
   config.seed = run['seed']
   config.model.name = run['model']
   config.model.mode = run['mode']
-  config.binary.method = run['method']
+  config.model.bnn_shortcut = run['bnn_shortcut']
+  floor = run['method'] == 'floor'
+  config.binary.method = 'stompp' if floor else run['method']
   config.binary.order = run['order']
   config.binary.refresh_every = args.refresh
-  config.binary.span_end = 0.8
+  config.binary.span_start = 0.0
+  config.binary.span_end = 0.0 if floor else 1.0 - args.tail  # Unused under window_steps.
+  config.binary.window_steps = 0 if floor else args.steps_per_site
   config.data.name = 'cifar10'
   if args.data == 'synthetic':
     config.data.source = 'synthetic'
     config.data.synthetic_image_shape = (16, 16, 3)
     config.data.synthetic_num_classes = 4
     config.data.synthetic_train_size = 256
-    config.data.synthetic_eval_size = 64
+    config.data.synthetic_eval_size = EVAL_SIZE['synthetic']
   else:
     config.data.source = 'npz'
     config.data.dir = args.data_dir  # '' = $STOMPP_DATA_DIR.
+  steps = total_steps(sites, args)
   config.train.batch_size = args.batch
   config.train.eval_batch_size = args.eval_batch
-  config.train.num_steps = args.steps
-  config.train.log_every = max(1, args.steps // 60)
-  config.train.eval_every = max(1, args.steps // max(args.evals, 1))
-  config.train.checkpoint_every = max(1, args.steps // 3)
+  config.train.num_steps = steps
+  config.train.log_every = max(1, steps // 60)
+  config.train.eval_every = max(1, steps // max(args.evals, 1))
+  config.train.checkpoint_every = max(1, steps // 4)
+  config.train.recalibrate_bn_batches = args.recalibrate
   config.mesh.num_devices = 1
   return config
 
 
-def execute(runs: list[dict], args: argparse.Namespace) -> list[str]:
-  """Trains every unfinished run (resuming it); returns the names of the runs that failed."""
+def estimate_seconds(run: dict, sites: int, args: argparse.Namespace) -> float:
+  """Wall seconds of one run from STEP_SECONDS (or --step_seconds): train steps, compile, and
+  every eval (3 forward passes over the eval split, each about a third of a train step per
+  image) with its recalibration."""
+  step = args.step_seconds.get(run['model'], STEP_SECONDS.get(run['model'], 1.0))
+  step *= args.batch / 64
+  per_image_forward = step / args.batch / 3
+  evals = max(args.evals, 1) * (3 * EVAL_SIZE[args.data] + args.recalibrate * args.batch)
+  return (total_steps(sites, args) * step + COMPILE_SECONDS.get(run['model'], 60.0)
+          + evals * per_image_forward)
+
+
+def summary_path(args, name: str) -> str:
+  return os.path.join(args.summaries, f'{name}.json')
+
+
+def summarize_run(run: dict, sites: int, workdir: str, args, wall: float) -> dict:
+  """The small JSON summary of a finished run: its cell, config, accuracies and curves."""
+  from stompp_jax import analysis  # pylint: disable=g-import-not-at-top
+  loaded = analysis.load_run(workdir)
+  train_rows, eval_rows = analysis.split_rows(loaded, 'train'), analysis.split_rows(loaded, 'eval')
+  final = eval_rows[-1]
+  pick = lambda row, keys: {k: round(row[k], 6) for k in keys if k in row}
+  eval_keys = ('eval_fully_binary_accuracy', 'eval_fully_binary_recalibrated_accuracy',
+               'eval_accuracy', 'eval_fully_binary_loss', 'eval_fully_binary_recalibrated_loss')
+  return {
+      **run, 'sites': sites, 'steps_per_site': 0 if run['method'] == 'floor' else args.steps_per_site,
+      'steps': loaded['config']['train']['num_steps'], 'batch': args.batch, 'data': args.data,
+      'as_trained': final.get('eval_fully_binary_accuracy'),
+      'recalibrated': final.get('eval_fully_binary_recalibrated_accuracy'),
+      'final': pick(final, eval_keys),
+      'curves': {'train': [pick(r, ('step', 'loss', 'accuracy')) for r in train_rows],
+                 'eval': [pick(r, ('step', *eval_keys)) for r in eval_rows]},
+      'config': {'binary': loaded['config']['binary'], 'train': loaded['config']['train'],
+                 'model': loaded['config']['model']},
+      'wall_seconds': round(wall, 1), 'machine': args.machine or platform.platform(),
+  }
+
+
+def execute(runs: list[dict], sites: dict, args: argparse.Namespace) -> list[str]:
+  """Trains every run without a summary (resuming it) and writes its summary; returns the
+  names of the runs that failed."""
   from stompp_jax import train  # pylint: disable=g-import-not-at-top  (JAX starts here)
+  os.makedirs(args.summaries, exist_ok=True)
   failed = []
   for i, run in enumerate(runs):
-    workdir = os.path.join(args.out, run['name'])
-    if os.path.exists(os.path.join(workdir, workdir_lib.DONE)):
-      print(f'[{i + 1}/{len(runs)}] {run["name"]}: done, skipped', flush=True)
+    tag = f'[{i + 1}/{len(runs)}] {run["name"]}'
+    if os.path.exists(summary_path(args, run['name'])):
+      print(f'{tag}: done, skipped', flush=True)
       continue
-    print(f'[{i + 1}/{len(runs)}] {run["name"]}: training ({args.steps} steps)', flush=True)
+    workdir = os.path.join(args.out, run['name'])
+    config = make_config(run, sites[run['model']], args)
+    print(f'{tag}: training ({config.train.num_steps} steps)', flush=True)
     start = time.time()
     try:
-      final = train.train_and_evaluate(make_config(run, args), workdir)
+      final = train.train_and_evaluate(config, workdir)
     except Exception:  # pylint: disable=broad-except  (one failed run must not stop the study)
       traceback.print_exc()
       failed.append(run['name'])
       continue
-    finally:
-      _add_wall_time(workdir, time.time() - start)
     if final.get('preempted'):
-      print(f'[{i + 1}/{len(runs)}] {run["name"]}: stopped at step {final["step"]} (SIGTERM);'
-            ' checkpoint saved, the same command resumes it', flush=True)
+      print(f'{tag}: stopped at step {final["step"]} (SIGTERM); the same command resumes it',
+            flush=True)
       break
-    accuracy = final.get('eval_fully_binary_accuracy', final.get('eval_accuracy'))
-    print(f'[{i + 1}/{len(runs)}] {run["name"]}: step {final["step"]}, fully binary eval accuracy '
-          f'{100 * accuracy:.2f}% ({time.time() - start:.0f} s)', flush=True)
+    summary = summarize_run(run, sites[run['model']], workdir, args, time.time() - start)
+    with open(summary_path(args, run['name']), 'w', encoding='utf-8') as f:
+      json.dump(summary, f, indent=1)
+    print(f'{tag}: as trained {_pct(summary["as_trained"])}%, recalibrated '
+          f'{_pct(summary["recalibrated"])}% ({time.time() - start:.0f} s)', flush=True)
   return failed
 
 
-def _add_wall_time(workdir: str, seconds: float) -> None:
-  """Accumulates the wall time spent on a run over resumptions (compile and eval included)."""
-  if not os.path.isdir(workdir):
-    return
-  path = os.path.join(workdir, WALL_FILE)
-  total = 0.0
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      total = json.load(f)['seconds']
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump({'seconds': total + seconds}, f)
+# ------------------------------------------------------------------------------- analysis
 
 
-def collect(out: str) -> list[dict]:
-  """One summary row per run directory under `out` (finished or not)."""
+def load_summaries(directory: str) -> list[dict]:
   rows = []
-  for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
-    workdir = os.path.join(out, name)
-    if not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG)):
-      continue
-    run = analysis.load_run(workdir)
-    config = run['config']
-    train_rows, eval_rows = analysis.split_rows(run, 'train'), analysis.split_rows(run, 'eval')
-    wall = None
-    if os.path.exists(os.path.join(workdir, WALL_FILE)):
-      with open(os.path.join(workdir, WALL_FILE), encoding='utf-8') as f:
-        wall = json.load(f)['seconds']
-    rows.append(dict(
-        name=name, dir=workdir, model=config['model']['name'], mode=config['model']['mode'],
-        method=config['binary']['method'], order=config['binary']['order'], seed=config['seed'],
-        steps=config['train']['num_steps'], batch=config['train']['batch_size'],
-        step=train_rows[-1]['step'] if train_rows else 0, done=run['done'] is not None,
-        fully_binary_accuracy=analysis.final_accuracy(run),
-        masked_accuracy=eval_rows[-1].get('eval_accuracy') if eval_rows else None,
-        eval_step=eval_rows[-1]['step'] if eval_rows else None,
-        final_train_loss=train_rows[-1]['loss'] if train_rows else None,
-        images_per_second=(statistics.median(r['images_per_second'] for r in train_rows)
-                           if train_rows else None),
-        wall_seconds=wall))
+  for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+    if name.endswith('.json'):
+      with open(os.path.join(directory, name), encoding='utf-8') as f:
+        rows.append(json.load(f))
   return rows
 
 
@@ -175,124 +230,329 @@ def _pct(value) -> str:
   return '-' if value is None else f'{100 * value:.2f}'
 
 
-def results_markdown(rows: list[dict]) -> str:
-  """The per-run table and the mean over seeds per (model, mode, method, order)."""
-  lines = ['Final accuracy of the fully binary network (all masks = 1) on the test split, %.',
-           'Only finished runs (done = yes) enter the means.', '',
-           '| run | model | mode | method | order | seed | step / steps | done | fully binary acc |'
-           ' eval acc (masks of the step) | final train loss | img/s (median) | wall s |',
+def cell_key(s: dict) -> tuple:
+  return (s['group'], s['model'], s['mode'], s['bnn_shortcut'], s['method'], s['order'])
+
+
+def by_seed(summaries: list[dict], metric: str, **cell) -> dict[int, float]:
+  """{seed: accuracy} of the runs matching `cell` (model, mode, bnn_shortcut, method, order)."""
+  return {s['seed']: s[metric] for s in summaries
+          if s.get(metric) is not None and all(s[k] == v for k, v in cell.items())}
+
+
+def mean_spread(values) -> str:
+  values = list(values)
+  if not values:
+    return '-'
+  spread = statistics.stdev(values) if len(values) > 1 else 0.0
+  return f'{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}'
+
+
+def compare(a: dict[int, float], b: dict[int, float]) -> tuple[str, str]:
+  """Whether a > b: 'reproduces' if a beats b in every common seed (2 or more seeds), 'does
+  not' if b beats a in every one, else 'cannot tell at this budget'; and the evidence."""
+  seeds = sorted(set(a) & set(b))
+  if not seeds:
+    return 'not run', 'no common seed'
+  diffs = [100 * (a[s] - b[s]) for s in seeds]
+  evidence = (f'{statistics.mean(diffs):+.2f} points (seeds: '
+              + ', '.join(f'{d:+.2f}' for d in diffs) + ')')
+  if len(seeds) >= 2 and all(d > 0 for d in diffs):
+    return 'reproduces', evidence
+  if len(seeds) >= 2 and all(d < 0 for d in diffs):
+    return 'does not', evidence
+  return 'cannot tell at this budget', evidence
+
+
+def grows(shallow: dict[int, float], deep: dict[int, float]) -> tuple[str, str]:
+  """Whether per-seed gains grow from the shallow to the deep model: every deep gain above
+  every shallow one (2+ seeds each) reproduces, every one below does not."""
+  if len(shallow) < 1 or len(deep) < 1:
+    return 'not run', 'missing gains'
+  evidence = (f'gain {statistics.mean(shallow.values()) * 100:+.2f} -> '
+              f'{statistics.mean(deep.values()) * 100:+.2f} points')
+  if min(len(shallow), len(deep)) >= 2:
+    if min(deep.values()) > max(shallow.values()):
+      return 'reproduces', evidence
+    if max(deep.values()) < min(shallow.values()):
+      return 'does not', evidence
+  return 'cannot tell at this budget', evidence
+
+
+def insensitive(a: dict[int, float], b: dict[int, float], tolerance: float) -> tuple[str, str]:
+  """Whether a and b are equal within `tolerance` (fraction): the mean paired difference is
+  within it (2+ seeds) reproduces; a difference of one sign in every seed beyond twice it
+  does not."""
+  seeds = sorted(set(a) & set(b))
+  if not seeds:
+    return 'not run', 'no common seed'
+  diffs = [a[s] - b[s] for s in seeds]
+  mean = statistics.mean(diffs)
+  evidence = f'{100 * mean:+.2f} points (seeds: ' + ', '.join(f'{100 * d:+.2f}' for d in diffs) + ')'
+  if len(seeds) >= 2 and abs(mean) <= tolerance:
+    return 'reproduces', evidence
+  if len(seeds) >= 2 and abs(mean) > 2 * tolerance and len({d > 0 for d in diffs}) == 1:
+    return 'does not', evidence
+  return 'cannot tell at this budget', evidence
+
+
+def gains(summaries, metric, model, reading, better='stompp', worse='ste') -> dict[int, float]:
+  """{seed: accuracy of `better` - accuracy of `worse`} of one model and reading (main group)."""
+  a = by_seed(summaries, metric, model=model, mode='bnn', bnn_shortcut=reading, method=better,
+              order='layerwise')
+  b = by_seed(summaries, metric, model=model, mode='bnn', bnn_shortcut=reading, method=worse,
+              order='layerwise')
+  return {s: a[s] - b[s] for s in set(a) & set(b)}
+
+
+def verdicts(summaries: list[dict], metric: str) -> list[str]:
+  """One line per finding of the papers and reading: '- finding [reading]: verdict (evidence)'."""
+  models = sorted({s['model'] for s in summaries if s['group'] == 'main'},
+                  key=lambda m: next(s['sites'] for s in summaries if s['model'] == m))
+  lines = []
+
+  def cell(model, reading, method, order='layerwise', mode='bnn'):
+    # (model, mode, reading, method, order) names one cell: no two groups share one.
+    return by_seed(summaries, metric, model=model, mode=mode, bnn_shortcut=reading,
+                   method=method, order=order)
+
+  def line(finding, result):
+    lines.append(f'- {finding}: **{result[0]}** ({result[1]})')
+
+  for reading in READINGS:
+    for model in models:
+      line(f'StoMPP beats STE, {model} [{reading}]',
+           compare(cell(model, reading, 'stompp'), cell(model, reading, 'ste')))
+      line(f'StoMPP+STE beats StoMPP, {model} [{reading}]',
+           compare(cell(model, reading, 'stompp_ste'), cell(model, reading, 'stompp')))
+      line(f'STE is above the floor, {model} [{reading}]',
+           compare(cell(model, reading, 'ste'), cell(model, reading, 'floor')))
+    if len(models) > 1:
+      shallow, deep = models[0], models[-1]
+      line(f"StoMPP's gain over STE grows with depth, {shallow} -> {deep} [{reading}]",
+           grows(gains(summaries, metric, shallow, reading), gains(summaries, metric, deep, reading)))
+      line(f'STE falls with depth, {shallow} -> {deep} [{reading}]',
+           compare(cell(shallow, reading, 'ste'), cell(deep, reading, 'ste')))
+    if models:
+      first = models[0]
+      line(f'layerwise beats reverse (reverse collapses), {first} [{reading}]',
+           compare(cell(first, reading, 'stompp'), cell(first, reading, 'stompp', 'reverse')))
+      line(f'reverse is above the floor, {first} [{reading}]',
+           compare(cell(first, reading, 'stompp', 'reverse'), cell(first, reading, 'floor')))
+      line(f'layerwise beats global, {first} [{reading}]',
+           compare(cell(first, reading, 'stompp'), cell(first, reading, 'stompp', 'global')))
+  bwn_models = sorted({s['model'] for s in summaries if s['group'] == 'bwn'})
+  for model in bwn_models:
+    line(f'BWN is order-insensitive (layerwise = reverse within 1 point), {model}',
+         insensitive(cell(model, 'real', 'stompp', 'layerwise', 'bwn'),
+                     cell(model, 'real', 'stompp', 'reverse', 'bwn'), 0.01))
+  return lines
+
+
+def results_markdown(summaries: list[dict]) -> str:
+  """The cell table (mean ± std over seeds) and the verdicts, as trained and recalibrated."""
+  cells = collections.defaultdict(list)
+  for s in summaries:
+    cells[cell_key(s)].append(s)
+  lines = ['Fully binary test accuracy, %: mean ± sample standard deviation over seeds, as trained'
+           ' (running BatchNorm statistics) and recalibrated (re-estimated on the fully binary'
+           ' network). `steps/site` = window steps per binary site (0: the floor, frozen from'
+           ' step 0).', '',
+           '| group | model | mode | bnn_shortcut | method | order | sites | steps/site | steps |'
+           ' seeds | as trained | recalibrated | wall s (mean) |',
            '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
-  for r in rows:
-    loss = '-' if r['final_train_loss'] is None else f"{r['final_train_loss']:.3f}"
-    speed = '-' if r['images_per_second'] is None else f"{r['images_per_second']:.0f}"
-    wall = '-' if r['wall_seconds'] is None else f"{r['wall_seconds']:.0f}"
-    lines.append(f"| {r['name']} | {r['model']} | {r['mode']} | {r['method']} | {r['order']} |"
-                 f" {r['seed']} | {r['step']} / {r['steps']} | {'yes' if r['done'] else 'no'} |"
-                 f" {_pct(r['fully_binary_accuracy'])} | {_pct(r['masked_accuracy'])} | {loss} |"
-                 f" {speed} | {wall} |")
-  groups = collections.defaultdict(list)
-  for r in rows:
-    if r['done'] and r['fully_binary_accuracy'] is not None:
-      groups[(r['model'], r['mode'], r['method'], r['order'])].append(r['fully_binary_accuracy'])
-  lines += ['', '| model | mode | method | order | seeds | mean fully binary acc | min | max |',
-            '|---|---|---|---|---|---|---|---|']
-  for (model, mode, method, order), values in sorted(groups.items()):
-    lines.append(f'| {model} | {mode} | {method} | {order} | {len(values)} |'
-                 f' {_pct(statistics.mean(values))} | {_pct(min(values))} | {_pct(max(values))} |')
+  for key in sorted(cells, key=lambda k: (GROUPS.index(k[0]), *k[1:])):
+    runs = cells[key]
+    group, model, mode, reading, method, order = key
+    lines.append(
+        f'| {group} | {model} | {mode} | {reading} | {method} | {order} | {runs[0]["sites"]} |'
+        f' {runs[0]["steps_per_site"]} | {runs[0]["steps"]} | {len(runs)} |'
+        f' {mean_spread(r["as_trained"] for r in runs if r["as_trained"] is not None)} |'
+        f' {mean_spread(r["recalibrated"] for r in runs if r["recalibrated"] is not None)} |'
+        f' {statistics.mean(r["wall_seconds"] for r in runs):.0f} |')
+  for metric, title in (('as_trained', 'as trained'), ('recalibrated', 'recalibrated')):
+    lines += ['', f'Verdicts, accuracies {title} ("reproduces" = in every seed, 2 or more):', '']
+    lines += verdicts(summaries, metric)
   return '\n'.join(lines) + '\n'
 
 
-def write_report(out: str) -> list[dict]:
-  """results.md, results.json and plots/ from every run under `out`; returns the rows."""
-  rows = collect(out)
-  with open(os.path.join(out, 'results.md'), 'w', encoding='utf-8') as f:
-    f.write(results_markdown(rows))
-  with open(os.path.join(out, 'results.json'), 'w', encoding='utf-8') as f:
-    json.dump(rows, f, indent=2)
-  plots = os.path.join(out, 'plots')
-  by_model = collections.defaultdict(list)
-  for r in rows:
-    by_model[r['model']].append(r)
-  for model, model_rows in by_model.items():
-    main_dirs = [r['dir'] for r in model_rows if r['order'] == 'layerwise' and r['mode'] == 'bnn']
-    if main_dirs:
-      _plot_curves(main_dirs, os.path.join(plots, f'curves_{model}_bnn.png'), f'{model} BNN')
-    others = [r['dir'] for r in model_rows if r['order'] != 'layerwise' or r['mode'] != 'bnn']
-    if others:  # The layerwise StoMPP run first: its sites' freezing starts are marked.
-      reference = [r['dir'] for r in model_rows if r['mode'] == 'bnn' and r['method'] == 'stompp'
-                   and r['order'] == 'layerwise' and r['seed'] == 0]
-      _plot_curves(reference + others, os.path.join(plots, f'curves_{model}_ablations.png'),
-                   f'{model} ablations')
-  for r in rows:
-    if r['method'] in ('stompp', 'stompp_ste'):
-      run = analysis.load_run(r['dir'])
-      if run['rows']:
-        _close(analysis.plot_frozen_heatmap(run, os.path.join(plots, f'frozen_{r["name"]}.png')))
-  runs = [analysis.load_run(r['dir']) for r in rows if r['done'] and r['mode'] == 'bnn'
-          and r['order'] == 'layerwise']
-  _close(analysis.plot_accuracy_vs_depth(runs, os.path.join(plots, 'accuracy_vs_depth.png')))
-  return rows
+def write_plots(summaries: list[dict], out: str) -> list[str]:
+  """accuracy_vs_depth.png (per reading, methods and floor, both metrics) and order.png."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  os.makedirs(out, exist_ok=True)
+  written = []
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  for ax, reading in zip(axes, READINGS):
+    for method in (*MAIN_METHODS, 'floor'):
+      for metric, style in (('as_trained', '-'), ('recalibrated', '--')):
+        points = collections.defaultdict(list)
+        for s in summaries:
+          if (s['bnn_shortcut'] == reading and s['method'] == method and s['mode'] == 'bnn'
+              and s['order'] == 'layerwise' and s[metric] is not None):
+            points[s['sites']].append(100 * s[metric])
+        if points:
+          x = sorted(points)
+          ax.errorbar(x, [statistics.mean(points[k]) for k in x],
+                      yerr=[statistics.stdev(points[k]) if len(points[k]) > 1 else 0 for k in x],
+                      linestyle=style, marker='o', capsize=3, label=f'{method} ({metric})')
+    ax.set_title(f'BNN, bnn_shortcut={reading}')
+    ax.set_xlabel('binary sites')
+    ax.legend(fontsize=6)
+  axes[0].set_ylabel('fully binary test accuracy, %')
+  written.append(os.path.join(out, 'accuracy_vs_depth.png'))
+  fig.savefig(written[-1], dpi=100, bbox_inches='tight')
+  plt.close(fig)
+  first = min(summaries, key=lambda s: s['sites'])['model']  # The ablations' model.
+  labels = collections.defaultdict(list)
+  for s in summaries:
+    if s['model'] == first and s['method'] in ('stompp', 'floor') and s['as_trained'] is not None:
+      method = 'floor' if s['method'] == 'floor' else s['order']
+      labels[f"{s['mode']} {s['bnn_shortcut']}\n{method}"].append(100 * s['as_trained'])
+  if labels:
+    fig, ax = plt.subplots(figsize=(max(6, len(labels)), 4))
+    names = sorted(labels)
+    ax.bar(range(len(names)), [statistics.mean(labels[n]) for n in names],
+           yerr=[statistics.stdev(labels[n]) if len(labels[n]) > 1 else 0 for n in names],
+           capsize=3)
+    ax.set_xticks(range(len(names)), names, fontsize=7)
+    ax.set_ylabel('fully binary test accuracy, % (as trained)')
+    ax.set_title(f'{first}: order ablation, BWN and the floor (StoMPP)')
+    written.append(os.path.join(out, 'order.png'))
+    fig.savefig(written[-1], dpi=100, bbox_inches='tight')
+    plt.close(fig)
+  return written
 
 
-def _plot_curves(dirs, path, title):
-  runs = [analysis.load_run(d) for d in dirs]
-  _close(analysis.plot_curves([r for r in runs if r['rows']], path, title=title))
+def analyze(args) -> str:
+  """Writes --summaries/results.md and --summaries/plots/; returns the markdown."""
+  summaries = load_summaries(args.summaries)
+  text = results_markdown(summaries)
+  os.makedirs(args.summaries, exist_ok=True)
+  with open(os.path.join(args.summaries, 'results.md'), 'w', encoding='utf-8') as f:
+    f.write(text)
+  if summaries:
+    write_plots(summaries, os.path.join(args.summaries, 'plots'))
+  return text
 
 
-def _close(fig):
-  analysis.plt.close(fig)
+# ------------------------------------------------------------------------------- command line
+
+
+def _fail(message: str):
+  print(f'Error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _mapping(text: str, what: str, cast) -> dict:
+  """'a:1,b:2' -> {'a': cast('1'), ...}; a one-line error for anything else."""
+  out = {}
+  for item in filter(None, text.split(',')):
+    key, sep, value = item.partition(':')
+    try:
+      if not sep:
+        raise ValueError
+      out[key] = cast(value)
+    except ValueError:
+      _fail(f'{what} {item!r} is not NAME:NUMBER: write e.g. resnet20:3,resnet56:2')
+  return out
 
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--out', default='runs/study', help='Output root: one directory per run.')
-  parser.add_argument('--models', default='resnet20,resnet32,resnet56',
-                      help='Comma-separated; the first one also gets the ablations.')
-  parser.add_argument('--seeds', type=int, default=2, help='Seeds 0..N-1 of the main group.')
-  parser.add_argument('--ablation_seeds', type=int, default=1, help='Seeds of order/bwn groups.')
-  parser.add_argument('--groups', default='main,order,bwn', help=f'Comma-separated of {GROUPS}.')
-  parser.add_argument('--steps', type=int, default=300, help='Train steps of every run.')
-  parser.add_argument('--batch', type=int, default=128)
+  parser.add_argument('--out', default='runs/study15', help='Run directories (git-ignored).')
+  parser.add_argument('--summaries', default='docs/results/study',
+                      help='One JSON summary per finished run (committed), results.md, plots/.')
+  parser.add_argument('--models', default='resnet20,resnet56',
+                      help='Comma-separated, shallow first; the first also gets the ablations.')
+  parser.add_argument('--seeds', default='resnet20:2,resnet56:2',
+                      help='Seeds of the main group per model, NAME:N,...')
+  parser.add_argument('--methods', default=','.join(MAIN_METHODS),
+                      help='Main-group methods of the first model.')
+  parser.add_argument('--deep_methods', default='ste,stompp',
+                      help='Main-group methods of the other models (cut to fit the budget).')
+  parser.add_argument('--ablation_seeds', type=int, default=2, help='Seeds of order and bwn.')
+  parser.add_argument('--floor_seeds', type=int, default=1, help='Seeds of the floor.')
+  parser.add_argument('--groups', default=','.join(GROUPS), help=f'Comma-separated of {GROUPS}.')
+  parser.add_argument('--steps_per_site', type=int, default=6,
+                      help='binary.window_steps (6 fits ~4 hours; the GPU script uses 40).')
+  parser.add_argument('--tail', type=float, default=0.2,
+                      help='Fraction of the run after the progression (fully binary training).')
+  parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--eval_batch', type=int, default=500)
-  parser.add_argument('--evals', type=int, default=2, help='Evaluations per run (last at the end).')
+  parser.add_argument('--evals', type=int, default=1, help='Evaluations per run (last at the end).')
+  parser.add_argument('--recalibrate', type=int, default=20,
+                      help='train.recalibrate_bn_batches of every run.')
   parser.add_argument('--refresh', type=int, default=10, help='Soft refresh period in steps.')
   parser.add_argument('--data', default='npz', choices=('npz', 'synthetic'))
   parser.add_argument('--data_dir', default='', help="npz directory; '' = $STOMPP_DATA_DIR.")
+  parser.add_argument('--machine', default='', help='Machine description for the summaries.')
+  parser.add_argument('--step_seconds', default='',
+                      help='Measured s/step at batch 64 for --plan, NAME:S,... (else STEP_SECONDS).')
   parser.add_argument('--compile_cache', default=os.path.join('~', '.cache', 'stompp_jax', 'jax_cache'),
                       help="Persistent JAX compilation cache ('' = none); seeds share compiles.")
-  parser.add_argument('--dry_run', action='store_true', help='Print the plan and configs only.')
-  parser.add_argument('--table_only', action='store_true', help='Only rewrite the table and plots.')
+  parser.add_argument('--only', default='', help='Run only these run names (comma-separated).')
+  parser.add_argument('--plan', action='store_true', help='Print the runs and the time estimate.')
+  parser.add_argument('--names', action='store_true', help='Print the run names, one a line.')
+  parser.add_argument('--analyze', action='store_true', help='Only write results.md and plots.')
   args = parser.parse_args(argv)
   args.models = [m for m in args.models.split(',') if m]
   args.groups = [g for g in args.groups.split(',') if g]
+  args.methods = [m for m in args.methods.split(',') if m]
+  args.deep_methods = [m for m in args.deep_methods.split(',') if m]
+  args.seeds = _mapping(args.seeds, '--seeds', int)
+  args.step_seconds = _mapping(args.step_seconds, '--step_seconds', float)
+  args.only = [n for n in args.only.split(',') if n]
+  if not args.models:
+    _fail('--models is empty: name at least one model, e.g. --models=resnet20')
   unknown = set(args.groups) - set(GROUPS)
   if unknown:
-    parser.error(f'unknown --groups {sorted(unknown)}; choose from {GROUPS}')
+    _fail(f'unknown --groups {sorted(unknown)}: choose from {", ".join(GROUPS)}')
+  bad = set(args.methods + args.deep_methods) - set(MAIN_METHODS)
+  if bad:
+    _fail(f'unknown methods {sorted(bad)}: choose from {", ".join(MAIN_METHODS)}')
+  for model in args.models:
+    args.seeds.setdefault(model, 1)
+  if args.steps_per_site < 1 or not 0.0 <= args.tail < 1.0:
+    _fail(f'--steps_per_site={args.steps_per_site} and --tail={args.tail}: use >= 1 and [0, 1)')
   return args
 
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  runs = plan_runs(args.models, args.seeds, args.ablation_seeds, args.groups)
-  if args.dry_run:
-    for run in runs:
-      config = make_config(run, args)
-      done = os.path.exists(os.path.join(args.out, run['name'], workdir_lib.DONE))
-      print(f"{run['name']} ({run['group']}{', done' if done else ''}): seed={config.seed} "
-            f"steps={config.train.num_steps} batch={config.train.batch_size} "
-            f"refresh={config.binary.refresh_every} eval_every={config.train.eval_every}")
+  if args.analyze:
+    print(analyze(args), flush=True)
     return 0
-  os.makedirs(args.out, exist_ok=True)
-  failed = []
-  if not args.table_only:
-    if args.compile_cache:
-      import jax  # pylint: disable=g-import-not-at-top
-      jax.config.update('jax_compilation_cache_dir', os.path.expanduser(args.compile_cache))
-      jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-    failed = execute(runs, args)
-  rows = write_report(args.out)
-  print(results_markdown(rows), flush=True)
+  runs = plan_runs(args)
+  names = {r['name'] for r in runs}
+  missing = [n for n in args.only if n not in names]
+  if missing:
+    _fail(f'--only names {missing} are not runs of this plan: list them with --names')
+  if args.only:
+    runs = [r for r in runs if r['name'] in args.only]
+  if args.names:
+    print('\n'.join(r['name'] for r in runs))
+    return 0
+  sites = {model: num_sites(model, args.data) for model in args.models}
+  if args.plan:
+    total = 0.0
+    for run in runs:
+      seconds = estimate_seconds(run, sites[run['model']], args)
+      done = os.path.exists(summary_path(args, run['name']))
+      total += 0.0 if done else seconds
+      print(f"{run['name']} ({run['group']}{', done' if done else ''}): "
+            f"{total_steps(sites[run['model']], args)} steps x {args.batch}, "
+            f"{sites[run['model']]} sites x {args.steps_per_site} steps, ~{seconds / 60:.0f} min")
+    print(f'{len(runs)} runs, ~{total / 3600:.1f} hours of this machine still to run (2 cores'
+          ' in use by one process; step times from --step_seconds or STEP_SECONDS)')
+    return 0
+  if args.compile_cache:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(args.compile_cache))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  failed = execute(runs, sites, args)
   if failed:
     print(f'Failed runs: {", ".join(failed)}', file=sys.stderr)
   return 1 if failed else 0

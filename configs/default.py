@@ -27,6 +27,10 @@ def get_config(arg=None):
   c.model.stem = 'auto'  # auto (from dataset image size) | cifar | imagenet.
   c.model.mode = 'bnn'  # fp | bwn (binary kernels) | bnn (binary kernels and inputs).
   c.model.width_multiplier = 1.0  # MobileNetV2 width.
+  # BNN block topology (models/resnet.py, issue 15): real (the shortcut carries the real block
+  # input) | binarized (the block input is binarized once, by conv1's site, for conv1 and the
+  # shortcut). ResNets only (mobilenet_v2: real). Default real until the study decides.
+  c.model.bnn_shortcut = 'real'
   # Regexes on module paths ('/'-joined, e.g. 'stage2_block1/conv1'). A conv/dense layer is
   # binary iff it matches a `binary_include` rule and no `binary_exclude` rule.
   # Default [ours, after 2606.27759]: stem, classifier and downsampling shortcuts stay float.
@@ -50,6 +54,9 @@ def get_config(arg=None):
   c.binary.span_start = 0.0  # Progression starts at this fraction of training [ours].
   c.binary.span_end = 0.8  # ... and ends here; fully binary afterwards [ours].
   c.binary.window_overlap = 0.0  # Layerwise windows overlap by this fraction of a window [ours].
+  # Steps per layerwise window (> 0): the span starts at span_start and lasts as many windows
+  # as the model has sites, whatever the depth (span_end unused); 0 = windows from the span.
+  c.binary.window_steps = 0
   c.binary.refresh_every = 100  # Soft refresh period r in steps (2606.27759); 0 = never.
   c.binary.per_example_activation_masks = False  # Else one mask shared by the batch [ours].
 
@@ -94,7 +101,12 @@ def get_config(arg=None):
   c.train.num_steps = 0  # > 0 overrides num_epochs.
   c.train.log_every = 50  # Steps between train-metric rows.
   c.train.eval_every = 1000  # Steps between evaluations (and at the end); 0 = only at the end.
-  c.train.eval_steps = 0  # Limit eval batches (0 = the whole eval split).
+  # Eval on eval_steps batches of examples spread over the split (0 = the whole split).
+  c.train.eval_steps = 0
+  # Before each eval, re-estimate the fully binary network's BatchNorm statistics on this many
+  # training batches (an average of per-batch statistics; the state is not changed) and log
+  # eval_fully_binary_recalibrated_loss/_accuracy too. 0 = off; binary methods only.
+  c.train.recalibrate_bn_batches = 0
   c.train.checkpoint_every = 1000  # Steps between checkpoints (and at the end).
   c.train.keep_checkpoints = 3
   c.train.on_nonfinite = 'error'  # error: stop naming the step | skip: drop that update.

@@ -41,7 +41,7 @@ NONFINITE_POLICIES = ('error', 'skip')
 # train.* integer fields and their smallest valid value.
 _TRAIN_MINIMUMS = {'batch_size': 1, 'eval_batch_size': 1, 'num_steps': 0, 'log_every': 1,
                    'eval_every': 0, 'eval_steps': 0, 'checkpoint_every': 1,
-                   'keep_checkpoints': 1}
+                   'keep_checkpoints': 1, 'recalibrate_bn_batches': 0}
 
 
 def check_train_config(train_cfg: ml_collections.ConfigDict) -> None:
@@ -116,18 +116,25 @@ def build_model(config: ml_collections.ConfigDict, *, num_classes: int,
 
 def binarization_config(config: ml_collections.ConfigDict, site_list: tuple[sites_lib.Site, ...],
                         total_steps: int) -> bctx.BinarizationConfig:
-  """The static binarization settings of `config.binary` for a site table."""
-  return bctx.BinarizationConfig(
+  """The static binarization settings of `config.binary` for a site table.
+
+  Raises ValueError when binary.window_steps makes the freezing end after the run.
+  """
+  binarization = bctx.BinarizationConfig(
       method=config.binary.method,
       schedule=schedule.ScheduleConfig(
           total_steps=total_steps, order=config.binary.order, shape=config.binary.shape,
           span_start=config.binary.span_start, span_end=config.binary.span_end,
-          window_overlap=config.binary.window_overlap),
+          window_overlap=config.binary.window_overlap,
+          window_steps=config.binary.get('window_steps', 0)),  # 0 in runs made before it.
       sites=tuple(s.path for s in site_list),
       frozen_grad=config.binary.frozen_grad,
       refresh_every=config.binary.refresh_every,
       per_example_activation_masks=config.binary.per_example_activation_masks,
       rules=models.binary_rules(config.model))
+  if site_list:
+    schedule.span_steps(binarization.schedule, len(site_list))  # window_steps fit the run.
+  return binarization
 
 
 def kernel_mask(params: Any) -> Any:
@@ -215,10 +222,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   models.check_model_config(config.model)
   check_choice('binary.method', config.binary.method, bctx.METHODS)
   check_method(config)
-  schedule.ScheduleConfig(  # Checks order, shape, span and window overlap.
+  schedule.ScheduleConfig(  # Checks order, shape, span, window overlap and window steps.
       total_steps=1, order=config.binary.order, shape=config.binary.shape,
       span_start=config.binary.span_start, span_end=config.binary.span_end,
-      window_overlap=config.binary.window_overlap)
+      window_overlap=config.binary.window_overlap,
+      window_steps=config.binary.get('window_steps', 0))
   check_at_least('binary.refresh_every', config.binary.refresh_every, 0)
   optimizers.check_optim_config(config.optim)
   parallel.check_mesh_config(config.mesh)

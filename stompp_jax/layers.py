@@ -56,6 +56,17 @@ class _BinaryLayer(nn.Module):
       x = bctx.binarize_site_tensor(x, ctx, site, 'input')
     return x, kernel
 
+  def binarize_own_input(self, x: jax.Array,
+                         ctx: Optional[bctx.BinarizationContext]) -> jax.Array:
+    """`x` as this layer would binarize its input (unchanged when it does not), in the compute
+    dtype. Lets a block binarize its input once with this layer's site and feed that value to
+    this layer (built with binarize_input=False) and to its shortcut (resnet.py, bnn_shortcut).
+    """
+    x = x.astype(self.dtype or x.dtype)
+    if not self.is_binary(ctx):
+      return x
+    return bctx.binarize_site_tensor(x, ctx, ctx.config.site_index(module_path(self)), 'input')
+
 
 class BinaryConv(_BinaryLayer):
   """2D convolution, NHWC, kernel (kh, kw, in / groups, features) as in `nn.Conv`.

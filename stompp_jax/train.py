@@ -22,6 +22,7 @@ from stompp_jax import errors
 from stompp_jax import experiment
 from stompp_jax import metrics as metrics_lib
 from stompp_jax import parallel
+from stompp_jax import recalibrate
 from stompp_jax import sites as sites_lib
 from stompp_jax import workdir as workdir_lib
 from stompp_jax.data import pipeline
@@ -184,18 +185,28 @@ def _train_loop(exp: experiment.Experiment, run: _Run) -> dict[str, Any]:
   # gives up after 30 s).
   train_step = exp.compile_train_step()
   eval_fns = exp.compile_eval_steps()
+  recalibrator = None
+  if config.train.recalibrate_bn_batches and 'eval_fully_binary' in eval_fns:
+    recalibrator = recalibrate.Recalibrator(
+        exp.model, exp.binarization, exp.abstract_state, exp.state_shardings,
+        exp.abstract_batch(config.train.batch_size), config.train.recalibrate_bn_batches)
   parallel.wait_for_all_processes('stompp_jax: every process compiled its programs')
 
   def eval_batches():
-    iterator = pipeline.make_eval_iterator(config.data,
-                                           global_batch_size=config.train.eval_batch_size)
-    for i, batch in enumerate(iterator):
-      if config.train.eval_steps and i >= config.train.eval_steps:
-        return
+    iterator = pipeline.make_eval_iterator(
+        config.data, global_batch_size=config.train.eval_batch_size,
+        max_examples=config.train.eval_steps * config.train.eval_batch_size)
+    for batch in iterator:
       yield parallel.global_batch(batch, mesh)
 
   def run_eval(step):
     results = evaluate(state, eval_fns, eval_batches)
+    if recalibrator is not None:  # The fully binary network with re-estimated BN statistics.
+      recalibrated = recalibrate.recalibrated_state(
+          recalibrator, state, config.data, global_batch_size=config.train.batch_size,
+          seed=config.seed, mesh=mesh)
+      results.update(evaluate(recalibrated, {'eval_fully_binary_recalibrated':
+                                             eval_fns['eval_fully_binary']}, eval_batches))
     writer.write(step, 'eval', results)
     logging.info('eval at step %d | %s', step, ' | '.join(
         f'{k} {100 * v:.2f}%' for k, v in results.items() if k.endswith('accuracy')))

@@ -255,3 +255,23 @@ def test_bad_transform_settings_are_explained(labelled_npz, fields, match):
 def test_train_iterator_is_a_grain_iterator(labelled_npz):
   config, _ = labelled_npz
   assert isinstance(_train(config), grain.DatasetIterator)
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_eval_subset_is_spread_over_a_class_sorted_split(tmp_path, process_count):
+  # 10 classes x 10 examples, sorted by class as the npz copy of CIFAR is: the first 16
+  # examples would be two classes; the subset of 16 holds every class.
+  images = np.zeros((100, 8, 8, 3), np.uint8)
+  np.savez(tmp_path / 'test.npz', image=images, label=np.repeat(np.arange(10), 10))
+  np.savez(tmp_path / 'train.npz', image=images[:4], label=np.arange(4))
+  config = _data_config(source='npz', name='cifar10', dir=str(tmp_path), prefetch=0)
+  labels = []
+  for p in range(process_count):
+    for batch in pipeline.make_eval_iterator(config, global_batch_size=8, process_index=p,
+                                             process_count=process_count, max_examples=16):
+      assert batch['mask'].tolist() == [1.0] * (8 // process_count)
+      labels += batch['label'].tolist()
+  assert len(labels) == 16 and set(labels) == set(range(10))
+  everything = pipeline.make_eval_iterator(config, global_batch_size=8, process_index=0,
+                                           process_count=1, max_examples=0)
+  assert sum(int(b['mask'].sum()) for b in everything) == 100

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from stompp_jax import checkpoints
+from stompp_jax import errors
 from stompp_jax import experiment
 from stompp_jax import models
 from stompp_jax import train
@@ -160,17 +161,19 @@ TINY_BOTTLENECK = functools.partial(resnet.ResNet, stage_sizes=(1, 1),
                                     block_cls=resnet.BottleneckBlock, num_filters=4)
 
 
+@pytest.mark.parametrize('bnn_shortcut', ['real', 'binarized'])
 @pytest.mark.parametrize('mode, rules, stem, bottleneck', [
     ('bnn', ((r'.*',), ()), 'cifar', False),  # binary stem (on sign(image)), shortcut, classifier
     ('bnn', None, 'imagenet', True),  # bottlenecks, max-pool, thresholds on two BatchNorms a block
     ('bwn', ((r'.*',), ()), 'imagenet', False),
 ])
 def test_export_of_random_batch_norms_equals_model(tmp_path, monkeypatch, rng, mode, rules, stem,
-                                                   bottleneck):
+                                                   bottleneck, bnn_shortcut):
   if bottleneck:  # A bottleneck ResNet small enough for a test, under the tiny model's name.
     monkeypatch.setitem(models._MODELS, 'tiny_resnet', TINY_BOTTLENECK)
   config = tiny_config('stompp')
   config.model.mode, config.model.stem = mode, stem
+  config.model.bnn_shortcut = bnn_shortcut
   config.data.synthetic_image_shape = (24, 24, 3)
   if rules:
     config.model.binary_include, config.model.binary_exclude = rules
@@ -185,6 +188,8 @@ def test_export_of_random_batch_norms_equals_model(tmp_path, monkeypatch, rng, m
   assert_binary_layers_store_bits_only(manifest)
   thresholds = [op for op in manifest['program'] if op['op'] == 'threshold']
   assert len(thresholds) == (0 if mode == 'bwn' else 4 if bottleneck else 2)
+  binarized = [op for op in manifest['program'] if op['op'] == 'binarize']
+  assert len(binarized) == (2 if mode == 'bnn' and bnn_shortcut == 'binarized' else 0)
   images = rng.normal(size=(16, *image_shape)).astype(np.float32)
   assert_export_matches(str(tmp_path), config, variables, images)
 
@@ -243,3 +248,18 @@ def test_export_of_trained_bwn_equals_fully_binary_eval(trained_runs, tmp_path):
   assert_export_matches(str(tmp_path), config, variables, eval_images(config))
   assert json.loads((tmp_path / files.MANIFEST).read_text()) == manifest
   assert sorted(os.listdir(tmp_path)) == [files.MANIFEST, files.TENSORS]
+
+
+def test_export_can_fold_recalibrated_batch_norm_statistics(trained_runs, tmp_path):
+  workdir, config = trained_runs['bnn']
+  manifest = sources.export_workdir(workdir, str(tmp_path), recalibrate_bn_batches=2)
+  assert manifest['source']['recalibrated_bn_batches'] == 2
+  _, variables, _ = checkpoints.read_variables(workdir)
+  num_classes, image_shape = pipeline.input_shape(config.data)
+  recalibrated = sources._recalibrated(config, variables, num_classes, image_shape, 2)  # pylint: disable=protected-access
+  running, estimated = (v['stage1_block0']['bn1']['mean'] for v in
+                        (variables['batch_stats'], recalibrated['batch_stats']))
+  assert not np.allclose(running, estimated)  # Other statistics than the running ones ...
+  assert_export_matches(str(tmp_path), config, recalibrated, eval_images(config))  # ... folded.
+  with pytest.raises(errors.SetupError, match='recalibrate_bn_batches=-1'):
+    sources.export_workdir(workdir, str(tmp_path / 'no'), recalibrate_bn_batches=-1)

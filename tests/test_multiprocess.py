@@ -15,7 +15,9 @@ import reliability_utils as ru
 
 # Short enough that the float differences of another reduction order cannot grow through the
 # binarization's signs; long enough for a SIGTERM to land mid-run.
-FLAGS = {'train.num_steps': 24, 'train.log_every': 1, 'train.checkpoint_every': 4}
+# Re-estimated BatchNorm statistics (2 batches) before the final eval, across processes too.
+FLAGS = {'train.num_steps': 24, 'train.log_every': 1, 'train.checkpoint_every': 4,
+         'train.recalibrate_bn_batches': 2}
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
 
 
@@ -76,6 +78,9 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(two_pro
     np.testing.assert_allclose(state[key], reference[key], rtol=2e-3, atol=2e-5, err_msg=key)
   assert [d['next_batch'] for d in data] == [reference_data[0]['next_batch']] * PROCESSES
   assert json.loads((multi / 'done.json').read_text())['step'] == FLAGS['train.num_steps']
+  done, reference_done = (json.loads((d / 'done.json').read_text()) for d in (multi, single))
+  np.testing.assert_allclose(done['eval_fully_binary_recalibrated_loss'],
+                             reference_done['eval_fully_binary_recalibrated_loss'], rtol=1e-3)
 
 
 def test_sigterm_to_one_process_stops_all_at_one_step_and_they_resume(tmp_path, two_processes):

@@ -182,3 +182,46 @@ def test_invalid_configs_raise(kwargs, match):
 def test_site_out_of_range_raises():
   with pytest.raises(ValueError, match='site 4'):
     _p(0, 4, schedule.ScheduleConfig(total_steps=T))
+
+
+@pytest.mark.parametrize('num_sites', [18, 54, 7, 3])
+@pytest.mark.parametrize('order', schedule.ORDERS)
+def test_every_site_is_exactly_frozen_after_the_span(num_sites, order):
+  # Before the fix, 54 sites left the last one at p = 0.9999982 for ever (float rounding of
+  # the span's end); the end of a window is now decided in integer steps.
+  for total in (100, 300, 1000):
+    cfg = schedule.ScheduleConfig(total_steps=total, order=order)
+    end = math.ceil(0.8 * total)
+    for site in range(num_sites):
+      assert _p(end, site, cfg, num_sites) == 1.0, (total, site)
+      assert _p(total - 1, site, cfg, num_sites) == 1.0, (total, site)
+
+
+def test_window_steps_fix_the_steps_per_site_whatever_the_depth():
+  # W = 20 steps per site after a warm-up of 0.1 x 1000 steps: site i freezes in
+  # [100 + 20 i, 120 + 20 i], for 4 sites and for 30.
+  for num_sites in (4, 30):
+    cfg = schedule.ScheduleConfig(total_steps=1000, shape='linear', span_start=0.1,
+                                  window_steps=20)
+    assert schedule.span_steps(cfg, num_sites) == (100, 100 + 20 * num_sites)
+    for site in (0, num_sites - 1):
+      first = 100 + 20 * site
+      assert _p(first - 1, site, cfg, num_sites) == 0.0
+      assert _p(first + 10, site, cfg, num_sites) == pytest.approx(0.5, abs=ATOL)
+      assert _p(first + 20, site, cfg, num_sites) == 1.0
+  # Reverse and global use the same span; an overlap keeps W steps per window.
+  rev = schedule.ScheduleConfig(total_steps=1000, order='reverse', shape='linear', window_steps=20)
+  assert _p(10, 3, rev) == pytest.approx(0.5, abs=ATOL) and _p(10, 2, rev) == 0.0
+  glob = schedule.ScheduleConfig(total_steps=1000, order='global', shape='linear', window_steps=20)
+  assert _p(40, 0, glob) == pytest.approx(0.5, abs=ATOL) and _p(80, 3, glob) == 1.0
+  over = schedule.ScheduleConfig(total_steps=1000, shape='linear', window_steps=30,
+                                 window_overlap=0.5)
+  assert schedule.window_steps_of(1, L, over) == (20, 50)
+
+
+def test_window_steps_that_do_not_fit_the_run_are_refused():
+  cfg = schedule.ScheduleConfig(total_steps=100, window_steps=30, span_start=0.1)
+  with pytest.raises(ValueError, match='window_steps=30 for 4 sites ends the freezing at step 130'):
+    _p(0, 0, cfg)
+  with pytest.raises(ValueError, match='window_steps'):
+    schedule.ScheduleConfig(total_steps=100, window_steps=-1)

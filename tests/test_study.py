@@ -1,48 +1,124 @@
-"""A tiny-budget run of benchmarks/study.py (tiny ResNet, synthetic data) and its plan."""
+"""benchmarks/study.py: its plan, its verdicts, and a tiny-budget run (tiny ResNet, synthetic data)."""
 
 import json
 import os
 
+import pytest
+
 from benchmarks import study
 
 
-def test_plan_is_seed_major_with_ablations_on_the_first_model():
-  runs = study.plan_runs(['resnet20', 'resnet56'], seeds=2, ablation_seeds=1,
-                         groups=['main', 'order', 'bwn'])
+def plan(*flags):
+  return study.plan_runs(study.parse_args(list(flags)))
+
+
+def test_default_plan_covers_the_cells_seed_major():
+  runs = plan()
   names = [r['name'] for r in runs]
-  assert len(names) == len(set(names)) == 2 * 2 * 3 + 2 + 2
-  assert all(r['seed'] == 0 for r in runs[:10]) and all(r['seed'] == 1 for r in runs[10:])
-  assert 'resnet20_bnn_stompp_reverse_s0' in names and 'resnet20_bnn_stompp_global_s0' in names
-  assert 'resnet20_bwn_ste_layerwise_s0' in names and 'resnet56_bwn_ste_layerwise_s0' not in names
-  assert 'resnet56_bnn_stompp_ste_layerwise_s1' in names
+  assert len(names) == len(set(names))
+  cells = {(r['group'], r['model'], r['bnn_shortcut'], r['method'], r['order']) for r in runs}
+  # main: resnet20 x 3 methods, resnet56 x ste/stompp, both readings; order: 2 orders x 2
+  # readings; floor: 2 models x 2 readings; bwn: layerwise and reverse.
+  assert len(cells) == 2 * 3 + 2 * 2 + 4 + 4 + 2
+  assert len(names) == 6 * 2 + 4 * 2 + 4 * 2 + 4 * 1 + 2 * 2
+  assert [r['seed'] for r in runs] == sorted(r['seed'] for r in runs)
+  assert 'resnet56_bnn_binarized_stompp_ste_layerwise_s0' not in names  # Cut: --deep_methods.
+  assert 'resnet20_bnn_binarized_stompp_reverse_s1' in names
+  assert 'resnet56_bnn_real_floor_layerwise_s0' in names
+  assert 'resnet56_bnn_real_floor_layerwise_s1' not in names
+  assert {r['bnn_shortcut'] for r in runs if r['mode'] == 'bwn'} == {'real'}
+  assert 'resnet20_bnn_real_ste_layerwise_s1' in names and 'resnet20_bnn_real_ste_layerwise_s2' not in names
+  assert len(plan('--seeds=resnet20:3,resnet56:2')) == len(runs) + 6
 
 
-def test_dry_run_prints_the_plan(tmp_path, capsys):
-  assert study.main([f'--out={tmp_path}', '--models=resnet20', '--seeds=1', '--groups=order',
-                     '--steps=100', '--dry_run']) == 0
+def test_steps_scale_with_the_sites_and_the_floor_freezes_at_step_0():
+  args = study.parse_args(['--steps_per_site=10', '--tail=0.2'])
+  assert study.total_steps(18, args) == 225 and study.total_steps(54, args) == 675
+  floor, main = (dict(name='x', group='g', model='resnet20', mode='bnn', bnn_shortcut='binarized',
+                      method=m, order='layerwise', seed=1) for m in ('floor', 'stompp_ste'))
+  config = study.make_config(floor, 18, args)
+  assert (config.binary.method, config.binary.span_start, config.binary.span_end,
+          config.binary.window_steps) == ('stompp', 0.0, 0.0, 0)
+  config = study.make_config(main, 18, args)
+  assert (config.binary.method, config.binary.window_steps, config.train.num_steps,
+          config.model.bnn_shortcut, config.train.recalibrate_bn_batches, config.seed) == (
+              'stompp_ste', 10, 225, 'binarized', 20, 1)
+
+
+def test_plan_prints_the_estimate_and_writes_nothing(tmp_path, capsys):
+  assert study.main([f'--summaries={tmp_path}', '--plan', '--groups=floor',
+                     '--step_seconds=resnet20:1,resnet56:2']) == 0
   out = capsys.readouterr().out
-  assert 'resnet20_bnn_stompp_global_s0' in out and 'steps=100' in out
+  assert 'resnet56_bnn_binarized_floor_layerwise_s0 (floor): 405 steps x 64, 54 sites' in out
+  assert '4 runs, ~' in out and 'hours' in out
   assert not os.listdir(tmp_path)
 
 
-def test_tiny_study_writes_table_and_plots_and_skips_finished_runs(tmp_path, capsys):
-  args = [f'--out={tmp_path}', '--models=tiny_resnet', '--seeds=1', '--groups=main',
-          '--steps=4', '--evals=2', '--batch=16', '--eval_batch=16', '--data=synthetic',
+@pytest.mark.parametrize('flags, message', [
+    (['--seeds=resnet20'], '--seeds'),
+    (['--groups=main,nope'], 'unknown --groups'),
+    (['--methods=sgd'], 'unknown methods'),
+    (['--only=nothing', '--names'], '--only names'),
+])
+def test_bad_flags_are_one_line_errors(flags, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    study.main(flags)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith('Error: ') and message in err and '\n' not in err
+
+
+def summary(model, reading, method, seed, accuracy, order='layerwise', mode='bnn', sites=18):
+  group = ('floor' if method == 'floor' else 'bwn' if mode == 'bwn'
+           else 'main' if order == 'layerwise' else 'order')
+  return dict(group=group, model=model, mode=mode, bnn_shortcut=reading, method=method,
+              order=order, seed=seed, sites=sites, steps_per_site=10, steps=225,
+              as_trained=accuracy, recalibrated=accuracy + 0.01, wall_seconds=1.0)
+
+
+def test_verdicts_follow_the_seeds():
+  rows = []
+  for seed, (ste, stompp) in enumerate([(0.30, 0.34), (0.31, 0.33)]):
+    rows += [summary('resnet20', 'binarized', 'ste', seed, ste),
+             summary('resnet20', 'binarized', 'stompp', seed, stompp),
+             summary('resnet20', 'binarized', 'stompp', seed, 0.25 + seed * 0.1, 'reverse'),
+             summary('resnet56', 'binarized', 'ste', seed, 0.20, sites=54),
+             summary('resnet56', 'binarized', 'stompp', seed, 0.30, sites=54),
+             summary('resnet20', 'real', 'stompp', seed, 0.40, 'layerwise', 'bwn'),
+             summary('resnet20', 'real', 'stompp', seed, 0.405, 'reverse', 'bwn')]
+  lines = '\n'.join(study.verdicts(rows, 'as_trained'))
+  assert '- StoMPP beats STE, resnet20 [binarized]: **reproduces** (+3.00 points' in lines
+  assert "gain over STE grows with depth, resnet20 -> resnet56 [binarized]: **reproduces**" in lines
+  assert 'STE falls with depth, resnet20 -> resnet56 [binarized]: **reproduces**' in lines
+  # Reverse: 0.25 vs 0.34 (seed 0), 0.35 vs 0.33 (seed 1): not in every seed.
+  assert 'layerwise beats reverse (reverse collapses), resnet20 [binarized]: **cannot tell' in lines
+  assert 'StoMPP beats STE, resnet20 [real]: **not run**' in lines
+  assert 'BWN is order-insensitive (layerwise = reverse within 1 point), resnet20: **reproduces**' in lines
+  table = study.results_markdown(rows)
+  assert '| main | resnet20 | bnn | binarized | stompp | layerwise | 18 | 10 | 225 | 2 | 33.50 ± 0.71 | 34.50 ± 0.71 | 1 |' in table
+  assert 'Verdicts, accuracies recalibrated' in table
+
+
+def test_tiny_study_writes_summaries_analysis_and_skips_finished_runs(tmp_path, capsys):
+  summaries = tmp_path / 'summaries'
+  args = [f'--out={tmp_path / "runs"}', f'--summaries={summaries}', '--models=tiny_resnet',
+          '--seeds=tiny_resnet:1', '--methods=stompp', '--groups=main,floor', '--steps_per_site=1',
+          '--batch=16', '--eval_batch=16', '--recalibrate=2', '--data=synthetic',
           '--compile_cache=']
   assert study.main(args) == 0
-  names = [f'tiny_resnet_bnn_{m}_layerwise_s0' for m in study.MAIN_METHODS]
-  table = (tmp_path / 'results.md').read_text()
+  names = [f'tiny_resnet_bnn_{r}_{m}_layerwise_s0' for r in study.READINGS
+           for m in ('stompp', 'floor')]
+  assert sorted(os.listdir(summaries)) == sorted(f'{n}.json' for n in names)
   for name in names:
-    assert os.path.exists(tmp_path / name / 'done.json')
-    assert f'| {name} |' in table
-  rows = json.loads((tmp_path / 'results.json').read_text())
-  assert {r['name'] for r in rows} == set(names)
-  assert all(r['done'] and r['step'] == 4 and r['fully_binary_accuracy'] is not None for r in rows)
-  assert '| tiny_resnet | bnn | stompp | layerwise | 1 |' in table
-  plots = sorted(os.listdir(tmp_path / 'plots'))
-  assert plots == ['accuracy_vs_depth.png', 'curves_tiny_resnet_bnn.png',
-                   'frozen_tiny_resnet_bnn_stompp_layerwise_s0.png',
-                   'frozen_tiny_resnet_bnn_stompp_ste_layerwise_s0.png']
+    row = json.loads((summaries / f'{name}.json').read_text())
+    assert row['steps'] == 5 and row['sites'] == 4  # ceil(4 sites x 1 step / 0.8).
+    assert 0 <= row['as_trained'] <= 1 and 0 <= row['recalibrated'] <= 1
+    assert row['curves']['train'][-1]['step'] == 5 and row['config']['binary']['window_steps'] in (0, 1)
   capsys.readouterr()
-  assert study.main(args) == 0  # Everything is finished: skipped, only the table is rewritten.
-  assert capsys.readouterr().out.count('done, skipped') == 3
+  assert study.main(args) == 0  # Every run has its summary: skipped.
+  assert capsys.readouterr().out.count('done, skipped') == 4
+  assert study.main(args + ['--analyze']) == 0
+  results = (summaries / 'results.md').read_text()
+  assert '| floor | tiny_resnet | bnn | binarized | floor | layerwise | 4 | 0 | 5 | 1 |' in results
+  assert '- StoMPP beats STE, tiny_resnet [binarized]: **not run**' in results
+  assert sorted(os.listdir(summaries / 'plots')) == ['accuracy_vs_depth.png', 'order.png']

@@ -9,7 +9,9 @@ even on another process or worker count, continues with exactly the batches it w
 
 Eval. The eval split is padded with blank examples (mask 0) to a multiple of the global batch
 and cut the same way, so every example is seen exactly once over all processes and every
-process yields the same number of batches.
+process yields the same number of batches. An eval subset of n examples (train.eval_steps) is
+drawn across the whole split, every (N // n)-th example, never the first n in source order (a
+class-sorted split would give a few classes).
 """
 
 import dataclasses
@@ -68,17 +70,20 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
 
 def make_eval_iterator(data_config, *, global_batch_size: int,
                        process_index: int | None = None,
-                       process_count: int | None = None) -> grain.IterDataset:
+                       process_count: int | None = None,
+                       max_examples: int = 0) -> grain.IterDataset:
   """Finite, re-iterable eval batches of this process.
 
   Yields {'image': float32 (B/P, H, W, C), 'label': int32 (B/P,), 'mask': float32 (B/P,)}
   with mask 1 for real examples and 0 for padding; ceil(N / B) batches on every process.
+  `max_examples` > 0 evaluates a subset of that many examples spread over the split.
   """
   _, process_index, process_count = _local_batch(global_batch_size, process_index,
                                                  process_count)
   source, prep = _source_and_preprocessing(data_config, 'eval')
   batches = eval_batches(source, prep, global_batch_size=global_batch_size,
-                         process_index=process_index, process_count=process_count)
+                         process_index=process_index, process_count=process_count,
+                         max_examples=max_examples)
   return iter_dataset(batches, data_config.num_workers, data_config.prefetch)
 
 
@@ -94,14 +99,23 @@ def train_batches(source, prep: transforms.Preprocessing, *, local_batch: int, s
   return examples.batch(local_batch, batch_fn=prep.collate)[process_index::process_count]
 
 
+def eval_subset(examples: grain.MapDataset, max_examples: int) -> grain.MapDataset:
+  """`max_examples` examples spread over the split (every (N // n)-th); all when 0 or >= N."""
+  if max_examples <= 0 or max_examples >= len(examples):
+    return examples
+  return examples[::len(examples) // max_examples][:max_examples]
+
+
 def eval_batches(source, prep: transforms.Preprocessing, *, global_batch_size: int,
-                 process_index: int, process_count: int) -> grain.MapDataset:
-  """This process's ceil(N / B) eval batches, padded with blank examples of mask 0."""
-  examples = grain.MapDataset.source(source)
+                 process_index: int, process_count: int,
+                 max_examples: int = 0) -> grain.MapDataset:
+  """This process's ceil(n / B) eval batches (n = N or the subset's size), padded with blank
+  examples of mask 0."""
+  examples = eval_subset(grain.MapDataset.source(source), max_examples)
   if prep.eval is not None:
     examples = examples.map(prep.eval)
   examples = examples.map(_real)
-  padding = -len(source) % global_batch_size
+  padding = -len(examples) % global_batch_size
   if padding:
     blank = {'image': np.zeros(prep.image_shape, np.uint8), 'label': 0, 'mask': 0.0}
     examples = grain.MapDataset.concatenate(

@@ -1,6 +1,8 @@
 """Command line of the export (docs/export.md):
 
     python -m stompp_jax.export --workdir=RUN --out=DIR            # newest checkpoint of a run
+    python -m stompp_jax.export --workdir=RUN --out=DIR --recalibrate_bn_batches=20
+                                              # ... with re-estimated BatchNorm statistics
     python -m stompp_jax.export --config=configs/imagenet.py:model=resnet18 --out=DIR
                                                                    # initialized model (sizes)
 
@@ -36,7 +38,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO.
   try:
     if workdir is not None:
-      manifest = sources.export_workdir(workdir, out)
+      manifest = sources.export_workdir(workdir, out, flags.FLAGS.recalibrate_bn_batches)
     else:
       manifest = sources.export_config(config, out,
                                        config_flags.get_config_filename(flags.FLAGS['config']))
@@ -51,6 +53,10 @@ def main(argv):
 if __name__ == '__main__':  # Flags defined here only: stompp_jax.main defines --workdir too.
   flags.DEFINE_string('workdir', None, 'Run directory: export its newest checkpoint.')
   flags.DEFINE_string('out', None, 'Directory for manifest.json and tensors.npz.', required=True)
+  flags.DEFINE_integer(
+      'recalibrate_bn_batches', 0, 'With --workdir: fold BatchNorm statistics re-estimated on the'
+      ' fully binary network over this many training batches (0 = the running statistics; the'
+      ' default until the issue-15 study decides).')
   config_flags.DEFINE_config_file(
       'config', None, 'Instead of --workdir: export the initialized model of this config.')
   app.run(main)

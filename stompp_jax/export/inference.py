@@ -168,6 +168,7 @@ OPS: dict[str, Callable[[dict, dict, dict], jax.Array]] = {
     'threshold': lambda op, v, t: threshold_signs(v[op['input']], t[op['threshold']],
                                                   t[op['flip']]),
     'sign': lambda op, v, t: pack_signs(v[op['input']]),
+    'binarize': lambda op, v, t: jnp.where(v[op['input']] >= 0, 1.0, -1.0).astype(jnp.float32),
     'relu': lambda op, v, t: jax.nn.relu(v[op['input']]),
     'add': lambda op, v, t: v[op['inputs'][0]] + v[op['inputs'][1]],
     'max_pool': _max_pool,

@@ -6,7 +6,7 @@
    block call: attributes (strides, padding, epsilon), the block order and, inside each block,
    its layers in call order (main path, then the projection shortcut). The model summary
    (models/summary.py, from the same trace) gives each layer's precision under the binary rules.
-2. `resnet_program` emits conv, dense, batch_norm, sign, relu, add, max_pool and
+2. `resnet_program` emits conv, dense, batch_norm, sign, binarize, relu, add, max_pool and
    global_average_pool ops from those calls. What the trace of module calls cannot show, the
    wiring between them (where the nonlinearity, the residual addition and the ImageNet stem's
    max-pool sit), follows models/resnet.py. Binary kernels become sign bits packed along the
@@ -91,6 +91,10 @@ class ProgramBuilder:
       fields['bias'] = self._add_tensor(f'{path}/bias', bias, 'float32', bias.shape)
     return fields
 
+  def precision(self, path: str) -> str:
+    """'binary', 'binary_weight' or 'float' of the conv or dense layer at `path`."""
+    return self._precisions[path]
+
   def _layer_input(self, x: str, path: str) -> str:
     return self.sign(x) if self._precisions[path] == 'binary' else x
 
@@ -126,6 +130,10 @@ class ProgramBuilder:
                                 ('offset', self._variable('params', f'{path}/bias')))}
     return self._emit('batch_norm', layer=path, input=x, **names)
 
+  def binarize(self, x: str) -> str:
+    """The float +-1 value sign(x) (sign(0) = +1): a block input in the `binarized` reading."""
+    return self._emit('binarize', input=x)
+
   def act(self, x: str) -> str:
     """The block nonlinearity: ReLU in fp and bwn, none in bnn (the binarizers take its place)."""
     return x if self._mode == 'bnn' else self._emit('relu', input=x)
@@ -153,7 +161,9 @@ def resnet_program(builder: ProgramBuilder, trace: inspect.Trace) -> None:
 
   Top-level layers: stem conv and BatchNorm, then the classifier. A block: (conv, BatchNorm)
   pairs in call order, the nonlinearity between pairs, then the addition of the shortcut (the
-  block input, or its `shortcut_*` projection pair) and the nonlinearity.
+  block input, or its `shortcut_*` projection pair) and the nonlinearity. In the `binarized`
+  reading (model.bnn_shortcut) a block whose conv1 is binary first takes sign(input) as a
+  float +-1 value (`binarize`), which feeds conv1 and the shortcut.
   """
   model = trace.calls[0].module
   stem_conv, stem_bn, classifier = _layers_under(trace, '')
@@ -164,6 +174,8 @@ def resnet_program(builder: ProgramBuilder, trace: inspect.Trace) -> None:
     paths = _layers_under(trace, block.path)
     main = [p for p in paths if not p.rsplit('/', 1)[1].startswith('shortcut_')]
     projection = [p for p in paths if p not in main]
+    if block.module.bnn_shortcut == 'binarized' and builder.precision(main[0]) == 'binary':
+      x = builder.binarize(x)  # Once, for conv1 and the shortcut (models/resnet.py).
     y = x
     for i in range(0, len(main), 2):
       if i:

@@ -59,8 +59,12 @@ def export_variables(out_dir: str, *, config: Any, variables: dict, num_classes:
   return manifest
 
 
-def export_workdir(workdir: str, out_dir: str) -> dict:
+def export_workdir(workdir: str, out_dir: str, recalibrate_bn_batches: int = 0) -> dict:
   """Exports the newest checkpoint of the run in `workdir` (its config.json builds the model).
+
+  `recalibrate_bn_batches` > 0 folds BatchNorm statistics re-estimated on the fully binary
+  network over that many of the run's training batches (stompp_jax/recalibrate.py) instead of
+  the running statistics; 0 (the default until the issue-15 study decides) keeps the latter.
 
   Raises:
     errors.SetupError: `workdir` is not a run directory with a config and a checkpoint.
@@ -77,10 +81,28 @@ def export_workdir(workdir: str, out_dir: str) -> dict:
   step, variables, state_bytes = checkpoints.read_variables(workdir)
   _, image_shape = pipeline.input_shape(config.data)
   num_classes = variables['params']['classifier']['kernel'].shape[-1]
+  source = dict(workdir=os.path.abspath(workdir), step=int(step))
+  if recalibrate_bn_batches:
+    variables = _recalibrated(config, variables, num_classes, image_shape, recalibrate_bn_batches)
+    source['recalibrated_bn_batches'] = recalibrate_bn_batches
   return export_variables(out_dir, config=config, variables=variables,
-                          num_classes=num_classes, image_shape=image_shape,
-                          source=dict(workdir=os.path.abspath(workdir), step=int(step)),
+                          num_classes=num_classes, image_shape=image_shape, source=source,
                           checkpoint_state_bytes=state_bytes)
+
+
+def _recalibrated(config, variables, num_classes, image_shape, num_batches: int) -> dict:
+  """The checkpoint's variables with the fully binary network's re-estimated BatchNorm stats."""
+  from stompp_jax import experiment  # pylint: disable=g-import-not-at-top
+  from stompp_jax import recalibrate  # pylint: disable=g-import-not-at-top
+  if num_batches < 0:
+    raise errors.SetupError(f'--recalibrate_bn_batches={num_batches}: use 0 (the running'
+                            ' statistics) or a number of training batches.')
+  net = experiment.build_model(config, num_classes=num_classes, image_shape=image_shape)
+  total_steps, _ = experiment.total_train_steps(config.train,
+                                                pipeline.dataset_info(config.data).train_size)
+  binarization = experiment.binarization_config(config, net.sites, total_steps)
+  return recalibrate.recalibrate_variables(config, net.model, binarization, variables,
+                                           num_batches)
 
 
 def export_config(config: ml_collections.ConfigDict, out_dir: str,

@@ -36,7 +36,8 @@ AUTO_CIFAR_STEM_MAX_SIZE = 64
 
 
 def check_model_config(model_config: Any) -> None:
-  """Checks `config.model`'s name, stem, mode, dtype and width (one-line ValueErrors)."""
+  """Checks `config.model`'s name, stem, mode, dtype, width and bnn_shortcut (one-line
+  ValueErrors)."""
   check_choice('model.name', model_config.name, MODEL_NAMES)
   check_choice('model.stem', model_config.stem, ('auto', *resnet.STEMS))
   check_choice('model.mode', model_config.mode, resnet.MODES)
@@ -44,6 +45,11 @@ def check_model_config(model_config: Any) -> None:
   if model_config.name != 'mobilenet_v2' and model_config.width_multiplier != 1.0:
     raise ValueError(f'model.width_multiplier applies to mobilenet_v2 only; '
                      f'set it to 1.0 for {model_config.name}.')
+  bnn_shortcut = model_config.get('bnn_shortcut', 'real')  # Runs made before the field: real.
+  check_choice('model.bnn_shortcut', bnn_shortcut, resnet.BNN_SHORTCUTS)
+  if model_config.name == 'mobilenet_v2' and bnn_shortcut != 'real':
+    raise ValueError(f'model.bnn_shortcut={bnn_shortcut!r} is defined for the ResNets only:'
+                     ' use model.bnn_shortcut=real with mobilenet_v2.')
   if not model_config.width_multiplier > 0:
     raise ValueError(f'model.width_multiplier={model_config.width_multiplier} is not positive:'
                      ' set it > 0 (1.0 = the standard width).')
@@ -54,7 +60,8 @@ def create_model(model_config: Any, *, num_classes: int,
   """Builds the model that `model_config` (the ConfigDict `config.model`) names.
 
   Args:
-    model_config: fields name, stem, mode, width_multiplier, dtype (configs/default.py).
+    model_config: fields name, stem, mode, bnn_shortcut, width_multiplier, dtype
+      (configs/default.py).
     num_classes: logits per example.
     image_shape: (height, width, channels) of the input images; picks the stem under 'auto'.
 
@@ -70,6 +77,8 @@ def create_model(model_config: Any, *, num_classes: int,
                 dtype=DTYPES[model_config.dtype])
   if model_config.name == 'mobilenet_v2':
     kwargs['width_multiplier'] = model_config.width_multiplier
+  else:
+    kwargs['bnn_shortcut'] = model_config.get('bnn_shortcut', 'real')  # Older runs: real.
   return _MODELS[model_config.name](**kwargs)
 
 

@@ -28,6 +28,16 @@ Modes (METHOD.md, "What is binarized"); the rules decide at call time which laye
        a constant +1). BatchNorm stays after every conv; plain sign, no scaling factors;
        residual additions unchanged. 'SAME' padding pads the +-1 input of a binary conv with
        zeros, as larq's default.
+       The papers do not state the block topology; `bnn_shortcut` picks one of two readings:
+         real       conv1 binarizes its own input; the shortcut (identity or projection)
+                    carries the real-valued block input, so gradient always reaches upstream
+                    layers around every binarizer (the block before issue 15).
+         binarized  the block input is binarized once, by conv1's site (its mask, its
+                    schedule), and that value feeds conv1 and the shortcut; a projection
+                    shortcut sees the binarized input and does not binarize it again. A fully
+                    committed input site then passes no gradient upstream (STE-free StoMPP):
+                    the blockade the papers' reverse-order and STE depth arguments rest on.
+       Parameters, module paths and the site table are the same in both readings.
 BatchNorm: momentum 0.9, epsilon 1e-5, scale 1 and bias 0 at init, float32 statistics.
 """
 
@@ -40,9 +50,11 @@ import jax.numpy as jnp
 
 from stompp_jax import layers
 from stompp_jax.binary import context as bctx
+from stompp_jax.binary.choices import check_choice
 
 ModuleDef = Any
 MODES = ('fp', 'bwn', 'bnn')
+BNN_SHORTCUTS = ('real', 'binarized')
 STEMS = ('cifar', 'imagenet')
 
 
@@ -89,7 +101,10 @@ class Block(nn.Module):
   Attributes:
     filters: channels of the block's convs (the last one has 4x as many in a bottleneck).
     conv, norm, act: from `layer_factories`.
-    strides: of the block's first 3x3 conv and of its projection shortcut.
+    strides: of the block's strided 3x3 conv and of its projection shortcut.
+    bnn_shortcut: 'real' (conv1 binarizes its own input; the shortcut carries the real input)
+      or 'binarized' (the input is binarized once by conv1's site and feeds conv1 and the
+      shortcut). See the module docstring.
   """
 
   filters: int
@@ -97,6 +112,24 @@ class Block(nn.Module):
   norm: ModuleDef
   act: Callable
   strides: tuple[int, int] = (1, 1)
+  bnn_shortcut: str = 'real'
+
+  def conv1(self, x: jax.Array, ctx: Optional[bctx.BinarizationContext],
+            **conv_kwargs) -> tuple[jax.Array, jax.Array]:
+    """Applies the block's first conv ('conv1') to x; returns (its output, the shortcut input)."""
+    if self.bnn_shortcut == 'real':
+      return self.conv(name='conv1', **conv_kwargs)(x, ctx), x
+    conv1 = self.conv(name='conv1', binarize_input=False, **conv_kwargs)
+    x = conv1.binarize_own_input(x, ctx)
+    return conv1(x, ctx), x
+
+  def add_shortcut(self, y: jax.Array, x: jax.Array,
+                   ctx: Optional[bctx.BinarizationContext]) -> jax.Array:
+    """act(y + shortcut(x)); a binarized shortcut input is not binarized again."""
+    conv = self.conv
+    if self.bnn_shortcut == 'binarized':
+      conv = functools.partial(conv, binarize_input=False)
+    return self.act(y + shortcut(x, y.shape[-1], self.strides, conv, self.norm, ctx))
 
 
 class BasicBlock(Block):
@@ -104,12 +137,11 @@ class BasicBlock(Block):
 
   @nn.compact
   def __call__(self, x: jax.Array, ctx: Optional[bctx.BinarizationContext]) -> jax.Array:
-    y = self.conv(features=self.filters, kernel_size=(3, 3), strides=self.strides,
-                  name='conv1')(x, ctx)
+    y, x = self.conv1(x, ctx, features=self.filters, kernel_size=(3, 3), strides=self.strides)
     y = self.act(self.norm(name='bn1')(y))
     y = self.conv(features=self.filters, kernel_size=(3, 3), name='conv2')(y, ctx)
     y = self.norm(name='bn2')(y)
-    return self.act(y + shortcut(x, y.shape[-1], self.strides, self.conv, self.norm, ctx))
+    return self.add_shortcut(y, x, ctx)
 
 
 class BottleneckBlock(Block):
@@ -117,14 +149,14 @@ class BottleneckBlock(Block):
 
   @nn.compact
   def __call__(self, x: jax.Array, ctx: Optional[bctx.BinarizationContext]) -> jax.Array:
-    y = self.conv(features=self.filters, kernel_size=(1, 1), name='conv1')(x, ctx)
+    y, x = self.conv1(x, ctx, features=self.filters, kernel_size=(1, 1))
     y = self.act(self.norm(name='bn1')(y))
     y = self.conv(features=self.filters, kernel_size=(3, 3), strides=self.strides,
                   name='conv2')(y, ctx)
     y = self.act(self.norm(name='bn2')(y))
     y = self.conv(features=4 * self.filters, kernel_size=(1, 1), name='conv3')(y, ctx)
     y = self.norm(name='bn3')(y)
-    return self.act(y + shortcut(x, y.shape[-1], self.strides, self.conv, self.norm, ctx))
+    return self.add_shortcut(y, x, ctx)
 
 
 class ResNet(nn.Module):
@@ -137,6 +169,8 @@ class ResNet(nn.Module):
     num_filters: channels of the stem and of the first stage (doubling per stage).
     stem: 'imagenet' or 'cifar' (see the module docstring).
     mode: 'fp', 'bwn' or 'bnn' (see the module docstring).
+    bnn_shortcut: one of BNN_SHORTCUTS, the block topology in mode bnn (module docstring);
+      ignored in fp and bwn, whose block inputs are never binarized.
     dtype: compute dtype; params and BatchNorm statistics stay float32.
   """
 
@@ -146,6 +180,7 @@ class ResNet(nn.Module):
   num_filters: int = 64
   stem: str = 'imagenet'
   mode: str = 'fp'
+  bnn_shortcut: str = 'real'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -155,8 +190,10 @@ class ResNet(nn.Module):
 
     `ctx=None` runs every layer in full precision; so does mode 'fp' whatever `ctx` is.
     """
+    check_choice('model.bnn_shortcut', self.bnn_shortcut, BNN_SHORTCUTS)
     if self.mode == 'fp':
       ctx = None
+    bnn_shortcut = self.bnn_shortcut if self.mode == 'bnn' else 'real'
     conv, norm, act = layer_factories(self.mode, train, self.dtype, nn.relu)
     if self.stem == 'imagenet':
       x = conv(features=self.num_filters, kernel_size=(7, 7), strides=(2, 2),
@@ -170,7 +207,8 @@ class ResNet(nn.Module):
       for b in range(num_blocks):
         strides = (2, 2) if s > 0 and b == 0 else (1, 1)
         x = self.block_cls(self.num_filters * 2**s, conv=conv, norm=norm, act=act,
-                           strides=strides, name=f'stage{s + 1}_block{b}')(x, ctx)
+                           strides=strides, bnn_shortcut=bnn_shortcut,
+                           name=f'stage{s + 1}_block{b}')(x, ctx)
     return classify(x, self.num_classes, self.mode, self.dtype, ctx)
 
 
