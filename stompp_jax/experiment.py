@@ -103,6 +103,8 @@ def build_model(config: ml_collections.ConfigDict, *, num_classes: int,
   """The model of `config.model` (or `model`), traced once, and its site table."""
   if model is None:
     model = models.create_model(config.model, num_classes=num_classes, image_shape=image_shape)
+  else:
+    model = models.from_module(model, config.model.mode)
   trace = inspect.trace_model(model, image_shape)
   rules = models.binary_rules(config.model)
   site_list = ()

@@ -7,10 +7,16 @@ numbering.
 
 import dataclasses
 
+import flax.linen as nn
+
 from stompp_jax import layers
 from stompp_jax import tables
 from stompp_jax.binary import context as bctx
 from stompp_jax.models import inspect
+
+
+# The layer types that can be sites: the zoo's layers and the plain ones of `layers.ByRules`.
+SITE_LAYERS = (layers.BinaryConv, layers.BinaryDense, *layers.PLAIN_LAYERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +42,11 @@ def discover_sites(trace: inspect.Trace, rules: bctx.BinaryRules) -> tuple[Site,
   A layer called more than once is one site, at its first call.
   """
   found: dict[str, Site] = {}
-  for call in trace.calls_of(layers.BinaryConv, layers.BinaryDense):
+  for call in trace.calls_of(*SITE_LAYERS):
     if rules.is_binary(call.path) and call.path not in found:
       found[call.path] = Site(
           path=call.path,
-          kind='conv' if isinstance(call.module, layers.BinaryConv) else 'dense',
+          kind='conv' if isinstance(call.module, (layers.BinaryConv, nn.Conv)) else 'dense',
           kernel_shape=call.kernel_shape(),
           input_shape=call.input_shape)
   return tuple(found.values())
