@@ -218,3 +218,28 @@ def _first_value(x: jax.Array) -> int:
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `tree` with the given shardings (restore targets)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_newest(workdir: str) -> tuple[int, dict[str, Any]]:
+  """(step, the train state as a dict of arrays on one device) of the newest checkpoint of
+  `workdir`, without a target tree (for evaluation and export; training restores `Checkpointer`'s
+  checked state).
+
+  Raises:
+    FileNotFoundError: `workdir` has no checkpoint.
+  """
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  step, manager = None, None
+  if os.path.isdir(directory):
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step()
+  try:
+    if step is None:
+      raise FileNotFoundError(f'{workdir} has no checkpoint yet: train the run first.')
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(fallback_sharding=device)))['state']
+  finally:
+    if manager is not None:
+      manager.close()
+  return step, state

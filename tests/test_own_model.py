@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from stompp_jax import evaluate
 from stompp_jax import models
 from stompp_jax import optimizers
 from stompp_jax import sites as sites_lib
@@ -233,3 +234,10 @@ def test_the_example_trains_its_own_model(tmp_path):
       cwd=test_train.REPO, capture_output=True, text=True, timeout=600, check=True)
   assert 'eval_fully_binary_accuracy' in out.stdout and 'step 4' in out.stdout, out.stdout
   assert (tmp_path / 'done.json').exists()
+
+
+def test_a_user_model_run_is_evaluated_from_python(reference_run):
+  workdir, final = reference_run
+  results = evaluate.evaluate_run(str(workdir), model=VGG())
+  assert results['eval_fully_binary_accuracy'] == final['eval_fully_binary_accuracy']
+  assert results['eval_loss'] == pytest.approx(final['eval_loss'], rel=1e-5)
