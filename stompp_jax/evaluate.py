@@ -27,6 +27,7 @@ import jax
 import ml_collections
 
 from stompp_jax import checkpoints
+from stompp_jax import errors
 from stompp_jax import models
 from stompp_jax import state as state_lib
 from stompp_jax import steps
@@ -39,13 +40,13 @@ from stompp_jax.data import pipeline
 SPLITS = {'test': 'eval', 'train': 'train'}  # Our name -> the data pipeline's split.
 
 
-class RunError(ValueError):
+class RunError(errors.SetupError):
   """The directory is not a run that can be evaluated (the message says what to do)."""
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config.json of the run in `workdir`."""
-  path = os.path.join(workdir, 'config.json')
+  path = os.path.join(workdir, workdir_lib.CONFIG)
   if not os.path.isfile(path):
     raise RunError(f'{workdir} is not a run directory (no config.json): give the --workdir of a'
                    ' training run.')
@@ -87,7 +88,7 @@ def load_run(workdir: str, *, model: Any = None, allow_unfinished: bool = False)
 
   Raises:
     RunError: no run or an unfinished run.
-    FileNotFoundError: the run has no checkpoint.
+    errors.SetupError: the run has no checkpoint.
   """
   config = read_run_config(workdir)
   info = pipeline.dataset_info(config.data)
@@ -98,7 +99,7 @@ def load_run(workdir: str, *, model: Any = None, allow_unfinished: bool = False)
   else:
     model = models.from_module(model, config.model.mode)
   binarization, _ = train.build_binarization(config, model, info.image_shape, total_steps)
-  step, restored = checkpoints.restore_newest(workdir)
+  step, restored = checkpoints.read_state(workdir)
   if workdir_lib.read_done(workdir) is None and not allow_unfinished:
     raise RunError(f'{workdir} is unfinished (newest checkpoint at step {step} of {total_steps},'
                    ' no done.json): rerun its training command to finish it, or pass'
@@ -122,7 +123,7 @@ def evaluate_run(workdir: str, *, split: str = 'test', model: Any = None,
      'eval_fully_binary_loss' (binary runs), 'eval_accuracy', 'eval_loss'}.
 
   Raises:
-    RunError, FileNotFoundError: as `load_run`.
+    RunError, errors.SetupError: as `load_run`.
   """
   check_choice('split', split, tuple(SPLITS))
   run = load_run(workdir, model=model, allow_unfinished=allow_unfinished)
@@ -152,28 +153,28 @@ def render(results: dict[str, Any]) -> str:
                    for label, key in names if f'{key}_accuracy' in results)
 
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory of a training run.')
-_SPLIT = flags.DEFINE_enum('split', 'test', list(SPLITS), 'test: the eval split; train: the'
-                           ' train split without augmentation.')
-_ALLOW_UNFINISHED = flags.DEFINE_bool('allow_unfinished', False,
-                                      'Evaluate the newest checkpoint of an unfinished run.')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO.
-  if not _WORKDIR.value:
+  workdir = flags.FLAGS.workdir
+  if not workdir:
     print('Error: --workdir is missing: give the run directory to evaluate.', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(errors.EXIT_BAD_INPUT)
   try:
-    results = evaluate_run(_WORKDIR.value, split=_SPLIT.value,
-                           allow_unfinished=_ALLOW_UNFINISHED.value)
-  except (ValueError, FileNotFoundError) as e:  # RunError, and bad config or data.
+    results = evaluate_run(workdir, split=flags.FLAGS.split,
+                           allow_unfinished=flags.FLAGS.allow_unfinished)
+  except (ValueError, FileNotFoundError) as e:  # SetupError, and bad config or data.
     print(f'Error: {" ".join(str(e).split())}', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(errors.EXIT_BAD_INPUT)
   print(render(results))
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: the export imports this module and has a --workdir of its own.
+  flags.DEFINE_string('workdir', None, 'Run directory of a training run.')
+  flags.DEFINE_enum('split', 'test', list(SPLITS), 'test: the eval split; train: the train split'
+                    ' without augmentation.')
+  flags.DEFINE_bool('allow_unfinished', False, 'Evaluate the newest checkpoint of an unfinished'
+                    ' run.')
   app.run(main)

@@ -59,7 +59,7 @@ def test_missing_and_unfinished_runs_are_one_line_errors(finished_run, tmp_path)
   empty.mkdir()
   (empty / 'config.json').write_text((finished_run / 'config.json').read_text())
   for workdir, message in [(tmp_path / 'nothing', 'is not a run directory'),
-                           (empty, 'has no checkpoint yet'),
+                           (empty, 'has no checkpoints/ directory'),
                            (unfinished, 'is unfinished')]:
     out = run_command(f'--workdir={workdir}')
     assert out.returncode == 2 and out.stdout == '', out

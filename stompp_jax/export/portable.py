@@ -17,7 +17,7 @@ center crop), channels in the training data's order. The training normalization
 does. Output: the logits of the fully binary network (every mask = 1), the network that the
 training's `eval_fully_binary_*` metrics evaluate. The parameters are constants of the
 program (latent float32 kernels, signed inside), so the file is about the float32 model's size:
-it trades the bit-packed export's compactness (export.py) for running anywhere, on any model,
+it trades the bit-packed export's compactness (manifest.json + tensors.npz) for running anywhere, on any model,
 including the ones that export cannot walk (MobileNetV2, Bi-Real Net, your own model).
 Lowered for PLATFORMS; `exported.platforms` lists them.
 """
