@@ -28,7 +28,7 @@ import ml_collections
 
 from stompp_jax import checkpoints
 from stompp_jax import errors
-from stompp_jax import models
+from stompp_jax import experiment
 from stompp_jax import state as state_lib
 from stompp_jax import steps
 from stompp_jax import train
@@ -92,13 +92,10 @@ def load_run(workdir: str, *, model: Any = None, allow_unfinished: bool = False)
   """
   config = read_run_config(workdir)
   info = pipeline.dataset_info(config.data)
-  total_steps, _ = train.total_train_steps(config.train, info.train_size)
-  if model is None:
-    model = models.create_model(config.model, num_classes=info.num_classes,
-                                image_shape=info.image_shape)
-  else:
-    model = models.from_module(model, config.model.mode)
-  binarization, _ = train.build_binarization(config, model, info.image_shape, total_steps)
+  total_steps, _ = experiment.total_train_steps(config.train, info.train_size)
+  net = experiment.build_model(config, num_classes=info.num_classes,
+                               image_shape=info.image_shape, model=model)
+  binarization = experiment.binarization_config(config, net.sites, total_steps)
   step, restored = checkpoints.read_state(workdir)
   if workdir_lib.read_done(workdir) is None and not allow_unfinished:
     raise RunError(f'{workdir} is unfinished (newest checkpoint at step {step} of {total_steps},'
@@ -107,7 +104,7 @@ def load_run(workdir: str, *, model: Any = None, allow_unfinished: bool = False)
   state = state_lib.TrainState(step=restored['step'], params=restored['params'],
                                batch_stats=restored['batch_stats'], opt_state=None,
                                mask_key=restored['mask_key'])
-  return Run(config, info, total_steps, model, binarization, int(step), state)
+  return Run(config, info, total_steps, net.model, binarization, int(step), state)
 
 
 def evaluate_run(workdir: str, *, split: str = 'test', model: Any = None,

@@ -22,6 +22,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from stompp_jax import layers
 from stompp_jax import models
 from stompp_jax import optimizers
 from stompp_jax import parallel
@@ -109,7 +110,7 @@ def build_model(config: ml_collections.ConfigDict, *, num_classes: int,
   rules = models.binary_rules(config.model)
   site_list = ()
   if config.binary.method != 'fp':
-    site_list = sites_lib.discover_sites(trace, rules)
+    site_list = sites_lib.discover_sites(trace, rules, layers.site_layers(model))
     if not site_list:
       raise ValueError('No layer of the model matches the binary rules: check'
                        ' model.binary_include / model.binary_exclude.')

@@ -132,7 +132,13 @@ class BinaryDense(_BinaryLayer):
 
 # ------------------------------------------------------------------------------- any model by rules
 
+ZOO_LAYERS = (BinaryConv, BinaryDense)  # The layer types the zoo's models binarize.
 PLAIN_LAYERS = (nn.Conv, nn.Dense)  # The layer types `ByRules` binarizes.
+
+
+def site_layers(model: Any) -> tuple[type, ...]:
+  """The layer types that can be sites of `model`: plain ones for `ByRules`, else the zoo's."""
+  return PLAIN_LAYERS if isinstance(model, ByRules) else ZOO_LAYERS
 
 
 def binarize_kernels(params: Any, ctx: bctx.BinarizationContext) -> Any:

@@ -15,10 +15,6 @@ from stompp_jax.binary import context as bctx
 from stompp_jax.models import inspect
 
 
-# The layer types that can be sites: the zoo's layers and the plain ones of `layers.ByRules`.
-SITE_LAYERS = (layers.BinaryConv, layers.BinaryDense, *layers.PLAIN_LAYERS)
-
-
 @dataclasses.dataclass(frozen=True)
 class Site:
   """One binarized layer.
@@ -36,13 +32,15 @@ class Site:
   input_shape: tuple[int, ...]
 
 
-def discover_sites(trace: inspect.Trace, rules: bctx.BinaryRules) -> tuple[Site, ...]:
+def discover_sites(trace: inspect.Trace, rules: bctx.BinaryRules,
+                   layer_types: tuple[type, ...] = layers.ZOO_LAYERS) -> tuple[Site, ...]:
   """The binary layers of a model's trace (`inspect.trace_model`), in call order.
 
-  A layer called more than once is one site, at its first call.
+  A layer called more than once is one site, at its first call. `layer_types`: the layers that
+  can be sites (`layers.site_layers(model)`: the zoo's, or plain ones for `layers.ByRules`).
   """
   found: dict[str, Site] = {}
-  for call in trace.calls_of(*SITE_LAYERS):
+  for call in trace.calls_of(*layer_types):
     if rules.is_binary(call.path) and call.path not in found:
       found[call.path] = Site(
           path=call.path,

@@ -11,8 +11,9 @@ import numpy as np
 import optax
 import pytest
 
+from stompp_jax import errors
 from stompp_jax import evaluate
-from stompp_jax import models
+from stompp_jax import experiment
 from stompp_jax import optimizers
 from stompp_jax import sites as sites_lib
 from stompp_jax import state as state_lib
@@ -93,8 +94,8 @@ def own_config(method='stompp', mode='bnn', **train_overrides):
 
 
 def binarization(module, config, total_steps=10):
-  model = models.from_module(module, config.model.mode)
-  return model, *train.build_binarization(config, model, IMAGE_SHAPE, total_steps)
+  net = experiment.build_model(config, num_classes=4, image_shape=IMAGE_SHAPE, model=module)
+  return net.model, experiment.binarization_config(config, net.sites, total_steps), net.sites
 
 
 def init(model, seed=0):
@@ -161,7 +162,7 @@ def test_frozen_kernel_entries_get_zero_gradients_and_no_update(mode):
   tx = optimizers.create_optimizer(
       config.optim, config.binary, lr_schedule=optax.constant_schedule(0.1),
       kernel_sites=sites_lib.kernel_sites(found),
-      kernel_mask=train._kernel_mask(model.init(jax.random.key(0), images)['params']))
+      kernel_mask=experiment.kernel_mask(model.init(jax.random.key(0), images)['params']))
   state = state_lib.create_train_state(model, tx, 0, images).replace(step=jnp.int32(4))
   ctx = bctx.BinarizationContext(step=state.step, key=state.mask_key, config=binary)
   batch = {'image': images, 'label': jnp.arange(8) % 4}
@@ -221,7 +222,7 @@ def test_a_user_model_run_resumes_exactly(reference_run, tmp_path, monkeypatch):
 
 
 def test_a_model_that_is_not_a_linen_module_is_refused(tmp_path):
-  with pytest.raises(train.SetupError, match='flax.linen.Module'):
+  with pytest.raises(errors.SetupError, match='flax.linen.Module'):
     train.train_and_evaluate(own_config(), str(tmp_path), model=lambda x: x)
   assert not list(tmp_path.iterdir())
 
