@@ -22,7 +22,7 @@ def get_config(arg=None):
   # ---------------------------------------------------------------- model
   c.model = ml_collections.ConfigDict()
   # resnet18 | resnet34 | resnet50 | resnet20 | resnet32 | resnet44 | resnet56 | resnet110 |
-  # mobilenet_v2 | tiny_resnet (a tiny model for tests).
+  # bireal18 (Bi-Real Net, models/bireal.py) | mobilenet_v2 | tiny_resnet (a tiny model for tests).
   c.model.name = 'resnet20'
   c.model.stem = 'auto'  # auto (from dataset image size) | cifar | imagenet.
   c.model.mode = 'bnn'  # fp | bwn (binary kernels) | bnn (binary kernels and inputs).

@@ -151,11 +151,12 @@ def directory(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, workdir_lib.CHECKPOINTS))
 
 
-def read_variables(workdir: str) -> tuple[int, dict, int]:
-  """The model of the newest checkpoint, without the rest of the train state or a model.
+def read_state(workdir: str) -> tuple[int, dict[str, Any]]:
+  """The newest checkpoint's train state, without a target tree or a model.
 
   Returns:
-    (step, {'params', 'batch_stats'} as numpy arrays, bytes of the train state on disk).
+    (step, the train state as a dict of arrays on one device: 'step', 'params', 'batch_stats',
+    'opt_state', 'mask_key').
 
   Raises:
     errors.SetupError: `workdir` has no checkpoint.
@@ -174,8 +175,21 @@ def read_variables(workdir: str) -> tuple[int, dict, int]:
         state=ocp.args.StandardRestore(fallback_sharding=device)))['state']
   finally:
     manager.close()
+  return step, state
+
+
+def read_variables(workdir: str) -> tuple[int, dict, int]:
+  """The model of the newest checkpoint, without the rest of the train state or a model.
+
+  Returns:
+    (step, {'params', 'batch_stats'} as numpy arrays, bytes of the train state on disk).
+
+  Raises:
+    errors.SetupError: `workdir` has no checkpoint.
+  """
+  step, state = read_state(workdir)
   variables = jax.device_get({'params': state['params'], 'batch_stats': state['batch_stats']})
-  return step, variables, _directory_bytes(os.path.join(path, str(step), 'state'))
+  return step, variables, _directory_bytes(os.path.join(directory(workdir), str(step), 'state'))
 
 
 def _directory_bytes(path: str) -> int:
@@ -218,3 +232,4 @@ def _first_value(x: jax.Array) -> int:
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `tree` with the given shardings (restore targets)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+

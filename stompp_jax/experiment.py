@@ -22,6 +22,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from stompp_jax import layers
 from stompp_jax import models
 from stompp_jax import optimizers
 from stompp_jax import parallel
@@ -103,11 +104,13 @@ def build_model(config: ml_collections.ConfigDict, *, num_classes: int,
   """The model of `config.model` (or `model`), traced once, and its site table."""
   if model is None:
     model = models.create_model(config.model, num_classes=num_classes, image_shape=image_shape)
+  else:
+    model = models.from_module(model, config.model.mode)
   trace = inspect.trace_model(model, image_shape)
   rules = models.binary_rules(config.model)
   site_list = ()
   if config.binary.method != 'fp':
-    site_list = sites_lib.discover_sites(trace, rules)
+    site_list = sites_lib.discover_sites(trace, rules, layers.site_layers(model))
     if not site_list:
       raise ValueError('No layer of the model matches the binary rules: check'
                        ' model.binary_include / model.binary_exclude.')

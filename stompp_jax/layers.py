@@ -1,17 +1,29 @@
-"""Flax Linen layers that binarize their kernel (and, for BNNs, their input).
+"""How a conv or dense layer becomes a binary site: the zoo's layers and any Flax model by rules.
 
-Every conv and dense layer of the models is a `BinaryConv` / `BinaryDense`; whether it is binary
-is decided at call time by the rules in the context (regexes on the module path), so the model
-code is the same for fp, BWN and BNN and the parameter tree matches `nn.Conv` / `nn.Dense`.
+Two ways in, one binarization (`binarize_site_tensor` of binary/context.py on the kernel and, for
+BNNs, the input, with the site's masks from the step's `BinarizationContext`):
 
-Call with `ctx=None` (init, or a plain float network) to run the layer in full precision.
-A binary layer sows its scheduled kernel frozen fraction into the 'binary_stats' collection.
+- The zoo's models are built from `BinaryConv` / `BinaryDense`, which get the context as a call
+  argument and binarize inside. Whether a layer is binary is decided at call time by the rules
+  in the context (regexes on the module path), so the model code is the same for fp, BWN and BNN
+  and the parameter tree matches `nn.Conv` / `nn.Dense`. Call with `ctx=None` (init, or a plain
+  float network) to run the layer in full precision.
+- `ByRules(module, binarize_input)` wraps any Linen model built from plain `nn.Conv` /
+  `nn.Dense` (and `nn.BatchNorm`), called as `module(x, train=...)`, without changing its code:
+  its `apply(..., ctx=ctx)` maps the variables (each site's kernel in the params tree is replaced
+  by its binarization; gradients reach the latent kernel through the binarizer's VJP) and
+  intercepts the `__call__` of every site (`nn.intercept_methods`) to binarize its input.
+
+Either way a binary layer sows its scheduled kernel frozen fraction into the 'binary_stats'
+collection, under its module path.
 """
 
 import dataclasses
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -23,6 +35,12 @@ Dtype = Any
 def module_path(module: nn.Module) -> str:
   """'/'-joined path of a bound module, e.g. 'stage2_block1/conv1'."""
   return '/'.join(module.path)
+
+
+def sow_frozen_fraction(module: nn.Module, ctx: bctx.BinarizationContext, site: int) -> None:
+  """Records the site's scheduled frozen fraction in module's 'binary_stats' (if mutable)."""
+  module.sow('binary_stats', 'frozen_fraction', bctx.site_fraction(ctx, site),
+             init_fn=lambda: (), reduce_fn=lambda _, v: v)
 
 
 class _BinaryLayer(nn.Module):
@@ -49,8 +67,7 @@ class _BinaryLayer(nn.Module):
     if not self.is_binary(ctx):
       return x, kernel
     site = ctx.config.site_index(module_path(self))
-    self.sow('binary_stats', 'frozen_fraction', bctx.site_fraction(ctx, site),
-             init_fn=lambda: (), reduce_fn=lambda _, v: v)
+    sow_frozen_fraction(self, ctx, site)
     kernel = bctx.binarize_site_tensor(kernel, ctx, site, 'kernel')
     if self.binarize_input:
       x = bctx.binarize_site_tensor(x, ctx, site, 'input')
@@ -122,3 +139,72 @@ class BinaryDense(_BinaryLayer):
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)
     return y
+
+
+# ------------------------------------------------------------------------------- any model by rules
+
+ZOO_LAYERS = (BinaryConv, BinaryDense)  # The layer types the zoo's models binarize.
+PLAIN_LAYERS = (nn.Conv, nn.Dense)  # The layer types `ByRules` binarizes.
+
+
+def site_layers(model: Any) -> tuple[type, ...]:
+  """The layer types that can be sites of `model`: plain ones for `ByRules`, else the zoo's."""
+  return PLAIN_LAYERS if isinstance(model, ByRules) else ZOO_LAYERS
+
+
+def binarize_kernels(params: Any, ctx: bctx.BinarizationContext) -> Any:
+  """The params tree with the kernel of every site of `ctx.config.sites` binarized (same tree)."""
+  flat = flax.traverse_util.flatten_dict(params, sep='/')
+  for site, path in enumerate(ctx.config.sites):
+    name = f'{path}/kernel'
+    flat[name] = bctx.binarize_site_tensor(flat[name], ctx, site, 'kernel')
+  return flax.traverse_util.unflatten_dict(flat, sep='/')
+
+
+def _binarize_site_input(next_fun, args, kwargs, call, *, ctx: bctx.BinarizationContext,
+                         binarize_input: bool):
+  """Interceptor: a site's call sows its frozen fraction and gets its input binarized (BNN)."""
+  module = call.module
+  if call.method_name == '__call__' and isinstance(module, PLAIN_LAYERS):
+    path = module_path(module)
+    if path in ctx.config.sites:
+      site = ctx.config.site_index(path)
+      sow_frozen_fraction(module, ctx, site)
+      if binarize_input:
+        args = (bctx.binarize_site_tensor(args[0], ctx, site, 'input'), *args[1:])
+  return next_fun(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ByRules:
+  """Any Linen model, its plain `nn.Conv` / `nn.Dense` sites binarized by the context's sites.
+
+  The model is not changed: `init` is the module's own, and `apply` with a context binarizes
+  the kernels of the layers listed in `ctx.config.sites` (found by sites.discover_sites from
+  the binary rules) and, when `binarize_input` (BNN), their inputs. Called like the zoo's models:
+
+      variables = model.init(key, x, train=False)
+      logits, updates = model.apply(variables, x, train=True, ctx=ctx,
+                                    mutable=['batch_stats', 'binary_stats'])
+
+  Attributes:
+    module: a `flax.linen.Module` called as `module(x, train=...)` returning logits (B, K).
+    binarize_input: binarize each site's input too (mode bnn); else kernels only (bwn).
+  """
+
+  module: nn.Module
+  binarize_input: bool = False
+
+  def init(self, rngs: Any, x: jax.Array, train: bool = False, **kwargs) -> Any:
+    return self.module.init(rngs, x, train=train, **kwargs)
+
+  def apply(self, variables: Any, x: jax.Array, *, train: bool = False,
+            ctx: Optional[bctx.BinarizationContext] = None, **kwargs) -> Any:
+    """x: the module's input (B, ...); `kwargs` (e.g. mutable) go to `module.apply`."""
+    if ctx is None or ctx.config.method == 'fp':
+      return self.module.apply(variables, x, train=train, **kwargs)
+    variables = {**variables, 'params': binarize_kernels(variables['params'], ctx)}
+    interceptor = functools.partial(_binarize_site_input, ctx=ctx,
+                                    binarize_input=self.binarize_input)
+    with nn.intercept_methods(interceptor):
+      return self.module.apply(variables, x, train=train, **kwargs)

@@ -7,6 +7,8 @@ numbering.
 
 import dataclasses
 
+import flax.linen as nn
+
 from stompp_jax import layers
 from stompp_jax import tables
 from stompp_jax.binary import context as bctx
@@ -30,17 +32,19 @@ class Site:
   input_shape: tuple[int, ...]
 
 
-def discover_sites(trace: inspect.Trace, rules: bctx.BinaryRules) -> tuple[Site, ...]:
+def discover_sites(trace: inspect.Trace, rules: bctx.BinaryRules,
+                   layer_types: tuple[type, ...] = layers.ZOO_LAYERS) -> tuple[Site, ...]:
   """The binary layers of a model's trace (`inspect.trace_model`), in call order.
 
-  A layer called more than once is one site, at its first call.
+  A layer called more than once is one site, at its first call. `layer_types`: the layers that
+  can be sites (`layers.site_layers(model)`: the zoo's, or plain ones for `layers.ByRules`).
   """
   found: dict[str, Site] = {}
-  for call in trace.calls_of(layers.BinaryConv, layers.BinaryDense):
+  for call in trace.calls_of(*layer_types):
     if rules.is_binary(call.path) and call.path not in found:
       found[call.path] = Site(
           path=call.path,
-          kind='conv' if isinstance(call.module, layers.BinaryConv) else 'dense',
+          kind='conv' if isinstance(call.module, (layers.BinaryConv, nn.Conv)) else 'dense',
           kernel_shape=call.kernel_shape(),
           input_shape=call.input_shape)
   return tuple(found.values())

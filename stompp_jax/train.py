@@ -108,11 +108,18 @@ def evaluate(state, eval_fns, eval_batches) -> dict[str, float]:
   return results
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       model: Any = None) -> dict[str, Any]:
   """Trains and evaluates one run in `workdir`, resuming it if it has checkpoints.
+
+  `model`: None trains the zoo model `config.model.name`; else any `flax.linen.Module` called as
+  `model(x, train=...)` returning logits, whose `nn.Conv` / `nn.Dense` layers matching
+  `config.model.binary_include/exclude` become the sites (models.from_module; README, "Your own
+  model"). Resuming such a run needs the same model again.
 
   Every check of the config, the data, the devices and the workdir's earlier run comes before
   anything is written to `workdir`; those failures raise errors.SetupError.
+
   Returns:
     The final row: {'step', 'eval/...': accuracies and losses, 'preempted': bool}. A finished
     run returns its done.json.
@@ -127,7 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with contextlib.ExitStack() as cleanup:
     with _as_setup_errors():
       workdir_lib.check_workdir(workdir)
-      exp = experiment.build(config)
+      exp = experiment.build(config, model=model)
       workdir_lib.check_config(workdir, config)
       train_iter = pipeline.make_train_iterator(
           config.data, global_batch_size=config.train.batch_size, seed=config.seed)

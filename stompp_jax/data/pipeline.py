@@ -33,19 +33,27 @@ def dataset_info(data_config) -> DatasetInfo:
                              image_shape=_preprocessing(data_config, described).image_shape)
 
 
-def input_shape(data_config) -> tuple[int, tuple[int, int, int]]:
-  """(num_classes, image_shape after the transforms) without reading an image or a directory.
-
-  The shapes come from the one table of datasets (`sources.DATASETS`); the synthetic source's
-  from its config, the npz source's from the files' headers.
-  """
+def _described_without_images(data_config) -> DatasetInfo:
+  """The dataset's description from the one table of datasets (`sources.DATASETS`); the
+  synthetic source's from its config, the npz source's from the files' headers."""
   if data_config.source in ('synthetic', 'npz'):
-    info = dataset_info(data_config)
-  else:
-    name = sources.dataset_name(data_config)
-    info = DatasetInfo(name, sources.num_classes(data_config), sources.DATASETS[name].image_shape,
-                       0, 0)
+    return dataset_info(data_config)
+  name = sources.dataset_name(data_config)
+  return DatasetInfo(name, sources.num_classes(data_config), sources.DATASETS[name].image_shape,
+                     0, 0)
+
+
+def input_shape(data_config) -> tuple[int, tuple[int, int, int]]:
+  """(num_classes, image_shape after the transforms) without reading an image or a directory."""
+  info = _described_without_images(data_config)
   return info.num_classes, tuple(_preprocessing(data_config, info).image_shape)
+
+
+def normalization(data_config) -> tuple[np.ndarray, np.ndarray]:
+  """(offset, scale) float32 (C,) of the batches: image = (uint8 pixels - offset) * scale,
+  without reading an image."""
+  collate = _preprocessing(data_config, _described_without_images(data_config)).collate
+  return collate.offset, collate.scale
 
 
 def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
@@ -71,8 +79,10 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
 def make_eval_iterator(data_config, *, global_batch_size: int,
                        process_index: int | None = None,
                        process_count: int | None = None,
+                       split: str = 'eval',
                        max_examples: int = 0) -> grain.IterDataset:
-  """Finite, re-iterable eval batches of this process.
+  """Finite, re-iterable eval batches of this process, of `split` ('eval', or 'train' without
+  augmentation).
 
   Yields {'image': float32 (B/P, H, W, C), 'label': int32 (B/P,), 'mask': float32 (B/P,)}
   with mask 1 for real examples and 0 for padding; ceil(N / B) batches on every process.
@@ -80,7 +90,7 @@ def make_eval_iterator(data_config, *, global_batch_size: int,
   """
   _, process_index, process_count = _local_batch(global_batch_size, process_index,
                                                  process_count)
-  source, prep = _source_and_preprocessing(data_config, 'eval')
+  source, prep = _source_and_preprocessing(data_config, split)
   batches = eval_batches(source, prep, global_batch_size=global_batch_size,
                          process_index=process_index, process_count=process_count,
                          max_examples=max_examples)

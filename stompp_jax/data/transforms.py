@@ -149,13 +149,13 @@ class Collate:
   """
 
   def __init__(self, mean: tuple, std: tuple):
-    self._offset = 255 * np.asarray(mean, np.float32)
-    self._scale = 1 / (255 * np.asarray(std, np.float32))
+    self.offset = 255 * np.asarray(mean, np.float32)  # (C,): normalized = (pixels - offset) * scale.
+    self.scale = 1 / (255 * np.asarray(std, np.float32))
 
   def __call__(self, examples) -> dict:
     images = np.stack([example['image'] for example in examples])
-    normalized = np.subtract(images, self._offset, dtype=np.float32)
-    normalized *= self._scale
+    normalized = np.subtract(images, self.offset, dtype=np.float32)
+    normalized *= self.scale
     batch = {'image': normalized,
              'label': np.array([example['label'] for example in examples], np.int32)}
     if 'mask' in examples[0]:

@@ -7,6 +7,7 @@
   fold.py       bit packing and BatchNorm folding (BatchNorm + sign -> integer thresholds)
   files.py      manifest.json + tensors.npz: writing, reading, the size report
   inference.py  reference inference of an export in JAX (XNOR-popcount for binary layers)
+  portable.py   model.jax_export: the fully binary inference as a jax.export artefact (any model)
 
 Imports run one way: sources -> program -> fold; sources -> files -> fold; inference -> files,
 fold. inference.py imports no model code and no Flax.

@@ -6,7 +6,9 @@
     python -m stompp_jax.export --config=configs/imagenet.py:model=resnet18 --out=DIR
                                                                    # initialized model (sizes)
 
-writes DIR/manifest.json and DIR/tensors.npz and prints the size report. Exit status: 0
+writes DIR/manifest.json and DIR/tensors.npz and prints the size report; for a run also
+DIR/model.jax_export (portable.py: the fully binary inference as a jax.export artefact, for any
+model, also where the bit-packed export does not support the model). Exit status: 0
 written; 2 bad input (no such run, no checkpoint, a model the export does not support), with
 one line `Error: what is wrong: what to do`; 1 any other error.
 """
@@ -21,7 +23,9 @@ from ml_collections import config_flags
 
 from stompp_jax import errors
 from stompp_jax.export import files
+from stompp_jax.export import portable
 from stompp_jax.export import sources
+
 
 def _fail(message: str, status: int) -> None:
   print(f'Error: {" ".join(message.split())}', file=sys.stderr, flush=True)
@@ -38,16 +42,26 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO.
   try:
     if workdir is not None:
-      manifest = sources.export_workdir(workdir, out, flags.FLAGS.recalibrate_bn_batches)
+      portable_path = portable.export_run(workdir, out)
+      try:
+        manifest = sources.export_workdir(workdir, out, flags.FLAGS.recalibrate_bn_batches)
+      except NotImplementedError as e:
+        print(f'bit-packed export not written: {e}')
+        manifest = None
     else:
+      portable_path = None
       manifest = sources.export_config(config, out,
                                        config_flags.get_config_filename(flags.FLAGS['config']))
   except NotImplementedError as e:
     _fail(f'Not exported: {e}', errors.EXIT_BAD_INPUT)
   except errors.USER_ERRORS as e:
     _fail(str(e), errors.exit_status(e))
-  print(files.size_report(manifest))
-  print(f'wrote {os.path.join(out, files.MANIFEST)} and {os.path.join(out, files.TENSORS)}')
+  if manifest is not None:
+    print(files.size_report(manifest))
+    print(f'wrote {os.path.join(out, files.MANIFEST)} and {os.path.join(out, files.TENSORS)}')
+  if portable_path is not None:
+    print(f'wrote {portable_path} ({os.path.getsize(portable_path):,} bytes; jax.export, input'
+          ' uint8 pixels: docs/export.md)')
 
 
 if __name__ == '__main__':  # Flags defined here only: stompp_jax.main defines --workdir too.

@@ -190,7 +190,8 @@ def resnet_program(builder: ProgramBuilder, trace: inspect.Trace) -> None:
 
 def check_exportable(model: nn.Module, model_name: str) -> None:
   """NotImplementedError for a model the export cannot walk (anything but a models/resnet.py ResNet)."""
-  if not isinstance(model, resnet.ResNet):
+  if not isinstance(model, resnet.ResNet) or not issubclass(
+      model.block_cls, (resnet.BasicBlock, resnet.BottleneckBlock)):
     raise NotImplementedError(f'Export supports the ResNets of models/resnet.py; '
                               f'{model_name} is not supported yet.')
 

@@ -4,7 +4,9 @@
     variables = model.init(key, x)                                 # ctx=None: full precision
     logits, updates = model.apply(variables, x, train=True, ctx=ctx, mutable=['batch_stats'])
 
-See resnet.py and mobilenet_v2.py for the module paths that `binary_include/exclude` match.
+See resnet.py, bireal.py and mobilenet_v2.py for the module paths that `binary_include/exclude` match.
+`from_module(module, mode)` makes any Linen model of plain `nn.Conv` / `nn.Dense` layers
+trainable the same way (layers.ByRules).
 """
 
 from typing import Any
@@ -12,8 +14,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from stompp_jax import layers
 from stompp_jax.binary import context as bctx
 from stompp_jax.binary.choices import check_choice
+from stompp_jax.models import bireal
 from stompp_jax.models import mobilenet_v2
 from stompp_jax.models import resnet
 
@@ -26,6 +30,7 @@ _MODELS = {
     'resnet44': resnet.ResNet44,
     'resnet56': resnet.ResNet56,
     'resnet110': resnet.ResNet110,
+    'bireal18': bireal.BiReal18,
     'mobilenet_v2': mobilenet_v2.MobileNetV2,
     'tiny_resnet': resnet.TinyResNet,
 }
@@ -80,6 +85,19 @@ def create_model(model_config: Any, *, num_classes: int,
   else:
     kwargs['bnn_shortcut'] = model_config.get('bnn_shortcut', 'real')  # Older runs: real.
   return _MODELS[model_config.name](**kwargs)
+
+
+def from_module(module: nn.Module, mode: str) -> layers.ByRules:
+  """A user's Linen model (called as `module(x, train=...)`, returning logits) in `mode`.
+
+  Mode bnn binarizes the kernels and the inputs of its site layers, bwn the kernels only, fp
+  nothing; the model's own nonlinearities stay as written.
+  """
+  if not isinstance(module, nn.Module):
+    raise ValueError(f'model= must be a flax.linen.Module, not {type(module).__name__}: pass'
+                     ' your model instance, unbound.')
+  check_choice('model mode', mode, resnet.MODES)
+  return layers.ByRules(module, binarize_input=(mode == 'bnn'))
 
 
 def binary_rules(model_config: Any) -> bctx.BinaryRules:

@@ -1,0 +1,80 @@
+"""Portable export: the fully binary network's inference as one `jax.export` artefact.
+
+    python -m stompp_jax.export --workdir=RUN --out=DIR      # also writes DIR/model.jax_export
+    portable.export_run(RUN, DIR, model=MyNet())             # a run of your own model
+
+Run it wherever JAX runs, without this project (nor Flax) installed:
+
+    import jax
+    with open('DIR/model.jax_export', 'rb') as f:
+      exported = jax.export.deserialize(bytearray(f.read()))
+    logits = exported.call(pixels)      # uint8 (B, H, W, C) -> float32 (B, num_classes)
+
+Input: raw uint8 pixels, any batch size B (a symbolic dimension), H x W x C as the model was
+trained (CIFAR: 32x32x3 as stored; ImageNet: 224x224x3 after the eval resize to 256 and
+center crop), channels in the training data's order. The training normalization
+(pixels - 255 * mean) / (255 * std) per channel runs inside, in float32 as the data pipeline
+does. Output: the logits of the fully binary network (every mask = 1), the network that the
+training's `eval_fully_binary_*` metrics evaluate. The parameters are constants of the
+program (latent float32 kernels, signed inside), so the file is about the float32 model's size:
+it trades the bit-packed export's compactness (manifest.json + tensors.npz) for running anywhere, on any model,
+including the ones that export cannot walk (MobileNetV2, Bi-Real Net, your own model).
+Lowered for PLATFORMS; `exported.platforms` lists them.
+"""
+
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stompp_jax import evaluate
+from stompp_jax.binary import context as bctx
+from stompp_jax.data import pipeline
+
+FILE = 'model.jax_export'
+PLATFORMS = ('cpu', 'cuda', 'tpu')
+
+
+def fully_binary_inference(model: Any, variables: dict, binarization: bctx.BinarizationConfig,
+                           offset: np.ndarray, scale: np.ndarray) -> Callable[[jax.Array], jax.Array]:
+  """pixels uint8 (B, H, W, C) -> float32 logits (B, K) of the fully binary network.
+
+  `model` as train.py takes it (a zoo model or models.from_module); `variables` its
+  {'params', 'batch_stats'}; `offset`, `scale` float32 (C,) the data's normalization.
+  """
+  ctx = bctx.BinarizationContext(step=jnp.zeros((), jnp.int32), key=jnp.zeros((2,), jnp.uint32),
+                                 config=binarization, fully_binary=True)
+
+  def infer(pixels: jax.Array) -> jax.Array:
+    images = (pixels.astype(jnp.float32) - offset) * scale
+    return model.apply(variables, images, train=False, ctx=ctx).astype(jnp.float32)
+
+  return infer
+
+
+def export_inference(infer: Callable[[jax.Array], jax.Array],
+                     image_shape: tuple[int, int, int]) -> jax.export.Exported:
+  """`infer` lowered for PLATFORMS on uint8 (batch, *image_shape) pixels, batch symbolic."""
+  batch, = jax.export.symbolic_shape('batch')
+  spec = jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8)
+  return jax.export.export(jax.jit(infer), platforms=PLATFORMS)(spec)
+
+
+def export_run(workdir: str, out_dir: str, *, model: Any = None) -> str:
+  """Writes out_dir/FILE for the newest checkpoint of the finished run in `workdir`.
+
+  `model`: the Linen model of a run of your own model (None: the zoo model of its config).
+  Returns the path written.
+  """
+  run = evaluate.load_run(workdir, model=model)
+  variables = jax.device_get({'params': run.state.params, 'batch_stats': run.state.batch_stats})
+  infer = fully_binary_inference(run.model, variables, run.binarization,
+                                 *pipeline.normalization(run.config.data))
+  exported = export_inference(infer, tuple(run.info.image_shape))
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, FILE)
+  with open(path, 'wb') as f:
+    f.write(exported.serialize())
+  return path

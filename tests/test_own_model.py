@@ -1,0 +1,244 @@
+"""StoMPP on a Flax model defined here (plain nn.Conv / nn.Dense), binarized by rules."""
+
+import json
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from stompp_jax import errors
+from stompp_jax import evaluate
+from stompp_jax import experiment
+from stompp_jax import optimizers
+from stompp_jax import sites as sites_lib
+from stompp_jax import state as state_lib
+from stompp_jax import steps
+from stompp_jax import train
+from stompp_jax.binary import context as bctx
+
+import test_train  # pylint: disable=g-bad-import-order
+
+IMAGE_SHAPE = (16, 16, 3)
+
+
+def sign(x):
+  return jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype)
+
+
+class VGG(nn.Module):
+  """conv0 (float) -> conv1 -> pool -> conv2 -> pool -> dense -> head; BatchNorm after each conv.
+
+  `hand_signs` names the layers whose input this model signs itself: with kernels signed by
+  hand too, that is the fully binary network written out (the reference of the tests).
+  """
+
+  num_classes: int = 4
+  hand_signs: tuple[str, ...] = ()
+
+  def _input(self, name, x):
+    return sign(x) if name in self.hand_signs else x
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    for i, features in enumerate((8, 8, 16)):
+      x = nn.Conv(features, (3, 3), use_bias=False, name=f'conv{i}')(self._input(f'conv{i}', x))
+      x = nn.BatchNorm(use_running_average=not train, name=f'bn{i}')(x)
+      if i:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dense(32, name='dense')(self._input('dense', x))
+    x = nn.BatchNorm(use_running_average=not train, name='bn_dense')(x)
+    return nn.Dense(self.num_classes, name='head')(self._input('head', x))
+
+
+class Block(nn.Module):
+  features: int
+
+  @nn.compact
+  def __call__(self, x, train):
+    y = nn.Conv(self.features, (3, 3), use_bias=False, name='conv')(x)
+    return x + nn.BatchNorm(use_running_average=not train, name='bn')(y)
+
+
+class Stage(nn.Module):
+  features: int
+
+  @nn.compact
+  def __call__(self, x, train):
+    for _ in range(2):
+      x = Block(self.features)(x, train)  # Block_0, Block_1.
+    return nn.Dense(self.features, name='mix')(x)
+
+
+class Nested(nn.Module):
+  """stem, stage/{Block_0,Block_1}/conv, stage/mix, Dense_0 (auto-named head)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(8, (3, 3), name='stem')(x)
+    x = Stage(8, name='stage')(x, train)
+    return nn.Dense(4)(jnp.mean(x, axis=(1, 2)))
+
+
+def own_config(method='stompp', mode='bnn', **train_overrides):
+  config = test_train.tiny_config(method, **train_overrides)
+  config.model.mode = mode
+  config.model.binary_include = ('.*',)
+  config.model.binary_exclude = ('^conv0$', '^head$')
+  return config
+
+
+def binarization(module, config, total_steps=10):
+  net = experiment.build_model(config, num_classes=4, image_shape=IMAGE_SHAPE, model=module)
+  return net.model, experiment.binarization_config(config, net.sites, total_steps), net.sites
+
+
+def init(model, seed=0):
+  images = jax.random.normal(jax.random.key(seed), (6, *IMAGE_SHAPE))
+  return model.init(jax.random.key(1), images, train=False), images
+
+
+def test_sites_of_a_vgg_net_follow_the_rules_in_forward_order():
+  _, _, found = binarization(VGG(), own_config())
+  assert [(s.path, s.kind, s.kernel_shape, s.input_shape) for s in found] == [
+      ('conv1', 'conv', (3, 3, 8, 8), (16, 16, 8)),
+      ('conv2', 'conv', (3, 3, 8, 16), (8, 8, 8)),
+      ('dense', 'dense', (256, 32), (256,))]
+  assert sites_lib.site_table(found).splitlines()[1].split() == ['0', 'conv1', '3x3x8x8', '16x16x8']
+
+
+def test_sites_of_nested_submodules_carry_their_full_paths():
+  config = own_config()
+  config.model.binary_include = ('^stage/',)
+  config.model.binary_exclude = ('mix',)
+  _, binary, found = binarization(Nested(), config)
+  assert binary.sites == ('stage/Block_0/conv', 'stage/Block_1/conv')
+  config.model.binary_exclude = ()
+  config.model.binary_include = ('.*',)
+  assert binarization(Nested(), config)[1].sites == (
+      'stem', 'stage/Block_0/conv', 'stage/Block_1/conv', 'stage/mix', 'Dense_0')
+
+
+def test_fully_binary_eval_equals_the_hand_binarized_network():
+  model, binary, _ = binarization(VGG(), own_config(mode='bnn'))
+  variables, images = init(model)
+  ctx = bctx.BinarizationContext(step=jnp.int32(3), key=jax.random.key_data(jax.random.key(2)),
+                                 config=binary, fully_binary=True)
+  logits = model.apply(variables, images, train=False, ctx=ctx)
+  by_hand = dict(variables['params'])
+  for path in binary.sites:
+    by_hand[path] = {**by_hand[path], 'kernel': sign(by_hand[path]['kernel'])}
+  reference = VGG(hand_signs=binary.sites).apply({**variables, 'params': by_hand}, images)
+  np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-5)
+  float_logits = model.apply(variables, images, train=False)
+  assert not np.allclose(logits, float_logits), 'ctx=None must run the float network'
+
+
+def test_binary_weight_mode_binarizes_kernels_only_in_nested_submodules():
+  config = own_config(mode='bwn')
+  config.model.binary_include = ('^stage/',)
+  model, binary, _ = binarization(Nested(), config)
+  variables, images = init(model)
+  ctx = bctx.BinarizationContext(step=jnp.int32(0), key=jax.random.key_data(jax.random.key(2)),
+                                 config=binary, fully_binary=True)
+  signed = jax.tree_util.tree_map_with_path(
+      lambda path, x: sign(x) if path[0].key == 'stage' and path[-1].key == 'kernel' else x,
+      variables['params'])
+  np.testing.assert_allclose(model.apply(variables, images, ctx=ctx),
+                             Nested().apply({**variables, 'params': signed}, images),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('mode', ['bnn', 'bwn'])
+def test_frozen_kernel_entries_get_zero_gradients_and_no_update(mode):
+  config = own_config('stompp', mode)
+  model, binary, found = binarization(VGG(), config, total_steps=10)
+  images = jax.random.normal(jax.random.key(0), (8, *IMAGE_SHAPE))
+  tx = optimizers.create_optimizer(
+      config.optim, config.binary, lr_schedule=optax.constant_schedule(0.1),
+      kernel_sites=sites_lib.kernel_sites(found),
+      kernel_mask=experiment.kernel_mask(model.init(jax.random.key(0), images)['params']))
+  state = state_lib.create_train_state(model, tx, 0, images).replace(step=jnp.int32(4))
+  ctx = bctx.BinarizationContext(step=state.step, key=state.mask_key, config=binary)
+  batch = {'image': images, 'label': jnp.arange(8) % 4}
+
+  def loss(params):
+    logits, _ = model.apply({'params': params, 'batch_stats': state.batch_stats}, images,
+                            train=True, ctx=ctx, mutable=['batch_stats', 'binary_stats'])
+    return steps.cross_entropy(logits, batch['label']).mean()
+
+  grads = jax.grad(loss)(state.params)
+  # One momentum step first, so that a frozen entry's update could come from momentum.
+  state, _, per_site = steps.train_step(state.replace(step=jnp.int32(3)), batch, model=model,
+                                        binarization=binary, tx=tx, diagnostics=False)
+  new_state, _, per_site = steps.train_step(state, batch, model=model, binarization=binary,
+                                            tx=tx, diagnostics=False)
+  fractions = np.asarray(per_site['frozen_fraction'])
+  assert fractions.shape == (3,) and 0 < fractions[0] and fractions[-1] < 1, fractions
+  for site, path in enumerate(binary.sites):
+    frozen = np.asarray(bctx.site_frozen_mask(ctx, site, 'kernel', found[site].kernel_shape))
+    grad = np.asarray(grads[path]['kernel'])
+    assert np.all(grad[frozen] == 0), path
+    if not frozen.all():
+      assert np.any(grad[~frozen] != 0), path
+    kernel, new_kernel = state.params[path]['kernel'], new_state.params[path]['kernel']
+    np.testing.assert_array_equal(np.asarray(new_kernel)[frozen], np.asarray(kernel)[frozen])
+    assert frozen.all() or not np.array_equal(new_kernel, kernel), path
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('own_reference')
+  return workdir, train.train_and_evaluate(own_config(), str(workdir), model=VGG())
+
+
+def test_train_and_evaluate_trains_a_user_model(reference_run):
+  workdir, final = reference_run
+  train_rows, eval_rows = test_train.rows(workdir, 'train'), test_train.rows(workdir, 'eval')
+  assert [r['step'] for r in train_rows] == [3, 6, 9, 12]
+  assert {'eval_fully_binary_accuracy', 'eval_accuracy'} <= set(eval_rows[-1])
+  fractions = np.array([r['frozen_fraction'] for r in train_rows])
+  assert fractions.shape == (4, 3) and np.all(np.diff(fractions, axis=0) >= 0)
+  # Not exactly 1: with 3 sites the last window ends at x = 0.99999994 in float32 (schedule.py).
+  np.testing.assert_allclose(fractions[-1], 1.0, atol=1e-6)
+  assert json.loads((workdir / 'done.json').read_text())['step'] == final['step'] == 12
+
+
+def test_a_user_model_run_resumes_exactly(reference_run, tmp_path, monkeypatch):
+  _, reference = reference_run
+  monkeypatch.setattr(train._Preemption, 'reached', lambda self, step: step == 6)
+  first = train.train_and_evaluate(own_config(), str(tmp_path), model=VGG())
+  assert first['preempted'] and first['step'] == 6
+  monkeypatch.undo()
+  second = train.train_and_evaluate(own_config(), str(tmp_path), model=VGG())
+  assert second['step'] == 12 and not second['preempted']
+  assert second['eval_fully_binary_loss'] == pytest.approx(reference['eval_fully_binary_loss'],
+                                                           rel=1e-6)
+
+
+def test_a_model_that_is_not_a_linen_module_is_refused(tmp_path):
+  with pytest.raises(errors.SetupError, match='flax.linen.Module'):
+    train.train_and_evaluate(own_config(), str(tmp_path), model=lambda x: x)
+  assert not list(tmp_path.iterdir())
+
+
+def test_the_example_trains_its_own_model(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'examples.own_model', f'--workdir={tmp_path}',
+       '--config.train.num_steps=4', '--config.train.eval_steps=1',
+       '--config.train.log_every=2', '--config.data.synthetic_train_size=256'],
+      cwd=test_train.REPO, capture_output=True, text=True, timeout=600, check=True)
+  assert 'eval_fully_binary_accuracy' in out.stdout and 'step 4' in out.stdout, out.stdout
+  assert (tmp_path / 'done.json').exists()
+
+
+def test_a_user_model_run_is_evaluated_from_python(reference_run):
+  workdir, final = reference_run
+  results = evaluate.evaluate_run(str(workdir), model=VGG())
+  assert results['eval_fully_binary_accuracy'] == final['eval_fully_binary_accuracy']
+  assert results['eval_loss'] == pytest.approx(final['eval_loss'], rel=1e-5)

@@ -1,0 +1,112 @@
+"""The portable export: a jax.export artefact run in a process that cannot import the project."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from stompp_jax import evaluate
+from stompp_jax import train
+from stompp_jax.binary import context as bctx
+from stompp_jax.data import pipeline
+from stompp_jax.export import inference
+from stompp_jax.export import portable
+from stompp_jax.export import sources
+
+import test_own_model  # pylint: disable=g-bad-import-order
+import test_train
+
+# Run with `python -I` (no cwd, no PYTHONPATH on sys.path) from a directory without the project:
+# stompp_jax cannot be imported there, only jax.
+STANDALONE = '''
+import sys
+import jax, numpy as np
+try:
+  import stompp_jax
+  sys.exit('stompp_jax is importable')
+except ImportError:
+  pass
+pixels = np.load('pixels.npy')
+for name in sys.argv[1:]:
+  with open(name, 'rb') as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  np.save(name + '.logits.npy', np.asarray(exported.call(pixels)))
+'''
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """Two finished runs: the zoo's tiny ResNet BNN and the VGG-style model of test_own_model."""
+  zoo, own = tmp_path_factory.mktemp('zoo'), tmp_path_factory.mktemp('own')
+  train.train_and_evaluate(test_train.tiny_config('stompp'), str(zoo))
+  train.train_and_evaluate(test_own_model.own_config(), str(own), model=test_own_model.VGG())
+  return zoo, own
+
+
+def run_standalone(directory, names, pixels):
+  np.save(directory / 'pixels.npy', pixels)
+  (directory / 'run.py').write_text(STANDALONE)
+  subprocess.run([sys.executable, '-I', 'run.py', *names], cwd=directory, check=True,
+                 capture_output=True, text=True, timeout=600)
+  return [np.load(directory / f'{name}.logits.npy') for name in names]
+
+
+def fully_binary_logits(run, images):
+  ctx = bctx.BinarizationContext(step=run.state.step, key=run.state.mask_key,
+                                 config=run.binarization, fully_binary=True)
+  return np.asarray(run.model.apply({'params': run.state.params,
+                                     'batch_stats': run.state.batch_stats},
+                                    images, train=False, ctx=ctx))
+
+
+def test_the_artefacts_run_without_the_project_and_match_the_reference(runs, tmp_path):
+  zoo, own = runs
+  pixels = np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
+  zoo_out, own_out = tmp_path / 'zoo', tmp_path / 'own'
+  paths = [portable.export_run(str(zoo), str(zoo_out)),
+           portable.export_run(str(own), str(own_out), model=test_own_model.VGG())]
+  standalone = tmp_path / 'standalone'
+  standalone.mkdir()
+  for i, path in enumerate(paths):
+    os.replace(path, standalone / f'{i}.jax_export')
+  zoo_logits, own_logits = run_standalone(standalone, ['0.jax_export', '1.jax_export'], pixels)
+  offset, scale = pipeline.normalization(test_train.tiny_config().data)
+  images = (pixels.astype(np.float32) - offset) * scale
+  # The zoo model against the bit-packed export's reference inference (XNOR-popcount).
+  sources.export_workdir(str(zoo), str(zoo_out))
+  reference = np.asarray(inference.load(str(zoo_out))(images))
+  assert zoo_logits.shape == (7, 4)
+  np.testing.assert_allclose(zoo_logits, reference, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(zoo_logits.argmax(-1), reference.argmax(-1))
+  # The user model, which the bit-packed export cannot walk, against its fully binary eval.
+  run = evaluate.load_run(str(own), model=test_own_model.VGG())
+  np.testing.assert_allclose(own_logits, fully_binary_logits(run, images), rtol=1e-4, atol=1e-4)
+
+
+def test_the_artefact_takes_any_batch_size_and_lists_its_platforms(runs, tmp_path):
+  path = portable.export_run(str(runs[0]), str(tmp_path))
+  with open(path, 'rb') as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  assert exported.platforms == portable.PLATFORMS
+  assert str(exported.in_avals[0].shape[0]) == 'batch' and exported.in_avals[0].dtype == np.uint8
+  for batch in (1, 3):
+    assert exported.call(np.zeros((batch, 16, 16, 3), np.uint8)).shape == (batch, 4)
+
+
+def test_the_command_writes_both_exports_and_refuses_a_missing_run(runs, tmp_path):
+  def export(workdir, out):
+    return subprocess.run([sys.executable, '-m', 'stompp_jax.export', f'--workdir={workdir}',
+                           f'--out={out}'], cwd=test_train.REPO, capture_output=True, text=True,
+                          timeout=600)
+
+  out = export(runs[0], tmp_path / 'zoo')
+  assert out.returncode == 0, out.stderr
+  assert sorted(os.listdir(tmp_path / 'zoo')) == ['manifest.json', 'model.jax_export',
+                                                  'tensors.npz']
+  assert f'wrote {tmp_path / "zoo" / portable.FILE}' in out.stdout
+  missing = export(tmp_path / 'nothing', tmp_path / 'none')
+  assert missing.returncode == 2 and missing.stderr.startswith('Error: '), missing
+  assert not (tmp_path / 'none').exists()
