@@ -26,11 +26,22 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _site_diagnostics(old_params, new_params, grads, site_paths) -> dict[str, jax.Array]:
-  """Per-site (L,) sign-flip ratio, fraction of latent entries in [-1, 1], kernel gradient norm."""
+def site_diagnostics(old_params, new_params, grads, site_paths) -> dict[str, jax.Array]:
+  """Per-site values of one step, each (L,) in site order, from the sites' latent kernels.
+
+  Args:
+    old_params, new_params: the params trees before and after the update.
+    grads: the gradient tree of this step (same structure).
+    site_paths: each site's module path as a tuple of names (the kernel is its 'kernel' leaf).
+
+  Returns:
+    'sign_flip_ratio': fraction of kernel entries whose sign (sign(0) = +1) the update changed;
+    'in_clip_fraction': fraction of updated latent entries with |w| <= 1 (where the clipped
+    identity passes gradient); 'grad_norm': L2 norm of the kernel's gradient.
+  """
   flips, in_clip, grad_norms = [], [], []
   for path in site_paths:
-    old, new, grad = (_nested_get(t, path) for t in (old_params, new_params, grads))
+    old, new, grad = (_nested_get(t, (*path, 'kernel')) for t in (old_params, new_params, grads))
     flips.append(jnp.mean((old >= 0) != (new >= 0)))
     in_clip.append(jnp.mean(jnp.abs(new) <= 1))
     grad_norms.append(jnp.sqrt(jnp.sum(jnp.square(grad.astype(jnp.float32)))))
@@ -86,7 +97,7 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *, mode
     per_site['frozen_fraction'] = jnp.stack(
         [_nested_get(stats, p)['frozen_fraction'] for p in site_paths])
   if diagnostics and site_paths:
-    per_site.update(_site_diagnostics(state.params, params, grads, site_paths))
+    per_site.update(site_diagnostics(state.params, new_state.params, grads, site_paths))
   return new_state, averaged, per_site
 
 

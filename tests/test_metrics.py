@@ -4,6 +4,7 @@ import glob
 import os
 import struct
 
+import pytest
 from tensorboardX.proto import event_pb2
 
 from stompp_jax import metrics as metrics_lib
@@ -31,10 +32,30 @@ def test_rows_and_tensorboard_scalars(tmp_path):
   assert metrics_lib.read_metrics(str(tmp_path)) == [
       {'step': 1, 'split': 'train', 'loss': 2.5, 'frozen_fraction': [0.0, 1.0]},
       {'step': 2, 'split': 'eval', 'eval_accuracy': None}]
-  scalars = {(v.tag, e.step): v.simple_value
-             for e in read_events(tmp_path / 'tensorboard') for v in e.summary.value}
-  assert scalars == {('train/loss', 1): 2.5, ('train/frozen_fraction/site_00', 1): 0.0,
-                     ('train/frozen_fraction/site_01', 1): 1.0}
+  values = [(v.tag, e.step, v) for e in read_events(tmp_path / 'tensorboard')
+            for v in e.summary.value]
+  assert [(tag, step) for tag, step, _ in values] == [('train/loss', 1),
+                                                      ('train/frozen_fraction', 1)]
+  assert values[0][2].simple_value == 2.5
+  histogram = values[1][2].histo
+  assert list(histogram.bucket) == [0.0, 1.0] and list(histogram.bucket_limit) == [0.5, 1.5]
+
+
+@pytest.mark.parametrize('split, key, tag', [
+    ('train', 'loss', 'train/loss'),
+    ('train', 'frozen_fraction', 'train/frozen_fraction'),
+    ('eval', 'eval_accuracy', 'eval/accuracy'),
+    ('eval', 'eval_loss', 'eval/loss'),
+    ('eval', 'eval_fully_binary_accuracy', 'eval/fully_binary/accuracy'),
+    ('eval', 'eval_fully_binary_loss', 'eval/fully_binary/loss'),
+])
+def test_tensorboard_tags(split, key, tag):
+  assert metrics_lib.tensorboard_tag(split, key) == tag
+
+
+def test_flat_hparams():
+  assert metrics_lib.flat_hparams({'a': {'b': 1, 'c': (1, 2)}, 'd': None, 'e': 'x'}) == {
+      'a.b': 1, 'a.c': '(1, 2)', 'd': 'None', 'e': 'x'}
 
 
 def test_a_resumed_writer_tells_tensorboard_to_drop_the_steps_after_the_checkpoint(tmp_path):
