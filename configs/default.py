@@ -62,7 +62,7 @@ def get_config(arg=None):
 
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'cifar10'  # cifar10 | cifar100 | imagenet2012.
+  c.data.name = 'cifar10'  # cifar10 | cifar100 | imagenet2012 | digits (built in, npz).
   # tfds (array_record via tfds.data_source) | cifar_archive (the original archives) |
   # npz (train.npz/test.npz with image, label) | synthetic.
   c.data.source = 'cifar_archive'

@@ -193,6 +193,12 @@ class Experiment:
   def model(self) -> nn.Module:
     return self.net.model
 
+  @property
+  def eval_batch_size(self) -> int:
+    """train.eval_batch_size, or the eval split's size when smaller (parallel.eval_batch_size)."""
+    return parallel.eval_batch_size(self.config.train.eval_batch_size, self.data.eval_size,
+                                    self.mesh)
+
   def abstract_batch(self, batch_size: int, with_mask: bool = False) -> dict:
     return abstract_batch(batch_size, self.data.image_shape, self.batch_sharding, with_mask)
 
@@ -210,7 +216,7 @@ class Experiment:
     """{'eval': ..., 'eval_fully_binary': ... (binary methods)}: compiled `steps.eval_step`s,
     (state, batch with mask) -> metrics."""
     fully_binary = {'eval_fully_binary': True} if self.config.binary.method != 'fp' else {}
-    batch = self.abstract_batch(self.config.train.eval_batch_size, with_mask=True)
+    batch = self.abstract_batch(self.eval_batch_size, with_mask=True)
     return {
         name: jax.jit(functools.partial(steps.eval_step, model=self.model,
                                         binarization=self.binarization, fully_binary=binary),

@@ -6,12 +6,17 @@ Exit status: 0 finished (DIR/done.json written); 75 preempted by SIGTERM after s
 checkpoint (EX_TEMPFAIL: run the same command again to resume); 2 bad input found before DIR
 was written (config, data, devices, another run in DIR); 1 any other error. Errors the user can
 fix print one line, `Error: what is wrong: what to do`; --verbosity=1 also logs the traceback.
+
+Output: INFO lines of stompp_jax (data, site table, compiling, progress, evals) on stderr, and
+one closing line on stdout (accuracy, wall time, the run directory, the TensorBoard command).
+Any --verbosity shows every library's lines at that level.
 """
 
 import logging as python_logging
 import os
 import re
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -26,9 +31,29 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, met
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file, optionally :args.', lock_config=True)
 
 
+_PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), '')
+
+
 def _hide_checkpoint_library_logs(record) -> bool:
   """orbax logs every save step by step at INFO; keep its warnings and errors only."""
   return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def _only_our_info(record) -> bool:
+  """The default output: warnings and errors of every library, INFO lines of stompp_jax only
+  (not JAX's backend probing, `Unable to initialize backend 'tpu'`, nor orbax's saves)."""
+  return record.levelno >= python_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
+def closing_line(config, workdir: str, result: dict, seconds: float) -> str:
+  """The last line of a run: accuracy, data, wall time, where the run is, how to look at it."""
+  accuracy = result.get('eval_fully_binary_accuracy', result.get('eval_accuracy'))
+  what = 'fully binary accuracy' if 'eval_fully_binary_accuracy' in result else 'accuracy'
+  score = f'{what} {100 * accuracy:.2f}%' if accuracy is not None else 'no eval yet'
+  status = 'Preempted' if result.get('preempted') else 'Done'
+  return (f'{status}: {score} on {config.data.name} ({config.data.source}) at step '
+          f'{result.get("step")}, {train.format_duration(seconds)} wall time. The run is in '
+          f'{workdir}; curves: tensorboard --logdir={os.path.join(workdir, "tensorboard")}')
 
 
 def _fail(message: str, status: int) -> None:
@@ -40,6 +65,7 @@ def _fail(message: str, status: int) -> None:
 def run(config, workdir: str) -> int:
   """Trains like `train.train_and_evaluate` and returns the exit status; user errors print one
   line (other exceptions propagate with their traceback)."""
+  start = time.perf_counter()
   try:
     result = train.train_and_evaluate(config, workdir)
   except errors.USER_ERRORS as e:
@@ -49,6 +75,7 @@ def run(config, workdir: str) -> int:
       raise
     _fail(f'Disk full ({e}): free space in or move --workdir={workdir} and run the same command'
           ' again; it resumes from the newest checkpoint.', errors.EXIT_ERROR)
+  print(closing_line(config, workdir, result, time.perf_counter() - start), flush=True)
   return errors.EXIT_PREEMPTED if result.get('preempted') else errors.EXIT_OK
 
 
@@ -97,9 +124,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  if not flags.FLAGS['verbosity'].present:
+  if flags.FLAGS['verbosity'].present:
+    logging.get_absl_handler().addFilter(_hide_checkpoint_library_logs)
+  else:
     logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_hide_checkpoint_library_logs)
+    logging.get_absl_handler().addFilter(_only_our_info)
   sys.exit(run(flags.FLAGS.config, _WORKDIR.value))
 
 

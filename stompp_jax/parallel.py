@@ -105,6 +105,13 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = 'train.batc
                      f' use a multiple of {mesh.size}.')
 
 
+def eval_batch_size(configured: int, eval_size: int, mesh: Mesh) -> int:
+  """The global eval batch: `configured`, or less when the eval split is smaller, the split's
+  size rounded up to a multiple of the device count (so a 256-image split is not padded to a
+  1024-image batch)."""
+  return min(configured, max(-(-eval_size // mesh.size), 1) * mesh.size)
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Turns this process's slice of the batch into global arrays sharded over `data`.
 

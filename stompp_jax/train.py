@@ -89,7 +89,7 @@ def _closing(close):
   return exit_callback
 
 
-def _format_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
@@ -135,6 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with _as_setup_errors():
       workdir_lib.check_workdir(workdir)
       exp = experiment.build(config, model=model)
+      logging.info('Data: %s', pipeline.summary_line(config.data, exp.data))
       workdir_lib.check_config(workdir, config)
       train_iter = pipeline.make_train_iterator(
           config.data, global_batch_size=config.train.batch_size, seed=config.seed)
@@ -190,8 +191,11 @@ def _train_loop(exp: experiment.Experiment, run: _Run) -> dict[str, Any]:
   # Every program is compiled before the first step and the processes then wait for each other:
   # a process still compiling must not keep the others waiting inside a collective (gloo on CPU
   # gives up after 30 s).
+  logging.info('Compiling the train and eval steps...')
+  compile_start = time.perf_counter()
   train_step = exp.compile_train_step()
   eval_fns = exp.compile_eval_steps()
+  logging.info('Compiled in %.1f s.', time.perf_counter() - compile_start)
   recalibrator = None
   if config.train.recalibrate_bn_batches and 'eval_fully_binary' in eval_fns:
     recalibrator = recalibrate.Recalibrator(
@@ -201,12 +205,13 @@ def _train_loop(exp: experiment.Experiment, run: _Run) -> dict[str, Any]:
 
   def eval_batches():
     iterator = pipeline.make_eval_iterator(
-        config.data, global_batch_size=config.train.eval_batch_size,
-        max_examples=config.train.eval_steps * config.train.eval_batch_size)
+        config.data, global_batch_size=exp.eval_batch_size,
+        max_examples=config.train.eval_steps * exp.eval_batch_size)
     for batch in iterator:
       yield parallel.global_batch(batch, mesh)
 
   def run_eval(step):
+    logging.info('Evaluating at step %d...', step)
     results = evaluate(state, eval_fns, eval_batches)
     if recalibrator is not None:  # The fully binary network with re-estimated BN statistics.
       recalibrated = recalibrate.recalibrated_state(
@@ -221,6 +226,8 @@ def _train_loop(exp: experiment.Experiment, run: _Run) -> dict[str, Any]:
 
   writer = metrics_lib.MetricWriter(workdir, start_step)
   run.cleanup.push(_closing(writer.close))
+  if start_step == 0:
+    writer.write_config(config_json)
   preemption = _Preemption()
   run.cleanup.push(_closing(preemption.close))
   train_metrics, nonfinite_flags, per_site = None, [], {}
@@ -253,7 +260,7 @@ def _train_loop(exp: experiment.Experiment, run: _Run) -> dict[str, Any]:
       writer.write(step, 'train', values)
       logging.info('step %d/%d | loss %.4f | acc %.2f%% | %.0f img/s | ETA %s', step, total_steps,
                    values['loss'], 100 * values['accuracy'], values['images_per_second'],
-                   _format_duration(values['eta_seconds']))
+                   format_duration(values['eta_seconds']))
       train_metrics, window_start, window_steps = None, time.perf_counter(), 0
     if is_last or (config.train.eval_every and step % config.train.eval_every == 0):
       last_row = run_eval(step)

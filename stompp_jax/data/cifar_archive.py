@@ -99,14 +99,27 @@ def load_cifar(directory: str, dataset: str, split: str, label_kind: str = 'fine
   return images, labels
 
 
-def _locate(directory: str, dataset: str, download: bool) -> tuple[ArchiveFormat, str]:
-  """Returns the first format found in `directory` and its path (folder or tarball)."""
-  formats = FORMATS[dataset]
-  for fmt in formats:
+def is_present(directory: str, dataset: str) -> bool:
+  """Whether `directory` holds one of `dataset`'s archives or extracted folders (no download)."""
+  return _find(directory, dataset) is not None
+
+
+def _find(directory: str, dataset: str) -> tuple[ArchiveFormat, str] | None:
+  """The first format found in `directory` and its path (folder or tarball), or None."""
+  for fmt in FORMATS[dataset]:
     for candidate in (fmt.folder, fmt.tarball):
       path = os.path.join(directory, candidate)
       if os.path.exists(path):
         return fmt, path
+  return None
+
+
+def _locate(directory: str, dataset: str, download: bool) -> tuple[ArchiveFormat, str]:
+  """Returns the first format found in `directory` and its path, downloading if asked."""
+  found = _find(directory, dataset)
+  if found is not None:
+    return found
+  formats = FORMATS[dataset]
   looked_for = ', '.join(f'{f.tarball}, {f.folder}/' for f in formats)
   name = DISPLAY_NAMES[dataset]
   if not download:

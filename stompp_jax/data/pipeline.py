@@ -24,6 +24,7 @@ import numpy as np
 from stompp_jax.data import sources
 from stompp_jax.data import transforms
 from stompp_jax.data.sources import DatasetInfo  # Re-exported: the trainer's contract.
+from stompp_jax.data.sources import summary_line  # Re-exported: the trainer logs it.
 
 
 def dataset_info(data_config) -> DatasetInfo:

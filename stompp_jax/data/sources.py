@@ -31,7 +31,12 @@ DATASETS = {
     'cifar10': _Dataset(10, (32, 32, 3), {'train': 'train', 'eval': 'test'}),
     'cifar100': _Dataset(100, (32, 32, 3), {'train': 'train', 'eval': 'test'}),
     'imagenet2012': _Dataset(1000, (None, None, 3), {'train': 'train', 'eval': 'validation'}),
+    'digits': _Dataset(10, (8, 8, 1), {'train': 'train', 'eval': 'test'}),  # Built in.
 }
+# Datasets that ship in the repository as npz files (data/builtin/README.md): read with
+# data.source=npz and data.dir=BUILTIN_DIRS[name].
+BUILTIN_DIRS = {'digits': os.path.join(os.path.dirname(os.path.abspath(__file__)), 'builtin',
+                                       'digits')}
 _CIFAR100_COARSE_CLASSES = 20
 _DEFAULT_IMAGENET_SIZE = 224  # Synthetic ImageNet-like images when data.image_size is 0.
 _NPZ_FILES = {'train': 'train.npz', 'eval': 'test.npz'}
@@ -42,7 +47,7 @@ class DatasetInfo:
   """What the model and the training loop need to know about the data.
 
   Attributes:
-    name: 'cifar10', 'cifar100', 'imagenet2012' or 'synthetic'.
+    name: 'cifar10', 'cifar100', 'imagenet2012', 'digits' or 'synthetic'.
     num_classes: labels are in [0, num_classes).
     image_shape: (H, W, C) of the images: as stored from `describe` (H and W None when they
       vary), after the transforms from `pipeline.dataset_info`.
@@ -53,6 +58,15 @@ class DatasetInfo:
   image_shape: tuple
   train_size: int
   eval_size: int
+
+
+def summary_line(data_config, info: DatasetInfo) -> str:
+  """One line naming what a run reads, e.g. 'digits (npz in DIR): 1437 train / 360 eval
+  images of 8x8x1, 10 classes'."""
+  where = '' if data_config.source == 'synthetic' else f' in {data_dir(data_config)}'
+  shape = 'x'.join('?' if d is None else str(d) for d in info.image_shape)
+  return (f'{info.name} ({data_config.source}{where}): {info.train_size} train / '
+          f'{info.eval_size} eval images of {shape}, {info.num_classes} classes')
 
 
 def data_dir(data_config) -> str:
