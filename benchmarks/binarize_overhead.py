@@ -5,7 +5,7 @@
 One jitted train step (forward + backward + SGD-momentum update; the compile is timed apart) of a
 ResNet-20 stack: a full-precision 3x3 stem, 3 stages x 3 blocks x 2 binary 3x3 convs with
 16/32/64 channels at 32x32/16x16/8x8, BatchNorm after every conv, identity shortcuts,
-full-precision 1x1 stride-2 downsampling shortcuts and a full-precision dense head (METHOD.md,
+full-precision 1x1 stride-2 downsampling shortcuts and a full-precision dense head (docs/method.md,
 "What is binarized"). Every binary conv binarizes its input (BNN) and has no ReLU; the fp method
 runs the same network with a ReLU after each BatchNorm, as a full-precision ResNet would.
 

@@ -1,4 +1,4 @@
-"""CIFAR-10/100 experiments of the papers (METHOD.md), one family with arguments.
+"""CIFAR-10/100 experiments of the papers (docs/method.md), one family with arguments.
 
     python -m stompp_jax.main --workdir=runs/c100_r50_bnn_stompp \
       --config=configs/cifar.py:dataset=cifar100,model=resnet50,mode=bnn,method=stompp
@@ -12,7 +12,7 @@ Recipe (2606.27759, "matched minimal recipe"): SGD momentum 0.9, constant lr 0.1
 decay, batch 256, standard CIFAR augmentation; epochs are not stated in the papers (200 is ours).
 Data: tfds by default; `--config.data.source=cifar_archive` reads/downloads the original archives.
 
-Paper numbers each setting targets (top-1 %, METHOD.md):
+Paper numbers each setting targets (top-1 %, docs/method.md):
   model=resnet50 mode=bnn  dataset=cifar10:  ste 51.5 | stompp 69.5 | stompp_ste 78.6
   model=resnet50 mode=bnn  dataset=cifar100: ste 26.7 | stompp 40.2 | stompp_ste 46.5
   model=resnet18 mode=bnn: stompp over ste +3.1 (cifar10), +4.7 (cifar100)

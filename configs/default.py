@@ -38,7 +38,7 @@ def get_config(arg=None):
   c.model.binary_exclude = ('^stem', '^classifier', 'shortcut')
   c.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (params and BN stats stay f32).
 
-  # ---------------------------------------------------------------- binarization (METHOD.md)
+  # ---------------------------------------------------------------- binarization (docs/method.md)
   c.binary = ml_collections.ConfigDict()
   c.binary.method = 'stompp'  # fp | ste | stompp | stompp_ste.
   # StoMPP+STE surrogate on frozen entries: ste_clipped [ours, default] | ste_identity.

@@ -1,4 +1,4 @@
-"""ImageNet (ILSVRC2012) experiments of the papers (METHOD.md), one family with arguments.
+"""ImageNet (ILSVRC2012) experiments of the papers (docs/method.md), one family with arguments.
 
     python -m stompp_jax.main --workdir=gs://BUCKET/runs/in_r50_bnn_stompp \
       --config=configs/imagenet.py:model=resnet50,mode=bnn,method=stompp \
@@ -12,7 +12,7 @@ Recipe (2606.27759): SGD momentum 0.9, constant lr 0.1, no weight decay, batch 2
 ImageNet augmentation (random-resized crop 224 + flip; eval resize 256 / center crop 224); 90
 epochs is ours (not stated). Data: tfds `imagenet2012` as array_record (see launch/README.md).
 
-Paper numbers (top-1 %, METHOD.md): ResNet-50 BNN ste 30.8 | stompp +3.8 over ste |
+Paper numbers (top-1 %, docs/method.md): ResNet-50 BNN ste 30.8 | stompp +3.8 over ste |
 stompp_ste 48.5. ResNet-18 BNN: stompp over ste +1.3.
 Runtime: not measured here; plan on a v4-32 pod slice or 8 GPUs for days.
 """

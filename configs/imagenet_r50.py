@@ -4,14 +4,30 @@
       --config.data.dir=gs://BUCKET/tensorflow_datasets
 
 Targets (2606.27759, top-1): STE 30.8, StoMPP 3.8 points above STE; with
-`--config.binary.method=stompp_ste` 48.5. A synthetic-data smoke run needs no dataset:
-`--config.data.source=synthetic --config.train.num_steps=2 --config.train.batch_size=8`.
-Runtime: not measured here (days on a v4-32 slice).
+`--config.binary.method=stompp_ste` 48.5. Runtime: not measured here (days on a v4-32 slice).
+
+Argument `smoke`: the same network on synthetic 224x224 ImageNet-like data, 2 steps at batch 2,
+an 8-image eval, no dataset needed (a check of the ImageNet path on any machine):
+
+    python -m stompp_jax.main --config=configs/imagenet_r50.py:smoke --workdir=/tmp/r50
 """
 
 from configs import imagenet
 
 
 def get_config(arg=None):
-  del arg
-  return imagenet.get_config('model=resnet50,mode=bnn,method=stompp')
+  if arg not in (None, '', 'smoke'):
+    raise ValueError(f'Bad config argument {arg!r}: use configs/imagenet_r50.py or'
+                     ' configs/imagenet_r50.py:smoke.')
+  config = imagenet.get_config('model=resnet50,mode=bnn,method=stompp')
+  if arg == 'smoke':
+    config.data.source = 'synthetic'
+    config.data.synthetic_train_size = 64
+    config.data.synthetic_eval_size = 8
+    config.data.num_workers = 0
+    config.train.batch_size = 2
+    config.train.eval_batch_size = 8
+    config.train.num_steps = 2
+    config.train.log_every = 1
+    config.train.checkpoint_every = 2
+  return config

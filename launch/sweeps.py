@@ -1,4 +1,4 @@
-"""Named sweeps: the experiments behind the published tables of docs/METHOD.md.
+"""Named sweeps: the experiments behind the published tables of docs/method.md.
 
 A grid is a config file with axes; every combination of axis values is one run. `args` axes are
 config arguments (`configs/cifar.py:dataset=cifar10,model=resnet50,...`), `overrides` axes are

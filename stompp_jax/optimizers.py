@@ -2,7 +2,7 @@
 
 The method decides the binary-kernel transforms, not the user: STE-free StoMPP zeroes updates
 of frozen kernel entries, the STE baseline clips latent kernels to [-1, 1] (both overridable by
-`binary.mask_frozen_updates` / `binary.clip_latent`, METHOD.md [ours]).
+`binary.mask_frozen_updates` / `binary.clip_latent`, docs/method.md [ours]).
 """
 
 import optax

@@ -1,4 +1,4 @@
-"""Binarizers against METHOD.md ("Forward and backward"), element by element.
+"""Binarizers against docs/method.md ("Binarizers"), element by element.
 
     forward:  u' = M * sign(u) + (1 - M) * clip(u, -1, 1),  sign(0) = +1
     backward: unfrozen entries pass 1[|u| <= 1] * g; frozen entries pass

@@ -481,7 +481,7 @@ def test_sweep_rejects_bad_grids(tmp_path, args):
 
 
 def test_named_grids_build_valid_configs():
-  # Argument values as DESIGN.md's contract lists them for the config families.
+  # Argument values as the design contract lists them for the config families.
   contract = {
       'dataset': {'cifar10', 'cifar100'},
       'model': {'resnet18', 'resnet34', 'resnet50', 'resnet20', 'resnet32', 'resnet56',

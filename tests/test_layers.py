@@ -1,4 +1,4 @@
-"""BinaryConv / BinaryDense and site discovery, against METHOD.md.
+"""BinaryConv / BinaryDense and site discovery, against docs/method.md.
 
 For each method the layer must compute with
     fp:          kernel, input unchanged
@@ -68,7 +68,7 @@ def _plain_layer(kind, x, kernel):
 
 
 def _formula(method, u, frozen, tensor):
-  """(binarized u, d binarized / d u) from METHOD.md, elementwise, numpy."""
+  """(binarized u, d binarized / d u) from docs/method.md, elementwise, numpy."""
   u = np.asarray(u, np.float32)
   sign, clip, in_range = np.where(u >= 0, 1.0, -1.0), np.clip(u, -1, 1), np.abs(u) <= 1
   if method == 'fp':

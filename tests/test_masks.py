@@ -1,4 +1,4 @@
-"""Frozen masks against METHOD.md ("Masks").
+"""Frozen masks against docs/method.md ("Masks").
 
 Each element has a score s in [0, 1) and is frozen iff s < p. Without refresh the scores never
 change, so the frozen set only grows with p (nested masks). With soft refresh every r steps each

@@ -1,4 +1,4 @@
-"""optax transforms for binary kernels, against METHOD.md.
+"""optax transforms for binary kernels, against docs/method.md.
 
 STE-free StoMPP: a frozen entry gets zero gradient (frozen entries pass none) and, by default,
 zero optimizer update (momentum must not keep moving it); it learns again once a refresh

@@ -1,4 +1,4 @@
-"""Freezing schedule against METHOD.md ("Schedule").
+"""Freezing schedule against docs/method.md ("Schedule").
 
 Layerwise: the span [start, end] of training is split into L equal windows, site i's p goes
 0 -> 1 along the shape inside window i, is 0 before it and 1 after. Reverse: the same windows from

@@ -1,4 +1,4 @@
-"""Binarizers as `jax.custom_vjp` functions (METHOD.md, "Forward and backward").
+"""Binarizers as `jax.custom_vjp` functions (docs/method.md, "Binarizers").
 
 All functions are elementwise, keep the input dtype, and save only a boolean residual
 for the backward pass (one bit of information per element instead of a float copy).

@@ -1,4 +1,4 @@
-"""Stateless per-element frozen masks with soft refresh (METHOD.md, "Masks").
+"""Stateless per-element frozen masks with soft refresh (docs/method.md, "Masks").
 
 Every element of a binarized tensor has a score s in [0, 1) and is frozen iff s < p, where p
 is its site's frozen fraction. Scores are a pure function of (key, step): nothing is stored, a

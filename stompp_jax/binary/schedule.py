@@ -1,4 +1,5 @@
-"""Frozen fraction p(site, step) of the progressive freezing schedule (METHOD.md, "Schedule").
+"""Frozen fraction p(site, step) of the progressive freezing schedule (docs/method.md,
+"Schedule").
 
 Sites are numbered 0..L-1 from input to output. Training steps t run 0..T-1. The progression
 occupies the span [span_start, span_end] (fractions of T); after it every site is fully

@@ -33,8 +33,8 @@ DATASETS = {
     'imagenet2012': _Dataset(1000, (None, None, 3), {'train': 'train', 'eval': 'validation'}),
     'digits': _Dataset(10, (8, 8, 1), {'train': 'train', 'eval': 'test'}),  # Built in.
 }
-# Datasets that ship in the repository as npz files (data/builtin/README.md): read with
-# data.source=npz and data.dir=BUILTIN_DIRS[name].
+# Datasets that ship in the repository as npz files (stompp_jax/data/builtin/README.md):
+# read with data.source=npz and data.dir=BUILTIN_DIRS[name].
 BUILTIN_DIRS = {'digits': os.path.join(os.path.dirname(os.path.abspath(__file__)), 'builtin',
                                        'digits')}
 _CIFAR100_COARSE_CLASSES = 20

@@ -30,7 +30,7 @@ MEAN_STD = {
     'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    'digits': ((0.3049,), (0.3757,)),  # data/builtin/README.md.
+    'digits': ((0.3049,), (0.3757,)),  # stompp_jax/data/builtin/README.md.
 }
 _SYNTHETIC_MEAN_STD = (0.5, 0.25)  # Matches SyntheticSource's pixel distribution roughly.
 EVAL_CROP_FRACTION = 224 / 256

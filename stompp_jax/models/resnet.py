@@ -19,7 +19,7 @@ Module paths (binary-layer rules match them, see configs/default.py):
     stage{s}_block{b}/shortcut_conv, shortcut_bn                 only where the shape changes
     classifier
 
-Modes (METHOD.md, "What is binarized"); the rules decide at call time which layers are binary:
+Modes (docs/method.md, "What is binarized"); the rules decide at call time which layers are binary:
   fp:  the plain network; the context is not passed to the layers, so nothing is binarized.
   bwn: binary kernels, real activations; every ReLU kept.
   bnn: binary kernels and binary inputs of every binary conv. [ours] The binarizer is the
