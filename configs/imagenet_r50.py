@@ -21,13 +21,9 @@ def get_config(arg=None):
                      ' configs/imagenet_r50.py:smoke.')
   config = imagenet.get_config('model=resnet50,mode=bnn,method=stompp')
   if arg == 'smoke':
-    config.data.source = 'synthetic'
-    config.data.synthetic_train_size = 64
-    config.data.synthetic_eval_size = 8
-    config.data.num_workers = 0
-    config.train.batch_size = 2
-    config.train.eval_batch_size = 8
-    config.train.num_steps = 2
-    config.train.log_every = 1
-    config.train.checkpoint_every = 2
+    config.update_from_flattened_dict({
+        'data.source': 'synthetic', 'data.synthetic_train_size': 64,
+        'data.synthetic_eval_size': 8, 'data.num_workers': 0, 'train.batch_size': 2,
+        'train.eval_batch_size': 8, 'train.num_steps': 2, 'train.log_every': 1,
+        'train.checkpoint_every': 2})
   return config
