@@ -104,7 +104,7 @@ def documented_commands() -> dict[str, str]:
 def test_every_documented_command_is_covered():
   documented = documented_commands()
   missing = {c: where for c, where in documented.items() if c not in COVERAGE}
-  assert not missing, f'documented commands no test runs or parses (add them to COVERAGE): {missing}'
+  assert not missing, f'commands no test runs or parses (add them to COVERAGE): {missing}'
   stale = sorted(set(COVERAGE) - set(documented))
   assert not stale, f'COVERAGE lists commands the docs no longer show: {stale}'
 
