@@ -54,6 +54,8 @@ COVERAGE = {
     'python -m stompp_jax.main --config=configs/quickstart.py --workdir=W1':
         run_by('test_cli_output.py::test_quickstart_runs_offline_on_the_builtin_digits'),
     'python -m stompp_jax.main --config=configs/quickstart.py:ste --workdir=W2': PARSE,
+    'python -m stompp_jax.main --config=configs/quickstart.py --workdir=W3':
+        run_by('test_cli_output.py::test_quickstart_runs_offline_on_the_builtin_digits'),
     'python -m stompp_jax.export --workdir=RUN --out=DIR':
         run_by('test_export.py::test_cli_export_of_trained_bnn_equals_fully_binary_eval'),
     # docs/
