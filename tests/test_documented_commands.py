@@ -17,7 +17,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from stompp_jax import train
+from stompp_jax import experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _COMMAND = re.compile(r'python -m stompp_jax[\w.]*[^`\n|;]*')
@@ -58,7 +58,12 @@ COVERAGE = {
         run_by('test_cli_output.py::test_quickstart_runs_offline_on_the_builtin_digits'),
     'python -m stompp_jax.export --workdir=RUN --out=DIR':
         run_by('test_export.py::test_cli_export_of_trained_bnn_equals_fully_binary_eval'),
+    'python -m stompp_jax.evaluate --workdir=RUN [--split=test': USAGE,
+    "python -m stompp_jax.evaluate: a run's newest checkpoint, fully binary and as trained": USAGE,
+    'python -m stompp_jax.export': USAGE,
     # docs/
+    'python -m stompp_jax.export --workdir=RUN --out=DIR --recalibrate_bn_batches=20':
+        run_by('test_export.py::test_export_can_fold_recalibrated_batch_norm_statistics'),
     'python -m stompp_jax.main --config=configs/default.py --workdir=/tmp/run'
     ' --config.data.source=npz': PARSE,
     'python -m stompp_jax.export --config=configs/imagenet.py:model=resnet18 --out=DIR': PARSE,
@@ -137,7 +142,7 @@ def test_documented_command_parses(command, monkeypatch):
   monkeypatch.chdir(REPO)
   values = parse_command(command)
   assert values.config is not None
-  train.validate_config(values.config)
+  experiment.check_config(values.config)
   assert values.workdir or values.out
 
 
