@@ -27,8 +27,10 @@ config_flags.DEFINE_config_file('config', None, 'A configs/*.py file, optionally
 
 
 def _hide_checkpoint_library_logs(record) -> bool:
-  """orbax logs every save step by step at INFO; keep its warnings and errors only."""
-  return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
+  """orbax logs every save step by step at INFO, gcsfs every file it opens; keep their warnings
+  and errors only."""
+  return (record.levelno >= python_logging.WARNING
+          or not any(name in record.pathname for name in ('/orbax/', '/gcsfs/')))
 
 
 def _fail(message: str, status: int) -> None:
