@@ -27,8 +27,8 @@ TPU = ['gcloud', 'compute', 'tpus', 'tpu-vm']
 WHERE = ['--zone=us-central2-b', '--project=my-project']
 
 # Appends {"argv", "env" (the variables that choose devices), "cwd"} as one JSON line to
-# $FAKE_LOG, with the member names of any .tgz argument; prints a line; exits 1 if $FAKE_FAIL
-# occurs in that JSON line.
+# $FAKE_LOG, with the member names of any .tgz argument; prints a line; exits $FAKE_STATUS (1 by
+# default) if $FAKE_FAIL occurs in that JSON line.
 RECORDER = f"""#!{sys.executable}
 import json, os, sys, tarfile
 record = {{'argv': [os.path.basename(sys.argv[0]), *sys.argv[1:]], 'cwd': os.getcwd(),
@@ -40,7 +40,7 @@ line = json.dumps(record)
 with open(os.environ['FAKE_LOG'], 'a') as f:
   f.write(line + '\\n')
 print('fake', record['argv'][0])
-sys.exit(1 if os.environ.get('FAKE_FAIL', '\\0') in line else 0)
+sys.exit(int(os.environ.get('FAKE_STATUS', '1')) if os.environ.get('FAKE_FAIL', '\\0') in line else 0)
 """
 
 
@@ -77,7 +77,7 @@ class Fakes:
 @pytest.fixture
 def fakes(tmp_path):
   fakes = Fakes(tmp_path)
-  for name in ('gcloud', 'srun', 'python', 'sbatch'):
+  for name in ('gcloud', 'srun', 'python', 'sbatch', 'scontrol'):
     fakes.add(name)
   return fakes
 
@@ -277,8 +277,8 @@ def test_tpu_fetch_and_delete(fakes, tmp_path):
 
 
 def slurm_env(fakes, **extra):
-  return fakes.env(SLURM_JOB_ID='4242', SLURM_NTASKS='16', SLURM_JOB_NUM_NODES='2',
-                   SLURM_SUBMIT_DIR=str(ROOT), **extra)
+  return fakes.env(**{'SLURM_JOB_ID': '4242', 'SLURM_NTASKS': '16', 'SLURM_JOB_NUM_NODES': '2',
+                      'SLURM_CPUS_PER_TASK': '8', 'SLURM_SUBMIT_DIR': str(ROOT), **extra})
 
 
 def test_slurm_runs_one_task_per_gpu_with_srun(fakes, tmp_path):
@@ -293,8 +293,51 @@ def test_slurm_runs_one_task_per_gpu_with_srun(fakes, tmp_path):
   assert result.returncode == 0, result.stderr
   [call] = fakes.calls()
   assert call['argv'] == ['srun', '--kill-on-bad-exit=1', 'python', '-m', 'stompp_jax.main',
-                          *TRAIN_ARGS]
+                          *TRAIN_ARGS, '--config.data.num_workers=7']
   assert call['cwd'] == str(ROOT)
+
+
+def test_slurm_signals_before_the_time_limit_and_requeues_a_preempted_run(fakes):
+  script = ROOT / 'launch' / 'gpu_slurm.sbatch'
+  directives = [line.removeprefix('#SBATCH ') for line in script.read_text().splitlines()
+                if line.startswith('#SBATCH ')]
+  assert '--requeue' in directives
+  [signal_spec] = [d.removeprefix('--signal=') for d in directives if d.startswith('--signal=')]
+  name, seconds = signal_spec.split('@')
+  assert name == 'TERM' and int(seconds) >= 600  # The tasks' SIGTERM checkpoint, then exit 75.
+  # srun exits 75 (EX_TEMPFAIL): the trainer saved a checkpoint after SIGTERM.
+  result = subprocess.run(['bash', str(script), *TRAIN_ARGS],
+                          env=slurm_env(fakes, FAKE_FAIL='"srun"', FAKE_STATUS='75'),
+                          capture_output=True, text=True)
+  assert result.returncode == 75, result.stderr
+  assert fakes.argvs()[-1] == ['scontrol', 'requeue', '4242']
+  assert 'requeue' in result.stderr
+
+
+def test_slurm_does_not_requeue_a_failed_run(fakes):
+  result = subprocess.run(['bash', str(ROOT / 'launch' / 'gpu_slurm.sbatch'), *TRAIN_ARGS],
+                          env=slurm_env(fakes, FAKE_FAIL='"srun"'), capture_output=True, text=True)
+  assert result.returncode == 1
+  assert [a[0] for a in fakes.argvs()] == ['srun']
+
+
+def test_slurm_grain_workers_follow_cpus_per_task_unless_given(fakes):
+  script = str(ROOT / 'launch' / 'gpu_slurm.sbatch')
+  subprocess.run(['bash', script, *TRAIN_ARGS], env=slurm_env(fakes, SLURM_CPUS_PER_TASK='4'),
+                 check=True, capture_output=True)
+  subprocess.run(['bash', script, *TRAIN_ARGS, '--config.data.num_workers=2'],
+                 env=slurm_env(fakes, SLURM_CPUS_PER_TASK='4'), check=True, capture_output=True)
+  first, second = fakes.argvs()
+  assert first[-1] == '--config.data.num_workers=3'
+  assert second[-1] == '--config.data.num_workers=2' and len(second) == len(first)
+
+
+def test_imagenet_config_workers_fit_the_slurm_cpus_per_task():
+  from configs import imagenet  # pylint: disable=g-import-not-at-top
+  cpus = int(next(line.partition('=')[2] for line in
+                  (ROOT / 'launch' / 'gpu_slurm.sbatch').read_text().splitlines()
+                  if line.startswith('#SBATCH --cpus-per-task=')))
+  assert imagenet.get_config().data.num_workers == cpus - 1  # And the trainer's own CPU.
 
 
 @pytest.mark.parametrize('env, error', [
@@ -432,7 +475,7 @@ def test_sweep_skips_finished_runs_and_lists_status(capsys, tmp_path):
   done.mkdir(parents=True)
   (done / 'done.json').write_text('{}')
   started.mkdir(parents=True)
-  (started / 'metrics.jsonl').write_text('{}\n')
+  (started / 'config.json').write_text('{}\n')
   commands = sweep_lines(capsys, 'mobilenet_v2', '--print', f'--workdir-root={tmp_path}')
   assert len(commands) == 5
   assert f'--workdir={done}' not in [c[4] for c in commands]
