@@ -179,3 +179,5 @@ def consolidate(workdir: str, last_step: int | None = None) -> None:
   storage.write_text(sources[0], ''.join(json.dumps(r) + '\n' for r in kept))
   for part in sources[1:]:
     part.unlink()
+  if len(sources) > 1 and storage.is_local(sources[1]):
+    sources[1].parent.rmdir()  # Object stores have no empty folders to remove.
