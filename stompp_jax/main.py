@@ -16,6 +16,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from stompp_jax import checkpoints
@@ -96,12 +97,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
           ' the flags.', errors.EXIT_BAD_INPUT)
 
 
+def enable_compilation_cache() -> None:
+  """JAX's persistent compilation cache for the CLI: JAX_COMPILATION_CACHE_DIR when set, else
+  $XDG_CACHE_HOME/stompp_jax/jax_cache (~/.cache/...). A resumed or repeated run loads its
+  compiled programs instead of compiling them again (minutes for ResNet-50 on a pod)."""
+  if not jax.config.jax_compilation_cache_dir:
+    cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    jax.config.update('jax_compilation_cache_dir', os.path.join(cache, 'stompp_jax', 'jax_cache'))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_hide_checkpoint_library_logs)
+  enable_compilation_cache()
   sys.exit(run(flags.FLAGS.config, _WORKDIR.value))
 
 

@@ -56,3 +56,20 @@ def test_wheel_installs_and_runs_from_another_directory(tmp_path):
   assert imported.stdout.startswith(str(target))
   helped = run('-m', 'stompp_jax.main', '--helpfull')  # absl's help flags exit with status 1.
   assert '--workdir' in helped.stdout and 'stompp_jax.main' in helped.stdout, helped.stderr
+
+
+def test_cli_compiles_once_into_the_user_cache(tmp_path):
+  """Without JAX_COMPILATION_CACHE_DIR the CLI caches under $XDG_CACHE_HOME/stompp_jax; a second
+  run of the same config loads every program from there (no new entries)."""
+  cache = tmp_path / 'xdg' / 'stompp_jax' / 'jax_cache'
+  env = {k: v for k, v in ru.cli_env(1).items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env['XDG_CACHE_HOME'] = str(tmp_path / 'xdg')
+  entries = []
+  for run in ('first', 'second'):
+    result = subprocess.run(ru.cli_command(tmp_path / run, **{'train.num_steps': 5}), cwd=ru.REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # A compiled program is written (again) on a miss; a hit only reads it.
+    entries.append({p.name: p.stat().st_mtime_ns for p in cache.glob('*-cache')})
+  assert entries[0], 'the first run cached nothing'
+  assert entries[1] == entries[0], 'the second run compiled programs again'
