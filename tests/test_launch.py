@@ -60,7 +60,7 @@ class Fakes:
 
   def env(self, **extra: str) -> dict[str, str]:
     settings = ('NAME', 'ZONE', 'PROJECT', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION', 'REPO', 'BRANCH',
-                'PYTHON_VERSION', 'BUCKET', 'GPUS', 'CUDA_VISIBLE_DEVICES', 'PYTHON')
+                'PYTHON_VERSION', 'BUCKET', 'DATA_BUCKET', 'GPUS', 'CUDA_VISIBLE_DEVICES', 'PYTHON')
     env = {k: v for k, v in os.environ.items()
            if k not in settings and not k.startswith(('SLURM', 'STOMPP_'))}
     return {**env, 'PATH': f'{self.bin}:{env["PATH"]}', 'FAKE_LOG': str(self.log), **extra}
@@ -221,6 +221,40 @@ def test_tpu_install_copies_this_checkout(fakes):
   command = remote_command(ssh['argv'])
   assert command.startswith('set -e; mkdir -p stompp_jax && tar -xzf stompp_jax.tgz -C stompp_jax;')
   assert 'uv venv --python 3.12 .venv' in command
+
+
+def test_tpu_mount_data_mounts_the_bucket_on_every_worker(fakes, tmp_path):
+  unset = tpu_vm(fakes, *SETTINGS, 'mount-data')
+  assert unset.returncode == 2 and 'DATA_BUCKET is not set' in unset.stderr
+  assert tpu_vm(fakes, *SETTINGS, '--data-bucket=gs://my-data', 'mount-data').returncode == 0
+  [ssh] = fakes.argvs()
+  assert ssh[:7] == [*TPU, 'ssh', 'stompp-v4', '--worker=all']
+  # On a worker (gcsfuse, sudo and mountpoint faked; the mount point is not mounted yet):
+  for name in ('gcsfuse', 'sudo', 'mountpoint'):
+    fakes.add(name)
+  home = tmp_path / 'home'
+  home.mkdir()
+  worker = subprocess.run(['bash', '-c', remote_command(ssh)], cwd=home, capture_output=True,
+                          text=True, env=fakes.env(HOME=str(home), FAKE_FAIL='"mountpoint"'),
+                          timeout=60)
+  assert worker.returncode == 0, worker.stderr
+  calls = fakes.argvs()[1:]
+  assert ['mountpoint', '-q', '/mnt/stompp_data'] in calls
+  assert calls[-1] == ['gcsfuse', '--implicit-dirs', '-o', 'ro', 'my-data', '/mnt/stompp_data']
+  assert not [c for c in calls if 'apt-get' in c]  # gcsfuse was there already.
+
+
+def test_tfds_data_in_a_bucket_is_refused_naming_the_mount(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'stompp_jax.main', '--config=configs/default.py',
+       f'--workdir={tmp_path / "run"}', '--config.data.source=tfds',
+       '--config.data.dir=gs://my-data/tensorflow_datasets'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 2, result.stderr[-2000:]
+  [line] = [l for l in result.stderr.splitlines() if l.startswith('Error: ')]
+  assert 'mount-data' in line and '/mnt/stompp_data' in line
+  assert not (tmp_path / 'run').exists()
 
 
 def test_tpu_status_reports_each_worker(fakes, tmp_path):
