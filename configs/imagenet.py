@@ -29,7 +29,7 @@ def get_config(arg=None):
   config = default.get_config()
   config.data.name = 'imagenet2012'
   config.data.source = 'tfds'
-  config.data.num_workers = 16
+  config.data.num_workers = 7  # gpu_slurm.sbatch's 8 CPUs a task: 7 workers + the trainer.
   config.model.name = args['model']
   family.apply_method(config, mode=args['mode'], method=args['method'], order=args['order'],
                       shape=args['shape'], refresh=args['refresh'])

@@ -63,11 +63,11 @@ def expand(grid: Grid, root: str, fixed: dict) -> list[Run]:
 
 
 def status(workdir: str) -> str:
-  """done (done.json), started (metrics.jsonl) or new. Works on gs:// paths too."""
+  """done (done.json), started (config.json) or new. Works on gs:// paths too."""
   path = epath.Path(workdir)
   if (path / 'done.json').exists():
     return 'done'
-  return 'started' if (path / 'metrics.jsonl').exists() else 'new'
+  return 'started' if (path / 'config.json').exists() else 'new'
 
 
 def run_all(runs: list[Run], launcher: list[str]) -> int:

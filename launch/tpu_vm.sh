@@ -14,6 +14,9 @@ Commands:
   install                          on every worker: the code (git clone of REPO at BRANCH, or a
                                    copy of this checkout if REPO is unset) and a Python venv with
                                    requirements.txt, jax[tpu] and gcsfs
+  mount-data                       on every worker: Cloud Storage FUSE (gcsfuse, installed if
+                                   missing) mounts DATA_BUCKET read-only at /mnt/stompp_data,
+                                   for --config.data.dir=/mnt/stompp_data/tensorflow_datasets
   train -- ARGS                    start `python -m stompp_jax.main ARGS` on every worker in the
                                    background, output in ~/stompp_jax/train.log
   sweep -- ARGS                    start `python -m launch.sweep --run ARGS` the same way
@@ -35,6 +38,7 @@ Settings, as --setting=VALUE before COMMAND or as environment variables:
   --repo, --branch   REPO, BRANCH      git URL and branch (default main) for install
   --python-version   PYTHON_VERSION    Python of the workers' venv (default 3.11)
   --bucket           BUCKET            bucket that holds runs/ (fetch)
+  --data-bucket      DATA_BUCKET       bucket that holds tensorflow_datasets/ (mount-data)
 
 Example:
   launch/tpu_vm.sh --name=stompp --zone=us-central2-b --accelerator-type=v4-32 create
@@ -46,6 +50,7 @@ EOF
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REMOTE_DIR=stompp_jax  # On every worker, relative to the home directory.
 LOG=train.log          # Inside REMOTE_DIR.
+DATA_MOUNT=/mnt/stompp_data  # Where mount-data mounts DATA_BUCKET on every worker.
 RUNTIME_VERSION=${RUNTIME_VERSION:-tpu-ubuntu2204-base}
 BRANCH=${BRANCH:-main}
 PYTHON_VERSION=${PYTHON_VERSION:-3.11}
@@ -59,7 +64,7 @@ set_setting() {  # --some-setting=VALUE -> SOME_SETTING=VALUE
   local var
   var=$(printf %s "${1%%=*}" | sed 's/^--//' | tr 'a-z-' 'A-Z_')
   case $var in
-    NAME | ZONE | PROJECT | ACCELERATOR_TYPE | RUNTIME_VERSION | REPO | BRANCH | PYTHON_VERSION | BUCKET)
+    NAME | ZONE | PROJECT | ACCELERATOR_TYPE | RUNTIME_VERSION | REPO | BRANCH | PYTHON_VERSION | BUCKET | DATA_BUCKET)
       printf -v "$var" %s "${1#*=}" ;;
     *) die "unknown setting ${1%%=*} (see launch/tpu_vm.sh --help)" ;;
   esac
@@ -133,6 +138,23 @@ cmd_install() {
   on_workers all "${steps%; }"
 }
 
+cmd_mount_data() {
+  require NAME ZONE DATA_BUCKET
+  local source install steps
+  source=$(printf %q "${DATA_BUCKET#gs://}")
+  # Cloud Storage FUSE from Google's apt repository (the TPU images are Ubuntu); array-record
+  # reads the mounted files with random access, which it cannot do on gs:// itself.
+  install='command -v gcsfuse > /dev/null || {'
+  install+=' curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc > /dev/null'
+  # shellcheck disable=SC2016  # $(lsb_release -cs) runs on the worker.
+  install+=' && echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main" | sudo tee /etc/apt/sources.list.d/gcsfuse.list > /dev/null'
+  install+=' && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }'
+  steps=$(printf '%s; ' 'set -e' "$install" \
+    "sudo mkdir -p $DATA_MOUNT && sudo chown \"\$(id -u):\$(id -g)\" $DATA_MOUNT" \
+    "mountpoint -q $DATA_MOUNT || gcsfuse --implicit-dirs -o ro $source $DATA_MOUNT")
+  on_workers all "${steps%; }"
+}
+
 cmd_train() {
   (($#)) || die "train needs the arguments of stompp_jax.main: train -- --config=... --workdir=gs://..."
   start_on_workers stompp_jax.main "$@"
@@ -199,7 +221,7 @@ main() {
   shift
   if [[ ${1:-} == -- ]]; then shift; fi
   case $command in
-    create | create-queued | install | train | sweep | status | logs | fetch | delete | delete-queued)
+    create | create-queued | install | mount-data | train | sweep | status | logs | fetch | delete | delete-queued)
       "cmd_$(printf %s "$command" | tr - _)" "$@" ;;
     *) die "unknown command '$command'; settings go before it as --name=VALUE (see --help)" ;;
   esac

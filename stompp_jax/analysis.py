@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from stompp_jax import metrics as metrics_lib
+from stompp_jax import storage
 from stompp_jax import workdir as workdir_lib
 
 # The accuracy a run is judged by: the deployed (fully binary) network; fp runs have only eval_*.
@@ -40,13 +41,10 @@ def load_run(run_dir: str) -> dict[str, Any]:
      'rows' (metrics.jsonl rows in file order), 'done' (done.json contents or None)}.
   """
   def read_json(name):
-    path = os.path.join(run_dir, name)
-    if not os.path.exists(path):
-      return None
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
+    text = storage.read_text(storage.path(run_dir) / name)
+    return None if text is None else json.loads(text)
 
-  return {'dir': run_dir, 'name': os.path.basename(os.path.normpath(run_dir)),
+  return {'dir': run_dir, 'name': storage.path(run_dir).name,
           'config': read_json(workdir_lib.CONFIG) or {}, 'rows': metrics_lib.read_metrics(run_dir),
           'done': read_json(workdir_lib.DONE)}
 

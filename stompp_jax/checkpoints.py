@@ -9,7 +9,6 @@ one with a warning. A state with a NaN or an infinity is never saved.
 """
 
 import errno
-import os
 from typing import Any, Optional
 
 import grain
@@ -17,10 +16,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from stompp_jax import errors
 from stompp_jax import parallel
 from stompp_jax import state as state_lib
+from stompp_jax import storage
 from stompp_jax import workdir as workdir_lib
 
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -146,9 +147,9 @@ class Checkpointer:
     self._manager.close()
 
 
-def directory(workdir: str) -> str:
-  """The absolute checkpoint directory of a run directory."""
-  return os.path.abspath(os.path.join(workdir, workdir_lib.CHECKPOINTS))
+def directory(workdir: str) -> epath.Path:
+  """The checkpoint directory of a run directory (local and absolute, or gs://)."""
+  return storage.path(workdir) / workdir_lib.CHECKPOINTS
 
 
 def read_state(workdir: str) -> tuple[int, dict[str, Any]]:
@@ -162,7 +163,7 @@ def read_state(workdir: str) -> tuple[int, dict[str, Any]]:
     errors.SetupError: `workdir` has no checkpoint.
   """
   path = directory(workdir)
-  if not os.path.isdir(path):
+  if not path.is_dir():
     raise errors.SetupError(f'{workdir} has no {workdir_lib.CHECKPOINTS}/ directory: train a run'
                             ' there first, or give the run directory of a trained run.')
   manager = ocp.CheckpointManager(path)
@@ -189,12 +190,11 @@ def read_variables(workdir: str) -> tuple[int, dict, int]:
   """
   step, state = read_state(workdir)
   variables = jax.device_get({'params': state['params'], 'batch_stats': state['batch_stats']})
-  return step, variables, _directory_bytes(os.path.join(directory(workdir), str(step), 'state'))
+  return step, variables, _directory_bytes(directory(workdir) / str(step) / 'state')
 
 
-def _directory_bytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, name))
-             for root, _, names in os.walk(path) for name in names)
+def _directory_bytes(path: epath.Path) -> int:
+  return sum(_directory_bytes(p) if p.is_dir() else p.stat().length for p in path.iterdir())
 
 
 def _summary(error: Exception) -> str:

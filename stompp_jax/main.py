@@ -21,6 +21,7 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from stompp_jax import checkpoints
@@ -35,8 +36,10 @@ _PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), '')
 
 
 def _hide_checkpoint_library_logs(record) -> bool:
-  """orbax logs every save step by step at INFO; keep its warnings and errors only."""
-  return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
+  """orbax logs every save step by step at INFO, gcsfs every file it opens; keep their warnings
+  and errors only."""
+  return (record.levelno >= python_logging.WARNING
+          or not any(name in record.pathname for name in ('/orbax/', '/gcsfs/')))
 
 
 def _only_our_info(record) -> bool:
@@ -121,6 +124,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
           ' the flags.', errors.EXIT_BAD_INPUT)
 
 
+def enable_compilation_cache() -> None:
+  """JAX's persistent compilation cache for the CLI: JAX_COMPILATION_CACHE_DIR when set, else
+  $XDG_CACHE_HOME/stompp_jax/jax_cache (~/.cache/...). A resumed or repeated run loads its
+  compiled programs instead of compiling them again (minutes for ResNet-50 on a pod)."""
+  if not jax.config.jax_compilation_cache_dir:
+    cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    jax.config.update('jax_compilation_cache_dir', os.path.join(cache, 'stompp_jax', 'jax_cache'))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -129,6 +141,7 @@ def main(argv):
   else:
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_only_our_info)
+  enable_compilation_cache()
   sys.exit(run(flags.FLAGS.config, _WORKDIR.value))
 
 

@@ -1,4 +1,4 @@
-"""Metric aggregation (clu.metrics) and writers: metrics.jsonl and TensorBoard (tensorboardX).
+"""Metric aggregation (clu.metrics) and writers: metrics.jsonl and TensorBoard event files.
 
 Only process 0 writes. Each row of metrics.jsonl is one JSON object:
 {"step": int, "split": "train" | "eval", ...scalars, optional lists (per-site values)}.
@@ -7,19 +7,28 @@ TensorBoard gets the same rows under `tensorboard_tag` names (`train/loss`, `eva
 `eval/fully_binary/accuracy`, ...); a per-site list is one histogram per logged step whose
 bucket i is site i (height = the site's value), so a 51-site ResNet-50 is one chart, not 51.
 `write_config` adds the config as text and as hparams.
+
+Storage works on object stores (no append): a running writer adds its rows to bounded parts
+under metrics.parts/, each rewritten whole at every row, and its TensorBoard events to bounded
+event files; closing the writer (or the next start of a killed run, `consolidate`) moves the
+parts' rows to the end of metrics.jsonl. `read_metrics` reads both, so a live run is readable.
 """
 
 import json
 import math
-import os
+import socket
+import struct
+import time
 from typing import Any, Mapping
 
 import flax.struct
 import jax
 import numpy as np
 from clu import metrics as clu_metrics
+from etils import epath
 
-from stompp_jax import workdir as workdir_lib
+from stompp_jax import storage
+from stompp_jax.workdir import METRICS, METRICS_PARTS, TENSORBOARD
 
 
 @flax.struct.dataclass
@@ -48,54 +57,57 @@ def _to_python(value: Any) -> Any:
 
 
 class MetricWriter:
-  """Writes metric rows to `workdir/metrics.jsonl` and TensorBoard event files (process 0 only)."""
+  """Writes metric rows to `workdir`'s metrics and TensorBoard event files (process 0 only)."""
 
   def __init__(self, workdir: str, start_step: int = 0):
     """Opens the writers; `start_step` > 0 (a resumed run) makes TensorBoard drop the events a
-    killed run logged after that step, as `workdir.trim_metrics` does for metrics.jsonl."""
+    killed run logged after that step, as `trim` does for the metric rows."""
     self._active = jax.process_index() == 0
     if not self._active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    from tensorboardX import SummaryWriter  # Imported here: only process 0 writes.
-    self._jsonl = open(os.path.join(workdir, workdir_lib.METRICS), 'a', encoding='utf-8')
-    self._tensorboard = SummaryWriter(logdir=os.path.join(workdir, workdir_lib.TENSORBOARD),
-                                      purge_step=start_step + 1 if start_step else None)
+    self._root = storage.path(workdir)
+    existing = storage.parts(self._root / METRICS_PARTS, '', '.jsonl')
+    first = int(existing[-1].name.split('.')[0]) + 1 if existing else 0
+    self._rows = storage.PartLog(self._root / METRICS_PARTS, '', '.jsonl', first_part=first)
+    self._events = _EventLog(self._root / TENSORBOARD, start_step + 1 if start_step else None)
 
   def write(self, step: int, split: str, values: Mapping[str, Any]) -> None:
-    """Appends one row; on TensorBoard a scalar under `tensorboard_tag`, a list (per site) one
+    """Adds one row; on TensorBoard a scalar under `tensorboard_tag`, a list (per site) one
     histogram (`per_site_histogram`)."""
     if not self._active:
       return
     row = {'step': int(step), 'split': split}
     row.update({k: _to_python(v) for k, v in values.items()})
-    self._jsonl.write(json.dumps(row) + '\n')
-    self._jsonl.flush()
+    self._rows.append((json.dumps(row) + '\n').encode('utf-8'))
+    self._rows.flush()
+    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+    summary_values = []
     for name, value in row.items():
       if name in ('step', 'split') or value is None:
         continue
       tag = tensorboard_tag(split, name)
       if isinstance(value, list):
-        self._tensorboard.add_histogram_raw(tag, global_step=step, **per_site_histogram(value))
+        summary_values += summary.histogram_raw(tag, **per_site_histogram(value)).value
       else:
-        self._tensorboard.add_scalar(tag, value, step)
+        summary_values += summary.scalar(tag, value).value
+    self._events.add(step, summary_values)
 
   def write_config(self, config: Mapping[str, Any], step: int = 0) -> None:
     """Adds `config` (nested dict) as a TensorBoard text (JSON) and as hparams (flat fields)."""
     if not self._active:
       return
     from tensorboardX import summary  # pylint: disable=g-import-not-at-top
-    self._tensorboard.add_text('config', '    ' + json.dumps(config, indent=2).replace(
-        '\n', '\n    '), step)
+    text = summary.text('config', '    ' + json.dumps(config, indent=2).replace('\n', '\n    '))
     experiment, session_start, _ = summary.hparams(
         flat_hparams(config), {tag: 0.0 for tag in HPARAMS_METRICS})
-    for proto in (experiment, session_start):
-      self._tensorboard.file_writer.add_summary(proto, step)
+    for proto in (text, experiment, session_start):
+      self._events.add(step, proto.value)
 
   def close(self) -> None:
     if self._active:
-      self._jsonl.close()
-      self._tensorboard.close()
+      self._rows.flush()
+      self._events.flush()
+      consolidate(str(self._root))
 
 
 # The metrics TensorBoard's hparams view shows beside each run's config.
@@ -138,20 +150,92 @@ def flat_hparams(config: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return flat
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """The rows of `workdir/metrics.jsonl` in file order ([] if there is none).
+class _EventLog:
+  """TensorBoard event files (TFRecords of Event protos) written as PartLog parts."""
 
-  A last line cut short (the run was killed while writing it) is skipped; the next start of the
-  run removes it (`workdir.trim_metrics`).
-  """
-  path = os.path.join(workdir, workdir_lib.METRICS)
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding='utf-8') as f:
-    *complete, last = f.read().split('\n')
+  def __init__(self, logdir: epath.Path, purge_step: int | None):
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    self._event_pb2 = event_pb2
+    prefix = f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.'
+    header = _record(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+    self._log = storage.PartLog(logdir, prefix, '', header=header)
+    if purge_step is not None:  # TensorBoard drops the earlier files' events from this step on.
+      self._log.append(_record(event_pb2.Event(
+          wall_time=time.time(), step=purge_step,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))))
+
+  def add(self, step: int, values) -> None:
+    """Writes one event of Summary.Value protos (scalars, histograms, text, hparams) at `step`."""
+    from tensorboardX.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    self._log.append(_record(self._event_pb2.Event(
+        wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values))))
+    self._log.flush()
+
+  def flush(self) -> None:
+    self._log.flush()
+
+
+def _record(event) -> bytes:
+  """One TFRecord: length, its masked CRC-32C, the serialized proto, its masked CRC-32C."""
+  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=g-import-not-at-top
+  data = event.SerializeToString()
+  header = struct.pack('<Q', len(data))
+  return (header + struct.pack('<I', masked_crc32c(header)) + data
+          + struct.pack('<I', masked_crc32c(data)))
+
+
+def _parse_rows(text: str) -> tuple[list[dict], bool]:
+  """The rows of one JSON-lines text, and whether a last line cut short was skipped."""
+  *complete, last = text.split('\n')
   rows = [json.loads(line) for line in complete if line.strip()]
   try:
     rows += [json.loads(last)] if last.strip() else []
   except json.JSONDecodeError:
-    pass
+    return rows, True
+  return rows, False
+
+
+def _sources(workdir: str) -> list[epath.Path]:
+  root = storage.path(workdir)
+  return [root / METRICS, *storage.parts(root / METRICS_PARTS, '', '.jsonl')]
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of `workdir`'s metrics.jsonl, then of its parts, in order ([] if there are none).
+
+  A last line cut short (an old run killed while appending it) is skipped; the next start of
+  the run removes it (`trim`).
+  """
+  rows = []
+  for source in _sources(workdir):
+    text = storage.read_text(source)
+    rows += _parse_rows(text)[0] if text is not None else []
   return rows
+
+
+def trim(workdir: str, step: int) -> None:
+  """Drops the rows after `step` (logged by a run that died before its next checkpoint) and
+  moves the rows of its parts into metrics.jsonl, on process 0."""
+  if jax.process_index() == 0:
+    consolidate(workdir, last_step=step)
+
+
+def consolidate(workdir: str, last_step: int | None = None) -> None:
+  """Moves the rows of metrics.parts/ to the end of metrics.jsonl (one rewrite), dropping the
+  rows after `last_step` when given and any line cut short; a no-op when nothing changes."""
+  sources = _sources(workdir)
+  rows, changed = [], len(sources) > 1
+  for source in sources:
+    text = storage.read_text(source)
+    if text is not None:
+      parsed, cut = _parse_rows(text)
+      rows += parsed
+      changed |= cut
+  kept = [r for r in rows if last_step is None or r.get('step', 0) <= last_step]
+  if not changed and len(kept) == len(rows):
+    return
+  storage.write_text(sources[0], ''.join(json.dumps(r) + '\n' for r in kept))
+  for part in sources[1:]:
+    part.unlink()
+  if len(sources) > 1 and storage.is_local(sources[1]):
+    sources[1].parent.rmdir()  # Object stores have no empty folders to remove.

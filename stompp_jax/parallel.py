@@ -24,8 +24,8 @@ def initialize_distributed() -> None:
   """Starts `jax.distributed` when this job has several processes; a no-op otherwise.
 
   Explicit settings win: STOMPP_COORDINATOR_ADDRESS (host:port), STOMPP_NUM_PROCESSES and
-  STOMPP_PROCESS_ID. Else SLURM jobs with several tasks and Cloud TPU VM pod slices are detected
-  and jax derives everything from their environment.
+  STOMPP_PROCESS_ID. Else `jax.distributed.initialize()` runs, with no arguments, exactly when
+  JAX's own cluster detection finds a job of several processes (`cluster_process_count`).
   """
   if jax.distributed.is_initialized():
     return
@@ -39,21 +39,31 @@ def initialize_distributed() -> None:
                        ' STOMPP_PROCESS_ID to integers.') from None
     jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
                                process_id=process_id)
-  elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or _is_tpu_pod():
+  elif cluster_process_count() > 1:
     jax.distributed.initialize()
 
 
-def wait_for_all_processes(name: str, timeout_seconds: int = 1800) -> None:
-  """Blocks until every process of the job reaches the barrier `name` (once per name).
+def cluster_process_count() -> int:
+  """The number of processes of this job as JAX's cluster detection sees it, 1 outside a cluster.
 
-  A barrier of jax.distributed's coordination service, as orbax uses: it runs no device
-  collective, so it can wait longer than collective libraries do (gloo gives up after 30 s), e.g.
-  for a host that compiles slower than the others.
+  The detection that `jax.distributed.initialize()` runs when given no arguments, in its order:
+  Cloud TPU VMs of `gcloud compute tpus tpu-vm create` (the metadata server's worker list, times
+  MEGASCALE_NUM_SLICES), GKE TPU (TPU_WORKER_HOSTNAMES or TPU_PROCESS_ADDRESSES), SLURM
+  (SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID), Open MPI,
+  Kubernetes jobs.
   """
-  if jax.process_count() == 1:
-    return
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top  # No public handle.
-  distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_seconds * 1000)
+  from jax._src import clusters  # pylint: disable=g-import-not-at-top  # No public query.
+  for env in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
+    if not env.opt_in_only_method and env.is_env_present():
+      return env.get_process_count()
+  return 1
+
+
+def wait_for_all_processes(name: str) -> None:
+  """Blocks until every process of the job reaches the barrier `name`
+  (`multihost_utils.sync_global_devices`)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def check_same_on_all_processes(what: str, value: int) -> None:
@@ -64,11 +74,6 @@ def check_same_on_all_processes(what: str, value: int) -> None:
   if len(set(values)) > 1:
     raise ValueError(f'The processes disagree on the {what} (per process: {values}): every'
                      ' process must see the same workdir, data and config.')
-
-
-def _is_tpu_pod() -> bool:
-  hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
-  return len([h for h in hosts.split(',') if h]) > 1
 
 
 def check_mesh_config(mesh_cfg) -> None:

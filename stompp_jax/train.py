@@ -158,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.info('%s is a finished run (done.json): nothing to do.', workdir)
         return done
     workdir_lib.write_config(workdir, config)
-    workdir_lib.trim_metrics(workdir, start_step)  # Rows a killed run logged after its checkpoint.
+    metrics_lib.trim(workdir, start_step)  # Rows a killed run logged after its checkpoint.
     if exp.net.sites:
       logging.info('Binarized sites (forward order):\n%s', sites_lib.site_table(exp.net.sites))
     return _train_loop(exp, _Run(workdir, cleanup, start_step, state, train_iter, checkpointer))

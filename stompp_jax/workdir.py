@@ -1,5 +1,7 @@
 """The run directory: config.json, metrics.jsonl, tensorboard/, checkpoints/, done.json.
 
+A local path or a gs:// URI: every file goes through `storage` (etils.epath).
+
 Running the same command on the same directory resumes it; a directory made with a different
 config (config.json, else the config saved in its newest checkpoint) is refused unless
 `train.override_workdir_config` is set. `check_config` only reads, so a refused config leaves the
@@ -9,15 +11,17 @@ how a run is observed or executed (logging, workers, devices) may differ between
 
 import json
 import os
-import tempfile
 from typing import Any, Mapping
 
 import jax
 import ml_collections
 
+from stompp_jax import storage
+
 # The names inside a run directory (the one place they are spelled).
 CONFIG = 'config.json'
-METRICS = 'metrics.jsonl'
+METRICS = 'metrics.jsonl'  # The rows of the finished metric writers, in order.
+METRICS_PARTS = 'metrics.parts'  # Rows of a writer still running (or killed): PartLog parts.
 TENSORBOARD = 'tensorboard'
 CHECKPOINTS = 'checkpoints'
 DONE = 'done.json'
@@ -40,16 +44,6 @@ def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return flat
 
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and a rename: never half-written."""
-  directory = os.path.dirname(os.path.abspath(path))
-  with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, encoding='utf-8',
-                                   prefix='.tmp_') as f:
-    f.write(text)
-    tmp = f.name
-  os.replace(tmp, path)
-
-
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   """Fields (dotted) whose values differ, other than RESUMABLE_FIELDS."""
   old_flat, new_flat = _flatten(old), _flatten(new)
@@ -59,7 +53,7 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
 
 def check_workdir(workdir: str) -> None:
   """Refuses a workdir that is a file or cannot be created or written (nothing is written)."""
-  if '://' in workdir:
+  if not storage.is_local(workdir):
     return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f'--workdir={workdir} is a file, not a directory: give a directory path'
@@ -81,13 +75,13 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   The run's config is config.json, or, when that is missing, the config saved with its newest
   checkpoint. Nothing is written.
   """
-  path = os.path.join(workdir, CONFIG)
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      try:
-        old = json.load(f)
-      except json.JSONDecodeError:
-        raise ValueError(f'{path} is not valid JSON: restore it or start a new --workdir.') from None
+  path = storage.path(workdir) / CONFIG
+  text = storage.read_text(path)
+  if text is not None:
+    try:
+      old = json.loads(text)
+    except json.JSONDecodeError:
+      raise ValueError(f'{path} is not valid JSON: restore it or start a new --workdir.') from None
   else:
     old = _newest_checkpoint_config(workdir)
     if old is None:
@@ -103,13 +97,12 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def _newest_checkpoint_config(workdir: str) -> dict | None:
   """The config saved with the newest finished checkpoint (orbax's JSON item), if readable."""
-  directory = os.path.join(workdir, CHECKPOINTS)
-  names = os.listdir(directory) if os.path.isdir(directory) else []
+  directory = storage.path(workdir) / CHECKPOINTS
+  names = [p.name for p in directory.iterdir()] if directory.exists() else []
   steps = sorted(int(name) for name in names if name.isdigit())
   for step in reversed(steps):
     try:
-      with open(os.path.join(directory, str(step), 'config', 'metadata'), encoding='utf-8') as f:
-        return json.load(f)
+      return json.loads((directory / str(step) / 'config' / 'metadata').read_text())
     except (OSError, json.JSONDecodeError):
       continue
   return None
@@ -118,39 +111,17 @@ def _newest_checkpoint_config(workdir: str) -> dict | None:
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Creates `workdir` and writes its config.json (process 0), after `check_config`."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    atomic_write_text(os.path.join(workdir, CONFIG),
-                      json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True) + '\n')
-
-
-def trim_metrics(workdir: str, step: int) -> None:
-  """Drops metrics.jsonl rows after `step` (logged by a run that died before its next checkpoint)."""
-  path = os.path.join(workdir, METRICS)
-  if jax.process_index() != 0 or not os.path.exists(path):
-    return
-  with open(path, encoding='utf-8') as f:
-    lines = f.readlines()
-  kept = []
-  for line in lines:
-    try:
-      if json.loads(line)['step'] <= step:
-        kept.append(line)
-    except (json.JSONDecodeError, KeyError):
-      continue  # A line cut short by a kill.
-  if len(kept) != len(lines):
-    atomic_write_text(path, ''.join(kept))
+    storage.write_text(storage.path(workdir) / CONFIG,
+                       json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True) + '\n')
 
 
 def read_done(workdir: str) -> dict | None:
   """The final metrics of a finished run (done.json), or None."""
-  path = os.path.join(workdir, DONE)
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  text = storage.read_text(storage.path(workdir) / DONE)
+  return None if text is None else json.loads(text)
 
 
 def write_done(workdir: str, summary: Mapping[str, Any]) -> None:
   """Marks the run finished: done.json with the final metrics (written last)."""
   if jax.process_index() == 0:
-    atomic_write_text(os.path.join(workdir, DONE), json.dumps(dict(summary), indent=2) + '\n')
+    storage.write_text(storage.path(workdir) / DONE, json.dumps(dict(summary), indent=2) + '\n')

@@ -1,6 +1,5 @@
 """Helpers of the reliability tests: the command line in a subprocess, checkpoint contents."""
 
-import glob
 import json
 import os
 import pathlib
@@ -11,6 +10,8 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from stompp_jax import storage
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -108,8 +109,9 @@ def wait_for_checkpoint(cli: Cli, workdir, min_step: int, timeout=240) -> int:
 
 
 def read_checkpoint(workdir, step=None) -> tuple[int, dict, list]:
-  """(step, {path: numpy array} of the train state, data-iterator states) of a checkpoint."""
-  directory = os.path.join(workdir, 'checkpoints')
+  """(step, {path: numpy array} of the train state, data-iterator states) of a checkpoint in a
+  local or gs:// `workdir`."""
+  directory = storage.path(workdir) / 'checkpoints'
   manager = ocp.CheckpointManager(directory, item_handlers={'state': ocp.StandardCheckpointHandler()},
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   try:
@@ -123,8 +125,7 @@ def read_checkpoint(workdir, step=None) -> tuple[int, dict, list]:
     manager.close()
   state = {jax.tree_util.keystr(path): np.asarray(value)
            for path, value in jax.tree_util.tree_flatten_with_path(restored['state'])[0]}
-  data = [json.loads(pathlib.Path(f).read_text())
-          for f in sorted(glob.glob(os.path.join(directory, str(step), 'data', '*.json')))]
+  data = [json.loads(f.read_text()) for f in sorted((directory / str(step) / 'data').glob('*.json'))]
   return step, state, data
 
 

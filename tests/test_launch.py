@@ -27,8 +27,8 @@ TPU = ['gcloud', 'compute', 'tpus', 'tpu-vm']
 WHERE = ['--zone=us-central2-b', '--project=my-project']
 
 # Appends {"argv", "env" (the variables that choose devices), "cwd"} as one JSON line to
-# $FAKE_LOG, with the member names of any .tgz argument; prints a line; exits 1 if $FAKE_FAIL
-# occurs in that JSON line.
+# $FAKE_LOG, with the member names of any .tgz argument; prints a line; exits $FAKE_STATUS (1 by
+# default) if $FAKE_FAIL occurs in that JSON line.
 RECORDER = f"""#!{sys.executable}
 import json, os, sys, tarfile
 record = {{'argv': [os.path.basename(sys.argv[0]), *sys.argv[1:]], 'cwd': os.getcwd(),
@@ -40,7 +40,7 @@ line = json.dumps(record)
 with open(os.environ['FAKE_LOG'], 'a') as f:
   f.write(line + '\\n')
 print('fake', record['argv'][0])
-sys.exit(1 if os.environ.get('FAKE_FAIL', '\\0') in line else 0)
+sys.exit(int(os.environ.get('FAKE_STATUS', '1')) if os.environ.get('FAKE_FAIL', '\\0') in line else 0)
 """
 
 
@@ -60,7 +60,7 @@ class Fakes:
 
   def env(self, **extra: str) -> dict[str, str]:
     settings = ('NAME', 'ZONE', 'PROJECT', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION', 'REPO', 'BRANCH',
-                'PYTHON_VERSION', 'BUCKET', 'GPUS', 'CUDA_VISIBLE_DEVICES', 'PYTHON')
+                'PYTHON_VERSION', 'BUCKET', 'DATA_BUCKET', 'GPUS', 'CUDA_VISIBLE_DEVICES', 'PYTHON')
     env = {k: v for k, v in os.environ.items()
            if k not in settings and not k.startswith(('SLURM', 'STOMPP_'))}
     return {**env, 'PATH': f'{self.bin}:{env["PATH"]}', 'FAKE_LOG': str(self.log), **extra}
@@ -77,7 +77,7 @@ class Fakes:
 @pytest.fixture
 def fakes(tmp_path):
   fakes = Fakes(tmp_path)
-  for name in ('gcloud', 'srun', 'python', 'sbatch'):
+  for name in ('gcloud', 'srun', 'python', 'sbatch', 'scontrol'):
     fakes.add(name)
   return fakes
 
@@ -223,6 +223,40 @@ def test_tpu_install_copies_this_checkout(fakes):
   assert 'uv venv --python 3.12 .venv' in command
 
 
+def test_tpu_mount_data_mounts_the_bucket_on_every_worker(fakes, tmp_path):
+  unset = tpu_vm(fakes, *SETTINGS, 'mount-data')
+  assert unset.returncode == 2 and 'DATA_BUCKET is not set' in unset.stderr
+  assert tpu_vm(fakes, *SETTINGS, '--data-bucket=gs://my-data', 'mount-data').returncode == 0
+  [ssh] = fakes.argvs()
+  assert ssh[:7] == [*TPU, 'ssh', 'stompp-v4', '--worker=all']
+  # On a worker (gcsfuse, sudo and mountpoint faked; the mount point is not mounted yet):
+  for name in ('gcsfuse', 'sudo', 'mountpoint'):
+    fakes.add(name)
+  home = tmp_path / 'home'
+  home.mkdir()
+  worker = subprocess.run(['bash', '-c', remote_command(ssh)], cwd=home, capture_output=True,
+                          text=True, env=fakes.env(HOME=str(home), FAKE_FAIL='"mountpoint"'),
+                          timeout=60)
+  assert worker.returncode == 0, worker.stderr
+  calls = fakes.argvs()[1:]
+  assert ['mountpoint', '-q', '/mnt/stompp_data'] in calls
+  assert calls[-1] == ['gcsfuse', '--implicit-dirs', '-o', 'ro', 'my-data', '/mnt/stompp_data']
+  assert not [c for c in calls if 'apt-get' in c]  # gcsfuse was there already.
+
+
+def test_tfds_data_in_a_bucket_is_refused_naming_the_mount(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'stompp_jax.main', '--config=configs/default.py',
+       f'--workdir={tmp_path / "run"}', '--config.data.source=tfds',
+       '--config.data.dir=gs://my-data/tensorflow_datasets'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 2, result.stderr[-2000:]
+  [line] = [l for l in result.stderr.splitlines() if l.startswith('Error: ')]
+  assert 'mount-data' in line and '/mnt/stompp_data' in line
+  assert not (tmp_path / 'run').exists()
+
+
 def test_tpu_status_reports_each_worker(fakes, tmp_path):
   assert tpu_vm(fakes, *SETTINGS, 'status').returncode == 0
   describe, ssh = fakes.argvs()
@@ -277,8 +311,8 @@ def test_tpu_fetch_and_delete(fakes, tmp_path):
 
 
 def slurm_env(fakes, **extra):
-  return fakes.env(SLURM_JOB_ID='4242', SLURM_NTASKS='16', SLURM_JOB_NUM_NODES='2',
-                   SLURM_SUBMIT_DIR=str(ROOT), **extra)
+  return fakes.env(**{'SLURM_JOB_ID': '4242', 'SLURM_NTASKS': '16', 'SLURM_JOB_NUM_NODES': '2',
+                      'SLURM_CPUS_PER_TASK': '8', 'SLURM_SUBMIT_DIR': str(ROOT), **extra})
 
 
 def test_slurm_runs_one_task_per_gpu_with_srun(fakes, tmp_path):
@@ -293,8 +327,51 @@ def test_slurm_runs_one_task_per_gpu_with_srun(fakes, tmp_path):
   assert result.returncode == 0, result.stderr
   [call] = fakes.calls()
   assert call['argv'] == ['srun', '--kill-on-bad-exit=1', 'python', '-m', 'stompp_jax.main',
-                          *TRAIN_ARGS]
+                          *TRAIN_ARGS, '--config.data.num_workers=7']
   assert call['cwd'] == str(ROOT)
+
+
+def test_slurm_signals_before_the_time_limit_and_requeues_a_preempted_run(fakes):
+  script = ROOT / 'launch' / 'gpu_slurm.sbatch'
+  directives = [line.removeprefix('#SBATCH ') for line in script.read_text().splitlines()
+                if line.startswith('#SBATCH ')]
+  assert '--requeue' in directives
+  [signal_spec] = [d.removeprefix('--signal=') for d in directives if d.startswith('--signal=')]
+  name, seconds = signal_spec.split('@')
+  assert name == 'TERM' and int(seconds) >= 600  # The tasks' SIGTERM checkpoint, then exit 75.
+  # srun exits 75 (EX_TEMPFAIL): the trainer saved a checkpoint after SIGTERM.
+  result = subprocess.run(['bash', str(script), *TRAIN_ARGS],
+                          env=slurm_env(fakes, FAKE_FAIL='"srun"', FAKE_STATUS='75'),
+                          capture_output=True, text=True)
+  assert result.returncode == 75, result.stderr
+  assert fakes.argvs()[-1] == ['scontrol', 'requeue', '4242']
+  assert 'requeue' in result.stderr
+
+
+def test_slurm_does_not_requeue_a_failed_run(fakes):
+  result = subprocess.run(['bash', str(ROOT / 'launch' / 'gpu_slurm.sbatch'), *TRAIN_ARGS],
+                          env=slurm_env(fakes, FAKE_FAIL='"srun"'), capture_output=True, text=True)
+  assert result.returncode == 1
+  assert [a[0] for a in fakes.argvs()] == ['srun']
+
+
+def test_slurm_grain_workers_follow_cpus_per_task_unless_given(fakes):
+  script = str(ROOT / 'launch' / 'gpu_slurm.sbatch')
+  subprocess.run(['bash', script, *TRAIN_ARGS], env=slurm_env(fakes, SLURM_CPUS_PER_TASK='4'),
+                 check=True, capture_output=True)
+  subprocess.run(['bash', script, *TRAIN_ARGS, '--config.data.num_workers=2'],
+                 env=slurm_env(fakes, SLURM_CPUS_PER_TASK='4'), check=True, capture_output=True)
+  first, second = fakes.argvs()
+  assert first[-1] == '--config.data.num_workers=3'
+  assert second[-1] == '--config.data.num_workers=2' and len(second) == len(first)
+
+
+def test_imagenet_config_workers_fit_the_slurm_cpus_per_task():
+  from configs import imagenet  # pylint: disable=g-import-not-at-top
+  cpus = int(next(line.partition('=')[2] for line in
+                  (ROOT / 'launch' / 'gpu_slurm.sbatch').read_text().splitlines()
+                  if line.startswith('#SBATCH --cpus-per-task=')))
+  assert imagenet.get_config().data.num_workers == cpus - 1  # And the trainer's own CPU.
 
 
 @pytest.mark.parametrize('env, error', [
@@ -432,7 +509,7 @@ def test_sweep_skips_finished_runs_and_lists_status(capsys, tmp_path):
   done.mkdir(parents=True)
   (done / 'done.json').write_text('{}')
   started.mkdir(parents=True)
-  (started / 'metrics.jsonl').write_text('{}\n')
+  (started / 'config.json').write_text('{}\n')
   commands = sweep_lines(capsys, 'mobilenet_v2', '--print', f'--workdir-root={tmp_path}')
   assert len(commands) == 5
   assert f'--workdir={done}' not in [c[4] for c in commands]

@@ -168,6 +168,12 @@ class TfdsSource:
   """
 
   def __init__(self, name: str, split: str, data_dir_or_bucket: str, label_key: str = 'label'):
+    if data_dir_or_bucket.startswith('gs://'):
+      raise ValueError(
+          f'data.dir={data_dir_or_bucket}: the pinned array-record cannot read Cloud Storage'
+          ' directly: mount the bucket on every host with Cloud Storage FUSE (launch/tpu_vm.sh'
+          ' mount-data) and set data.dir to the mounted folder, e.g.'
+          ' /mnt/stompp_data/tensorflow_datasets (docs/data.md)')
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     decoders = {'image': tfds.decode.SkipDecoding()} if name == 'imagenet2012' else None
     try:

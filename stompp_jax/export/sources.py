@@ -7,7 +7,6 @@
 
 import json
 import math
-import os
 from typing import Any, Optional
 
 import jax
@@ -19,6 +18,7 @@ from stompp_jax import checkpoints
 from stompp_jax import errors
 from stompp_jax import experiment
 from stompp_jax import models
+from stompp_jax import storage
 from stompp_jax import workdir as workdir_lib
 from stompp_jax.data import pipeline
 from stompp_jax.export import files
@@ -69,19 +69,19 @@ def export_workdir(workdir: str, out_dir: str, recalibrate_bn_batches: int = 0) 
   Raises:
     errors.SetupError: `workdir` is not a run directory with a config and a checkpoint.
   """
-  path = os.path.join(workdir, workdir_lib.CONFIG)
-  if not os.path.isdir(workdir):
+  path = storage.path(workdir) / workdir_lib.CONFIG
+  if not storage.path(workdir).is_dir():
     raise errors.SetupError(f'--workdir={workdir} is not a directory: give the run directory'
                             ' of a trained run (the --workdir of its training command).')
-  if not os.path.isfile(path):
+  text = storage.read_text(path)
+  if text is None:
     raise errors.SetupError(f'{workdir} has no {workdir_lib.CONFIG}: give the run directory of'
                             ' a trained run (the --workdir of its training command).')
-  with open(path, encoding='utf-8') as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(text))
   step, variables, state_bytes = checkpoints.read_variables(workdir)
   _, image_shape = pipeline.input_shape(config.data)
   num_classes = variables['params']['classifier']['kernel'].shape[-1]
-  source = dict(workdir=os.path.abspath(workdir), step=int(step))
+  source = dict(workdir=str(storage.path(workdir)), step=int(step))
   if recalibrate_bn_batches:
     variables = _recalibrated(config, variables, num_classes, image_shape, recalibrate_bn_batches)
     source['recalibrated_bn_batches'] = recalibrate_bn_batches
