@@ -16,7 +16,6 @@ checkpoint, or an unfinished run (no done.json) unless --allow_unfinished.
 import dataclasses
 import functools
 import json
-import os
 import sys
 from typing import Any, Optional
 
