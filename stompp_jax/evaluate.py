@@ -16,7 +16,6 @@ checkpoint, or an unfinished run (no done.json) unless --allow_unfinished.
 import dataclasses
 import functools
 import json
-import os
 import sys
 from typing import Any, Optional
 
@@ -32,6 +31,7 @@ from stompp_jax import experiment
 from stompp_jax import state as state_lib
 from stompp_jax import steps
 from stompp_jax import train
+from stompp_jax import storage
 from stompp_jax import workdir as workdir_lib
 from stompp_jax.binary import context as bctx
 from stompp_jax.binary.choices import check_choice
@@ -46,12 +46,11 @@ class RunError(errors.SetupError):
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config.json of the run in `workdir`."""
-  path = os.path.join(workdir, workdir_lib.CONFIG)
-  if not os.path.isfile(path):
+  text = storage.read_text(storage.path(workdir) / workdir_lib.CONFIG)  # Local or gs://.
+  if text is None:
     raise RunError(f'{workdir} is not a run directory (no config.json): give the --workdir of a'
                    ' training run.')
-  with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(text))
 
 
 @dataclasses.dataclass(frozen=True)
