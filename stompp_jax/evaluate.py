@@ -1,10 +1,13 @@
 """Evaluates the newest checkpoint of a run, fully binary and as trained.
 
     python -m stompp_jax.evaluate --workdir=RUN [--split=test|train] [--allow_unfinished]
+        [--recalibrate_bn_batches=N]
 
 prints one line for the fully binary network (every mask = 1: the network you would deploy)
 and one for the network as trained at that step (its masks at the checkpoint's step), each with
-accuracy and loss over the whole split: 'test' is the eval split of the run's data (CIFAR test,
+accuracy and loss over the whole split; with --recalibrate_bn_batches=N > 0 a third line for the
+fully binary network with its BatchNorm statistics re-estimated on N training batches
+(`stompp_jax.recalibrate`; the checkpoint is not changed). Splits: 'test' is the eval split of the run's data (CIFAR test,
 ImageNet validation), 'train' the train split without augmentation. A float run (binary.method
 fp) has only the second line. The run's config.json rebuilds the model; a run of your own model
 (train_and_evaluate(..., model=...)) is evaluated from Python: `evaluate_run(RUN, model=...)`.
@@ -28,6 +31,7 @@ import ml_collections
 from stompp_jax import checkpoints
 from stompp_jax import errors
 from stompp_jax import experiment
+from stompp_jax import recalibrate
 from stompp_jax import state as state_lib
 from stompp_jax import steps
 from stompp_jax import train
@@ -107,16 +111,20 @@ def load_run(workdir: str, *, model: Any = None, allow_unfinished: bool = False)
 
 
 def evaluate_run(workdir: str, *, split: str = 'test', model: Any = None,
-                 allow_unfinished: bool = False) -> dict[str, Any]:
+                 allow_unfinished: bool = False,
+                 recalibrate_bn_batches: int = 0) -> dict[str, Any]:
   """Accuracy and loss of the newest checkpoint of `workdir` over the whole `split`.
 
   Args:
     workdir, model, allow_unfinished: as for `load_run`.
     split: 'test' (the eval split) or 'train' (no augmentation).
+    recalibrate_bn_batches: n > 0 also evaluates the fully binary network with BatchNorm
+      statistics re-estimated over the run's first n training batches (binary runs only).
 
   Returns:
     {'step', 'total_steps', 'examples', 'split', 'eval_fully_binary_accuracy',
-     'eval_fully_binary_loss' (binary runs), 'eval_accuracy', 'eval_loss'}.
+     'eval_fully_binary_loss' (binary runs), 'eval_fully_binary_recalibrated_accuracy' and
+     '_loss' (with recalibrate_bn_batches), 'eval_accuracy', 'eval_loss'}.
 
   Raises:
     RunError, errors.SetupError: as `load_run`.
@@ -134,6 +142,14 @@ def evaluate_run(workdir: str, *, split: str = 'test', model: Any = None,
                                                 process_index=0, process_count=1,
                                                 split=SPLITS[split])
   results = train.evaluate(run.state, eval_fns, batches)
+  if recalibrate_bn_batches > 0 and 'eval_fully_binary' in eval_fns:
+    variables = recalibrate.recalibrate_variables(
+        run.config, run.model, run.binarization,
+        {'params': run.state.params, 'batch_stats': run.state.batch_stats},
+        recalibrate_bn_batches)
+    recalibrated = run.state.replace(batch_stats=variables['batch_stats'])
+    results.update(train.evaluate(
+        recalibrated, {'eval_fully_binary_recalibrated': eval_fns['eval_fully_binary']}, batches))
   examples = run.info.eval_size if split == 'test' else run.info.train_size
   return dict(step=run.step, total_steps=run.total_steps, examples=examples, split=split,
               **results)
@@ -143,7 +159,8 @@ def render(results: dict[str, Any]) -> str:
   """One line per evaluated network: accuracy, loss, split, examples and step."""
   where = (f'{results["split"]} split, {results["examples"]} examples, step {results["step"]}'
            f' of {results["total_steps"]}')
-  names = [('fully binary', 'eval_fully_binary'), ('as trained', 'eval')]
+  names = [('fully binary', 'eval_fully_binary'),
+           ('recalibrated', 'eval_fully_binary_recalibrated'), ('as trained', 'eval')]
   return '\n'.join(f'{label + ":":14s}accuracy {100 * results[f"{key}_accuracy"]:.2f}%  loss'
                    f' {results[f"{key}_loss"]:.4f}  ({where})'
                    for label, key in names if f'{key}_accuracy' in results)
@@ -158,8 +175,12 @@ def main(argv):
     print('Error: --workdir is missing: give the run directory to evaluate.', file=sys.stderr)
     sys.exit(errors.EXIT_BAD_INPUT)
   try:
+    if flags.FLAGS.recalibrate_bn_batches < 0:
+      raise ValueError(f'--recalibrate_bn_batches={flags.FLAGS.recalibrate_bn_batches} is'
+                       ' negative: give 0 (off) or a number of training batches.')
     results = evaluate_run(workdir, split=flags.FLAGS.split,
-                           allow_unfinished=flags.FLAGS.allow_unfinished)
+                           allow_unfinished=flags.FLAGS.allow_unfinished,
+                           recalibrate_bn_batches=flags.FLAGS.recalibrate_bn_batches)
   except (ValueError, FileNotFoundError) as e:  # SetupError, and bad config or data.
     print(f'Error: {" ".join(str(e).split())}', file=sys.stderr)
     sys.exit(errors.EXIT_BAD_INPUT)
@@ -173,4 +194,6 @@ if __name__ == '__main__':
                     ' without augmentation.')
   flags.DEFINE_bool('allow_unfinished', False, 'Evaluate the newest checkpoint of an unfinished'
                     ' run.')
+  flags.DEFINE_integer('recalibrate_bn_batches', 0, 'Also evaluate the fully binary network with'
+                       ' BatchNorm statistics re-estimated on this many training batches.')
   app.run(main)

@@ -7,14 +7,17 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from stompp_jax import evaluate
+from stompp_jax import recalibrate
 from stompp_jax import train
 
 import test_train  # pylint: disable=g-bad-import-order
 
-LINE = re.compile(r'^(fully binary|as trained): +accuracy (\d+\.\d\d)%  loss (\d+\.\d{4})'
+LINE = re.compile(r'^(fully binary|recalibrated|as trained): +accuracy (\d+\.\d\d)%  loss (\d+\.\d{4})'
                   r'  \(test split, 96 examples, step 12 of 12\)$')
 
 
@@ -49,6 +52,26 @@ def test_command_prints_one_line_per_network(finished_run):
   done = json.loads((finished_run / 'done.json').read_text())
   accuracy = float(LINE.match(lines[0]).group(2))
   assert accuracy == pytest.approx(100 * done['eval_fully_binary_accuracy'], abs=0.006)
+
+
+def test_recalibrated_line_uses_the_re_estimated_statistics(finished_run):
+  out = run_command(f'--workdir={finished_run}', '--recalibrate_bn_batches=2')
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.strip().splitlines()
+  assert [LINE.match(line).group(1) for line in lines] == [
+      'fully binary', 'recalibrated', 'as trained'], lines
+  results = evaluate.evaluate_run(str(finished_run), recalibrate_bn_batches=2)
+  recalibrated = evaluate.load_run(str(finished_run))
+  variables = recalibrate.recalibrate_variables(
+      recalibrated.config, recalibrated.model, recalibrated.binarization,
+      {'params': recalibrated.state.params, 'batch_stats': recalibrated.state.batch_stats}, 2)
+  # The re-estimated statistics differ from the running ones, so the recalibrated loss does too.
+  assert not all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(variables['batch_stats']),
+      jax.tree.leaves(jax.device_get(recalibrated.state.batch_stats))))
+  assert results['eval_fully_binary_recalibrated_loss'] != results['eval_fully_binary_loss']
+  assert float(LINE.match(lines[1]).group(2)) == pytest.approx(
+      100 * results['eval_fully_binary_recalibrated_accuracy'], abs=0.006)
 
 
 def test_missing_and_unfinished_runs_are_one_line_errors(finished_run, tmp_path):
