@@ -109,8 +109,8 @@ def _a_file(tmp_path):
 def test_cli_bad_path_or_argument_is_one_line_and_writes_nothing(tmp_path, case):
   workdir, file = tmp_path / 'run', _a_file(tmp_path)
   argv, pattern = {
-      'missing config file': (['--config=configs/nope.py', f'--workdir={workdir}'],
-                              r"--config=configs/nope\.py: no config file 'configs/nope\.py':"
+      'missing config file': (['--config=configs/z.py', f'--workdir={workdir}'],
+                              r"--config=configs/z\.py: no config file 'configs/z\.py':"
                               r" give a file of configs/"),
       'misspelled family argument': (
           ['--config=configs/cifar.py:datset=cifar100', f'--workdir={workdir}'],

@@ -42,12 +42,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO.
   try:
     if workdir is not None:
-      portable_path = portable.export_run(workdir, out)
-      try:
+      try:  # First: its checks of the workdir are the ones users see.
         manifest = sources.export_workdir(workdir, out, flags.FLAGS.recalibrate_bn_batches)
       except NotImplementedError as e:
         print(f'bit-packed export not written: {e}')
         manifest = None
+      portable_path = portable.export_run(workdir, out)
     else:
       portable_path = None
       manifest = sources.export_config(config, out,
