@@ -39,6 +39,8 @@ COVERAGE = {
         run_by('test_cli_output.py::test_quickstart_runs_offline_on_the_builtin_digits'),
     'python -m stompp_jax.main --config=configs/<file>.py[:args] --workdir=DIR [--config.a.b=v ...]':
         USAGE,
+    'python -m stompp_jax.main --config=PATH/configs/<file>.py':
+        run_by('test_package.py::test_wheel_installs_and_runs_from_another_directory'),
     'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar100,model=resnet50,method=ste'
     ' --workdir=runs/c100_r50_ste': PARSE,
     'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar100,order=reverse,shape=linear'
