@@ -238,4 +238,5 @@ def consolidate(workdir: str, last_step: int | None = None) -> None:
   for part in sources[1:]:
     part.unlink()
   if len(sources) > 1 and storage.is_local(sources[1]):
-    sources[1].parent.rmdir()  # Object stores have no empty folders to remove.
+    # Also removes what a write cut short by a full disk left there (object stores: no folders).
+    sources[1].parent.rmtree()
