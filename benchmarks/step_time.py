@@ -2,15 +2,16 @@
 
     python benchmarks/step_time.py --models=resnet18:32,resnet50:4 --reps=5 --steps=2   # CPU
     python benchmarks/step_time.py --models=resnet18:256,resnet50:128 --dtype=bfloat16   # GPU
+    python benchmarks/step_time.py --models=resnet20:128 --reps=15 --steps=1 --pieces   # pieces
 
 Models: `name:batch`; resnet50 gets the ImageNet shape (224x224x3, 1000 classes, ImageNet stem),
 every other model of the zoo CIFAR-10 shapes (32x32x3, 10 classes, CIFAR stem). Each method's
-step is the project's own `steps.train_step` (forward, backward, the method's optimizer
-transforms, masks made inside the step), built as a run builds it (`experiment.build_model`,
-`experiment.binarization_config`, `optimizers.create_optimizer`) from configs/default.py with
-model.mode bnn (fp: mode fp), on a synthetic global batch on one device, with the state at 40%
-of a 1000-step layerwise schedule (about half the sites fully frozen, one freezing, the rest
-still float).
+model, optimizer, initial state and compiled step come from `experiment.build(config)`, as a
+run gets them: the project's own `steps.train_step` (forward, backward, the method's optimizer
+transforms, masks made inside the step), with configs/default.py, model.mode bnn (fp: mode fp),
+synthetic data of the model's shapes and a mesh of one device, on a synthetic global batch,
+with the state at 40% of a 1000-step layerwise schedule (about half the sites fully frozen,
+one freezing, the rest still float).
 
 Timing: compile (lower + compile) is timed apart; after --warmup steps per method, --reps
 repetitions each run --steps consecutive steps of every method, the methods' order rotating
@@ -23,6 +24,13 @@ Memory: `step MB` is XLA's own account of the compiled step (arguments + outputs
 - donated aliases, from `compiled.memory_analysis()`), per method, on any backend. The device's
 peak (`memory_stats()['peak_bytes_in_use']`, GPU/TPU) and the process's RSS high-water mark
 (CPU) are process-wide (every method of the run together) and printed once.
+
+--pieces: where the binarization's time goes, per model, in ms per train step (median over
+--reps, each --steps calls, every call blocked on): the masks of all sites alone (kernel and
+input, `context.site_frozen_mask`), the STE binarizers alone, `masked_sign` with given masks,
+the StoMPP binarizers with their masks (`context.binarize_site_tensor`), each forward +
+backward over every site's kernel and input, and the binary convs alone (forward + backward),
+on the sites of the model's stompp build at the same step.
 
 Targets (issue 16), for ste, stompp and stompp_ste against fp: step time <= 1.05 (paired
 ratio), compile time <= 1.3x, XLA step memory <= 1.10x. `--json=PATH` writes every measurement.
@@ -37,6 +45,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,10 +55,8 @@ import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
 from stompp_jax import experiment  # noqa: E402
-from stompp_jax import optimizers  # noqa: E402
-from stompp_jax import sites as sites_lib  # noqa: E402
-from stompp_jax import state as state_lib  # noqa: E402
-from stompp_jax import steps  # noqa: E402
+from stompp_jax.binary import binarize  # noqa: E402
+from stompp_jax.binary import context  # noqa: E402
 
 METHODS = ('fp', 'ste', 'stompp', 'stompp_ste')
 TOTAL_STEPS = 1000
@@ -58,56 +65,45 @@ TARGETS = {'step': 1.05, 'compile': 1.3, 'memory': 1.10}  # x fp, for every bina
 IMAGENET_MODELS = ('resnet50',)
 
 
-def model_shape(name: str) -> tuple[str, tuple[int, int, int], int]:
-  """(dataset name, image shape, classes) the benchmark uses for `name`."""
-  if name in IMAGENET_MODELS:
-    return 'imagenet2012', (224, 224, 3), 1000
-  return 'cifar10', (32, 32, 3), 10
+def dataset_of(name: str) -> str:
+  """The dataset whose shapes the benchmark gives `name` (the data's table holds them)."""
+  return 'imagenet2012' if name in IMAGENET_MODELS else 'cifar10'
 
 
-def make_config(name: str, method: str, dtype: str):
+def make_config(name: str, method: str, dtype: str, batch_size: int = 32):
+  """configs/default.py for `name` and `method` on synthetic data of the model's shapes."""
   config = default.get_config()
   config.model.name = name
   config.model.mode = 'fp' if method == 'fp' else 'bnn'
   config.model.dtype = dtype
   config.binary.method = method
-  config.data.name = model_shape(name)[0]
+  config.data.name = dataset_of(name)
+  config.data.source = 'synthetic'
   config.train.num_steps = TOTAL_STEPS
+  config.train.batch_size = batch_size
+  config.train.eval_batch_size = batch_size
+  config.mesh.num_devices = 1
   return config
 
 
-def build_run(config, image_shape, num_classes, seed: int = 0):
-  """(model, binarization config, optimizer, initial state, site count) as a run builds them."""
-  net = experiment.build_model(config, num_classes=num_classes, image_shape=image_shape)
-  binarization = experiment.binarization_config(config, net.sites, TOTAL_STEPS)
-  sample = jnp.zeros((1, *image_shape), jnp.float32)
-  abstract_params = jax.eval_shape(
-      lambda: net.model.init(jax.random.PRNGKey(0), sample, train=False))['params']
-  lr = optimizers.learning_rate_schedule(config.optim, total_steps=TOTAL_STEPS, steps_per_epoch=100)
-  tx = optimizers.create_optimizer(config.optim, config.binary, lr_schedule=lr,
-                                   kernel_sites=sites_lib.kernel_sites(net.sites),
-                                   kernel_mask=experiment.kernel_mask(abstract_params))
-  state = jax.jit(functools.partial(state_lib.create_train_state, net.model, tx, seed, sample))()
-  return net.model, binarization, tx, state, len(net.sites)
-
-
 class Bench:
-  """One (model, method): its compiled train step, state and batch."""
+  """One (model, method): its build, compiled train step, state and batch."""
 
   def __init__(self, name: str, method: str, batch_size: int, dtype: str, seed: int = 0):
     self.method = method
-    _, image_shape, num_classes = model_shape(name)
-    model, binarization, tx, state, self.num_sites = build_run(
-        make_config(name, method, dtype), image_shape, num_classes, seed)
+    config = make_config(name, method, dtype, batch_size)
+    config.seed = seed
+    self.experiment = exp = experiment.build(config)
+    self.num_sites = len(exp.net.sites)
+    state = jax.jit(exp.init_state, out_shardings=exp.state_shardings)()
     self.state = state.replace(step=jnp.asarray(int(START_FRACTION * TOTAL_STEPS), jnp.int32))
     rng = np.random.default_rng(seed)
-    self.batch = {
-        'image': jnp.asarray(rng.standard_normal((batch_size, *image_shape), np.float32)),
-        'label': jnp.asarray(rng.integers(0, num_classes, batch_size).astype(np.int32))}
-    step_fn = jax.jit(functools.partial(steps.train_step, model=model, binarization=binarization,
-                                        tx=tx, diagnostics=False), donate_argnums=0)
+    image_shape, num_classes = exp.data.image_shape, exp.data.num_classes
+    self.batch = jax.device_put({
+        'image': rng.standard_normal((batch_size, *image_shape), np.float32),
+        'label': rng.integers(0, num_classes, batch_size).astype(np.int32)}, exp.batch_sharding)
     start = time.perf_counter()
-    self.compiled = step_fn.lower(self.state, self.batch).compile()
+    self.compiled = exp.compile_train_step()
     self.compile_seconds = time.perf_counter() - start
     self.step_bytes = _step_bytes(self.compiled)
     self.times = []
@@ -155,6 +151,80 @@ def benchmark_model(name: str, batch_size: int, methods, args) -> dict:
   return {method: dict(compile_seconds=b.compile_seconds, step_bytes=b.step_bytes, times=b.times,
                        median=statistics.median(b.times), sites=b.num_sites)
           for method, b in benches.items()}
+
+
+def _median_ms(fns: dict[str, Callable[[], Any]], reps: int, calls: int) -> dict[str, float]:
+  """{name: median ms per call of fn()} over `reps` rounds of `calls` calls, after one warm-up."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(reps):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      for _ in range(calls):
+        jax.block_until_ready(fn())  # Independent calls could overlap on the CPU: block each.
+      times[name].append((time.perf_counter() - start) / calls * 1e3)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_pieces(exp: experiment.Experiment, batch_size: int, step: int, reps: int,
+                calls: int) -> dict[str, float]:
+  """ms per train step of the binarization's pieces on the sites of a stompp build `exp`:
+  masks, binarizers (forward + backward), binary convs (forward + backward); --pieces."""
+  site_calls = {c.path: c for c in exp.net.trace.calls}
+  convs = [s for s in exp.net.sites if s.kind == 'conv']
+  rng = np.random.default_rng(0)
+  kernels = [jnp.asarray(rng.normal(size=s.kernel_shape), jnp.float32) for s in exp.net.sites]
+  inputs = [jnp.asarray(rng.normal(size=(batch_size, *s.input_shape)), jnp.float32)
+            for s in exp.net.sites]
+  key, step = jax.random.key(0), jnp.int32(step)
+  make_ctx = lambda step, key: context.BinarizationContext(step=step, key=key,
+                                                           config=exp.binarization)
+
+  @jax.jit
+  def masks_only(step, key):
+    ctx = make_ctx(step, key)
+    return [(context.site_frozen_mask(ctx, i, 'kernel', s.kernel_shape),
+             context.site_frozen_mask(ctx, i, 'input', s.input_shape))
+            for i, s in enumerate(exp.net.sites)]
+
+  def binarized_sum(kind, kernels, inputs, step, key):
+    ctx = make_ctx(step, key)
+    total = 0.0
+    for i, (k, x) in enumerate(zip(kernels, inputs)):
+      if kind == 'ste':
+        bk, bx = binarize.ste_sign(k, grad='identity'), binarize.ste_sign(x)
+      elif kind == 'given masks':
+        bk, bx = binarize.masked_sign(k, k > 0.5), binarize.masked_sign(x, x[0] > 0.5)
+      else:
+        bk = context.binarize_site_tensor(k, ctx, i, 'kernel')
+        bx = context.binarize_site_tensor(x, ctx, i, 'input')
+      total = total + jnp.sum(bk) + jnp.sum(bx)
+    return total
+
+  grads = {kind: jax.jit(jax.grad(functools.partial(binarized_sum, kind), argnums=(0, 1)))
+           for kind in ('ste', 'given masks', 'stompp')}
+
+  def conv_sum(kernels, inputs):
+    total = 0.0
+    for i, s in enumerate(exp.net.sites):
+      if s.kind == 'conv':
+        module = site_calls[s.path].module
+        y = jax.lax.conv_general_dilated(
+            inputs[i], kernels[i], tuple(module.strides), module.padding,
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+            feature_group_count=module.feature_group_count)
+        total = total + jnp.sum(y * y)
+    return total
+
+  convs_only = jax.jit(jax.grad(conv_sum, argnums=(0, 1)))
+  return _median_ms({
+      'masks of all sites (kernel + input)': lambda: masks_only(step, key),
+      'ste binarizers fwd+bwd': lambda: grads['ste'](kernels, inputs, step, key),
+      'masked_sign fwd+bwd, masks given': lambda: grads['given masks'](kernels, inputs, step, key),
+      'stompp binarizers fwd+bwd incl. masks': lambda: grads['stompp'](kernels, inputs, step, key),
+      f'binary convs alone fwd+bwd ({len(convs)} convs)': lambda: convs_only(kernels, inputs),
+  }, reps, calls)
 
 
 def ratio_table(results: dict, reference: str) -> dict[str, tuple[float, float, float]]:
@@ -226,6 +296,8 @@ def main(argv=None) -> None:
   parser.add_argument('--reps', type=int, default=7, help='Timed repetitions per method.')
   parser.add_argument('--steps', type=int, default=5, help='Consecutive steps per repetition.')
   parser.add_argument('--warmup', type=int, default=2, help='Untimed steps per method.')
+  parser.add_argument('--pieces', action='store_true',
+                      help='Also time masks, binarizers and convs alone (stompp sites).')
   parser.add_argument('--json', default='', help='Also write every measurement here.')
   args = parser.parse_args(argv)
   methods = [m for m in args.methods.split(',') if m]
@@ -235,11 +307,18 @@ def main(argv=None) -> None:
         f' {os.cpu_count()} CPUs, host {platform.node()}, load average {os.getloadavg()},'
         f' jax {jax.__version__}, dtype {args.dtype}', flush=True)
   everything = {'backend': backend, 'device': device.device_kind, 'dtype': args.dtype,
-                'load_before': os.getloadavg(), 'models': {}}
+                'load_before': os.getloadavg(), 'models': {}, 'pieces_ms': {}}
   for name, batch_size in parse_models(args.models):
     results = benchmark_model(name, batch_size, methods, args)
     everything['models'][f'{name}:{batch_size}'] = results
     print(format_model(name, batch_size, results), flush=True)
+    if args.pieces:
+      pieces = time_pieces(experiment.build(make_config(name, 'stompp', args.dtype, batch_size)),
+                           batch_size, int(START_FRACTION * TOTAL_STEPS), args.reps, args.steps)
+      everything['pieces_ms'][f'{name}:{batch_size}'] = pieces
+      print(f'{name}, batch {batch_size}: pieces, ms per train step (median of {args.reps} x'
+            f' {args.steps}):\n' + '\n'.join(f'  {k:<45} {v:8.1f}' for k, v in pieces.items()),
+            flush=True)
   everything.update(process_memory(), load_after=os.getloadavg())
   print('process-wide peaks (all methods together): '
         + ', '.join(f'{k} {v:.0f}' for k, v in process_memory().items())

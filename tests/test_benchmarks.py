@@ -1,5 +1,6 @@
 """Smoke tests of the performance benchmarks (they run; speed is never asserted here)."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -40,6 +41,22 @@ def test_gpu_check_without_a_gpu_says_so_and_fails(tmp_path):
                           text=True, timeout=300)
   assert result.returncode == 1
   assert 'No GPU backend' in (tmp_path / 'report.md').read_text()
+
+
+def test_step_time_builds_the_run_and_times_the_pieces(tmp_path, capsys):
+  from benchmarks import step_time  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'step_time.json'
+  step_time.main(['--models=tiny_resnet:2', '--methods=ste,stompp', '--reps=1', '--steps=1',
+                  '--warmup=0', '--pieces', f'--json={out}'])
+  printed = capsys.readouterr().out
+  assert '| stompp |' in printed and '| ste |' in printed
+  measured = json.loads(out.read_text())
+  results = measured['models']['tiny_resnet:2']
+  assert results['stompp']['sites'] == results['ste']['sites'] > 0
+  assert all(t > 0 for r in results.values() for t in r['times'])
+  pieces = measured['pieces_ms']['tiny_resnet:2']
+  assert len(pieces) == 5 and all(ms > 0 for ms in pieces.values())
+  assert any(name.startswith('binary convs alone') for name in pieces)
 
 
 def test_torch_peer_is_the_same_network_and_trains():
