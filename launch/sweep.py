@@ -26,6 +26,8 @@ import textwrap
 from etils import epath
 
 from launch.sweeps import GRIDS, Grid
+from stompp_jax import storage
+from stompp_jax import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +65,11 @@ def expand(grid: Grid, root: str, fixed: dict) -> list[Run]:
 
 
 def status(workdir: str) -> str:
-  """done (done.json), started (config.json) or new. Works on gs:// paths too."""
-  path = epath.Path(workdir)
-  if (path / 'done.json').exists():
+  """done (workdir_lib.DONE), started (workdir_lib.CONFIG) or new. Works on gs:// paths too."""
+  path = storage.path(workdir)
+  if (path / workdir_lib.DONE).exists():
     return 'done'
-  return 'started' if (path / 'config.json').exists() else 'new'
+  return 'started' if (path / workdir_lib.CONFIG).exists() else 'new'
 
 
 def run_all(runs: list[Run], launcher: list[str]) -> int:

@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from stompp_jax import checkpoints
 from stompp_jax import errors
 from stompp_jax import train
+from stompp_jax import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics).', required=True)
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file, optionally :args.', lock_config=True)
@@ -54,9 +55,10 @@ def closing_line(config, workdir: str, result: dict, seconds: float) -> str:
   what = 'fully binary accuracy' if 'eval_fully_binary_accuracy' in result else 'accuracy'
   score = f'{what} {100 * accuracy:.2f}%' if accuracy is not None else 'no eval yet'
   status = 'Preempted' if result.get('preempted') else 'Done'
+  tensorboard = os.path.join(workdir, workdir_lib.TENSORBOARD)
   return (f'{status}: {score} on {config.data.name} ({config.data.source}) at step '
           f'{result.get("step")}, {train.format_duration(seconds)} wall time. The run is in '
-          f'{workdir}; curves: tensorboard --logdir={os.path.join(workdir, "tensorboard")}')
+          f'{workdir}; curves: tensorboard --logdir={tensorboard}')
 
 
 def _fail(message: str, status: int) -> None:
