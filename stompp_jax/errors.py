@@ -5,6 +5,7 @@ Each of these errors carries one sentence, `what is wrong: what to do`; the comm
 without a traceback and exit with the status of its kind. Nothing here imports the project.
 """
 
+import contextlib
 import errno
 
 EXIT_OK = 0
@@ -35,6 +36,17 @@ class ForeignCheckpointError(ValueError):
 
 # Errors the user can act on: the command lines print their one-line message, no traceback.
 USER_ERRORS = (SetupError, NonFiniteError, DiskFullError)
+
+
+@contextlib.contextmanager
+def as_setup_errors():
+  """Turns the ValueErrors and missing files of config and data checks into SetupError."""
+  try:
+    yield
+  except SetupError:
+    raise
+  except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    raise SetupError(' '.join(str(e).split())) from e
 
 
 def exit_status(error: BaseException) -> int:

@@ -24,19 +24,9 @@ from stompp_jax import metrics as metrics_lib
 from stompp_jax import parallel
 from stompp_jax import recalibrate
 from stompp_jax import sites as sites_lib
+from stompp_jax import steps
 from stompp_jax import workdir as workdir_lib
 from stompp_jax.data import pipeline
-
-
-@contextlib.contextmanager
-def _as_setup_errors():
-  """Turns the ValueErrors and missing files of config and data checks into SetupError."""
-  try:
-    yield
-  except errors.SetupError:
-    raise
-  except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-    raise errors.SetupError(' '.join(str(e).split())) from e
 
 
 class _Preemption:
@@ -94,20 +84,6 @@ def format_duration(seconds: float) -> str:
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-def evaluate(state, eval_fns, eval_batches) -> dict[str, float]:
-  """Runs every eval function over the eval split: {'{name}_loss', '{name}_accuracy'}."""
-  totals = {name: None for name in eval_fns}
-  for batch in eval_batches():
-    for name, fn in eval_fns.items():
-      m = fn(state, batch)
-      totals[name] = m if totals[name] is None else totals[name].merge(m)
-  results = {}
-  for name, total in totals.items():
-    for key, value in total.compute().items():
-      results[f'{name}_{key}'] = float(value)
-  return results
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        model: Any = None) -> dict[str, Any]:
   """Trains and evaluates one run in `workdir`, resuming it if it has checkpoints.
@@ -132,7 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     errors.DiskFullError: a checkpoint did not fit on disk (older ones are intact).
   """
   with contextlib.ExitStack() as cleanup:
-    with _as_setup_errors():
+    with errors.as_setup_errors():
       workdir_lib.check_workdir(workdir)
       exp = experiment.build(config, model=model)
       logging.info('Data: %s', pipeline.summary_line(config.data, exp.data))
@@ -212,13 +188,13 @@ def _train_loop(exp: experiment.Experiment, run: _Run) -> dict[str, Any]:
 
   def run_eval(step):
     logging.info('Evaluating at step %d...', step)
-    results = evaluate(state, eval_fns, eval_batches)
+    results = steps.evaluate(state, eval_fns, eval_batches)
     if recalibrator is not None:  # The fully binary network with re-estimated BN statistics.
       recalibrated = recalibrate.recalibrated_state(
           recalibrator, state, config.data, global_batch_size=config.train.batch_size,
           seed=config.seed, mesh=mesh)
-      results.update(evaluate(recalibrated, {'eval_fully_binary_recalibrated':
-                                             eval_fns['eval_fully_binary']}, eval_batches))
+      results.update(steps.evaluate(recalibrated, {'eval_fully_binary_recalibrated':
+                                                   eval_fns['eval_fully_binary']}, eval_batches))
     writer.write(step, 'eval', results)
     logging.info('eval at step %d | %s', step, ' | '.join(
         f'{k} {100 * v:.2f}%' for k, v in results.items() if k.endswith('accuracy')))

@@ -141,3 +141,14 @@ def test_export_of_a_bad_workdir_is_one_line_and_writes_nothing(tmp_path, case):
   assert status == errors.EXIT_BAD_INPUT, output
   assert re.search(pattern, _one_error_line(output)), output
   assert not out.exists()
+
+
+@pytest.mark.parametrize('module', ['stompp_jax.models.summary', 'stompp_jax.export'])
+def test_a_bad_model_field_of_the_summary_or_the_config_export_is_one_line(tmp_path, module):
+  out = tmp_path / 'out'
+  argv = ['--config=configs/default.py', '--config.model.name=resnet19']
+  status, output = _subprocess(module, *argv, *([f'--out={out}'] if 'export' in module else []))
+  assert status == errors.EXIT_BAD_INPUT, output
+  assert re.search(r"Unknown model\.name 'resnet19': use one of resnet18",
+                   _one_error_line(output)), output
+  assert not out.exists()

@@ -130,7 +130,7 @@ def test_config_field_reaches_the_model_and_mobilenet_refuses_binarized():
   assert models.create_model(config, num_classes=10, image_shape=(32, 32, 3)).bnn_shortcut == 'binarized'
   config.name = 'mobilenet_v2'
   with pytest.raises(ValueError, match='bnn_shortcut=real with mobilenet_v2'):
-    models.create_model(config, num_classes=10, image_shape=(32, 32, 3))
+    models.check_model_config(config)
   config.bnn_shortcut = 'both'
   with pytest.raises(ValueError, match='Unknown model.bnn_shortcut'):
-    models.create_model(config, num_classes=10, image_shape=(32, 32, 3))
+    models.check_model_config(config)

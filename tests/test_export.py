@@ -256,7 +256,8 @@ def test_export_can_fold_recalibrated_batch_norm_statistics(trained_runs, tmp_pa
   assert manifest['source']['recalibrated_bn_batches'] == 2
   _, variables, _ = checkpoints.read_variables(workdir)
   num_classes, image_shape = pipeline.input_shape(config.data)
-  recalibrated = sources._recalibrated(config, variables, num_classes, image_shape, 2)  # pylint: disable=protected-access
+  net = sources.exportable_build(config, num_classes=num_classes, image_shape=image_shape)
+  recalibrated = sources._recalibrated(config, net, variables, 2)  # pylint: disable=protected-access
   running, estimated = (v['stage1_block0']['bn1']['mean'] for v in
                         (variables['batch_stats'], recalibrated['batch_stats']))
   assert not np.allclose(running, estimated)  # Other statistics than the running ones ...

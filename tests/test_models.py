@@ -86,14 +86,14 @@ def test_auto_stem_follows_the_image_size():
 
 def test_unknown_model_name_is_a_one_line_error_listing_the_models():
   with pytest.raises(ValueError) as error:
-    create('resnet19')
+    models.check_model_config(model_config('resnet19'))
   assert '\n' not in str(error.value)
   assert all(name in str(error.value) for name in models.MODEL_NAMES)
 
 
 def test_width_multiplier_is_for_mobilenet_only():
   with pytest.raises(ValueError, match='mobilenet_v2 only'):
-    create('resnet20', width_multiplier=0.5)
+    models.check_model_config(model_config('resnet20', width_multiplier=0.5))
   wide = num_params(abstract_variables(create('mobilenet_v2', width_multiplier=1.4), CIFAR))
   assert wide > num_params(abstract_variables(create('mobilenet_v2'), CIFAR))
 

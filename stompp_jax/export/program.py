@@ -1,6 +1,6 @@
 """The export's program: ops over named values, built from one abstract trace of the model.
 
-    ops, tensors, summary = program.build_program(model_config, variables, trace=trace, ...)
+    ops, tensors = program.build_program(model_config, variables, trace=trace, summary=summary)
 
 1. One abstract trace (models/inspect.py) records every conv, dense, BatchNorm and residual
    block call: attributes (strides, padding, epsilon), the block order and, inside each block,
@@ -203,14 +203,14 @@ def build_program(model_config: Any, variables: dict, *, trace: inspect.Trace,
   Args:
     model_config: the ConfigDict `config.model` (name and mode).
     variables: {'params', 'batch_stats'} (float32 latent weights and statistics).
-    trace: the model's abstract trace (`inspect.trace_model`).
+    trace: the model's abstract trace (`inspect.trace_model`), of a model that
+      `check_exportable` accepted.
     summary: the model summary of the same trace (each layer's precision).
 
   Raises:
-    NotImplementedError: the model is not a ResNet of models/resnet.py.
+    NotImplementedError: a grouped binary conv, or a BatchNorm without scale or bias.
     ValueError: a variable of the model is not in the export (the wiring missed a layer).
   """
-  check_exportable(trace.calls[0].module, model_config.name)
   precisions = {r.path: r.precision for r in summary.rows if r.kind != 'batch_norm'}
   builder = ProgramBuilder(variables, trace, precisions, model_config.mode)
   resnet_program(builder, trace)

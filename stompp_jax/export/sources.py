@@ -2,7 +2,7 @@
 
     manifest = sources.export_workdir('RUN', 'DIR')          # RUN/config.json builds the model
     manifest = sources.export_config(config, 'DIR')          # sizes of an untrained model
-    manifest = sources.export_variables('DIR', model_config=..., variables=..., ...)
+    manifest = sources.export_variables('DIR', config=..., variables=..., ...)
 """
 
 import json
@@ -17,9 +17,9 @@ import numpy as np
 from stompp_jax import checkpoints
 from stompp_jax import errors
 from stompp_jax import experiment
-from stompp_jax import models
 from stompp_jax import storage
 from stompp_jax import workdir as workdir_lib
+from stompp_jax.binary.choices import check_at_least
 from stompp_jax.data import pipeline
 from stompp_jax.export import files
 from stompp_jax.export import program
@@ -29,9 +29,22 @@ def _count(tree: Any) -> int:
   return sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(tree))
 
 
+def exportable_build(config: Any, *, num_classes: int,
+                     image_shape: tuple[int, int, int]) -> experiment.ModelBuild:
+  """The model of `config` and its one trace, once the export has accepted the model.
+
+  Raises:
+    NotImplementedError: the model is not a ResNet of models/resnet.py (`check_exportable`).
+  """
+  net = experiment.build_model(config, num_classes=num_classes, image_shape=image_shape)
+  program.check_exportable(net.model, config.model.name)
+  return net
+
+
 def export_variables(out_dir: str, *, config: Any, variables: dict, num_classes: int,
                      image_shape: tuple[int, int, int], source: dict[str, Any],
-                     checkpoint_state_bytes: Optional[int] = None) -> dict:
+                     checkpoint_state_bytes: Optional[int] = None,
+                     net: Optional[experiment.ModelBuild] = None) -> dict:
   """Exports `variables` of the model `model_config` describes into `out_dir`; returns the manifest.
 
   Args:
@@ -41,10 +54,11 @@ def export_variables(out_dir: str, *, config: Any, variables: dict, num_classes:
     num_classes, image_shape: as the model was built for training.
     source: where the variables come from (workdir and step, or config).
     checkpoint_state_bytes: the size on disk of the train state they were restored from.
+    net: `exportable_build` of the same config and shapes, when the caller has it already.
   """
   model_config = config.model
-  net = experiment.build_model(config, num_classes=num_classes, image_shape=image_shape)
-  program.check_exportable(net.model, model_config.name)
+  if net is None:
+    net = exportable_build(config, num_classes=num_classes, image_shape=image_shape)
   summary = net.summary(model_config)
   ops, tensors = program.build_program(model_config, variables, trace=net.trace, summary=summary)
   manifest = files.make_manifest(
@@ -69,6 +83,8 @@ def export_workdir(workdir: str, out_dir: str, recalibrate_bn_batches: int = 0) 
   Raises:
     errors.SetupError: `workdir` is not a run directory with a config and a checkpoint.
   """
+  with errors.as_setup_errors():
+    check_at_least('--recalibrate_bn_batches', recalibrate_bn_batches, 0)
   path = storage.path(workdir) / workdir_lib.CONFIG
   if not storage.path(workdir).is_dir():
     raise errors.SetupError(f'--workdir={workdir} is not a directory: give the run directory'
@@ -81,23 +97,19 @@ def export_workdir(workdir: str, out_dir: str, recalibrate_bn_batches: int = 0) 
   step, variables, state_bytes = checkpoints.read_variables(workdir)
   _, image_shape = pipeline.input_shape(config.data)
   num_classes = variables['params']['classifier']['kernel'].shape[-1]
+  net = exportable_build(config, num_classes=num_classes, image_shape=image_shape)
   source = dict(workdir=str(storage.path(workdir)), step=int(step))
   if recalibrate_bn_batches:
-    variables = _recalibrated(config, variables, num_classes, image_shape, recalibrate_bn_batches)
+    variables = _recalibrated(config, net, variables, recalibrate_bn_batches)
     source['recalibrated_bn_batches'] = recalibrate_bn_batches
   return export_variables(out_dir, config=config, variables=variables,
                           num_classes=num_classes, image_shape=image_shape, source=source,
-                          checkpoint_state_bytes=state_bytes)
+                          checkpoint_state_bytes=state_bytes, net=net)
 
 
-def _recalibrated(config, variables, num_classes, image_shape, num_batches: int) -> dict:
+def _recalibrated(config, net: experiment.ModelBuild, variables, num_batches: int) -> dict:
   """The checkpoint's variables with the fully binary network's re-estimated BatchNorm stats."""
-  from stompp_jax import experiment  # pylint: disable=g-import-not-at-top
   from stompp_jax import recalibrate  # pylint: disable=g-import-not-at-top
-  if num_batches < 0:
-    raise errors.SetupError(f'--recalibrate_bn_batches={num_batches}: use 0 (the running'
-                            ' statistics) or a number of training batches.')
-  net = experiment.build_model(config, num_classes=num_classes, image_shape=image_shape)
   total_steps, _ = experiment.total_train_steps(config.train,
                                                 pipeline.dataset_info(config.data).train_size)
   binarization = experiment.binarization_config(config, net.sites, total_steps)
@@ -107,13 +119,20 @@ def _recalibrated(config, variables, num_classes, image_shape, num_batches: int)
 
 def export_config(config: ml_collections.ConfigDict, out_dir: str,
                   config_name: Optional[str] = None) -> dict:
-  """Exports the initialized (untrained) model of `config`: sizes do not depend on training."""
-  num_classes, image_shape = pipeline.input_shape(config.data)
-  model = models.create_model(config.model, num_classes=num_classes, image_shape=image_shape)
-  program.check_exportable(model, config.model.name)  # Before compiling init.
-  init = jax.jit(model.init, static_argnames='train')
+  """Exports the initialized (untrained) model of `config`: sizes do not depend on training.
+
+  Raises:
+    errors.SetupError: a bad config field (nothing is written).
+    NotImplementedError: a model the export does not support (before compiling its init).
+  """
+  with errors.as_setup_errors():
+    experiment.check_config(config)
+    num_classes, image_shape = pipeline.input_shape(config.data)
+  net = exportable_build(config, num_classes=num_classes, image_shape=image_shape)
+  init = jax.jit(net.model.init, static_argnames='train')
   variables = jax.device_get(init(jax.random.PRNGKey(config.seed), jnp.zeros((1, *image_shape)),
                                   train=False))
   return export_variables(out_dir, config=config, variables=dict(variables),
                           num_classes=num_classes, image_shape=image_shape,
-                          source=dict(config=config_name, initialized=True, seed=config.seed))
+                          source=dict(config=config_name, initialized=True, seed=config.seed),
+                          net=net)

@@ -66,7 +66,8 @@ def create_model(model_config: Any, *, num_classes: int,
 
   Args:
     model_config: fields name, stem, mode, bnn_shortcut, width_multiplier, dtype
-      (configs/default.py).
+      (configs/default.py), as `check_model_config` accepts them (experiment.check_config
+      checks them before anything is built).
     num_classes: logits per example.
     image_shape: (height, width, channels) of the input images; picks the stem under 'auto'.
 
@@ -74,7 +75,6 @@ def create_model(model_config: Any, *, num_classes: int,
     An unbound module called as `model.apply(variables, x, train=..., ctx=...)` with x float
     (B, H, W, C), returning float32 logits (B, num_classes).
   """
-  check_model_config(model_config)
   stem = model_config.stem
   if stem == 'auto':
     stem = 'cifar' if max(image_shape[:2]) <= AUTO_CIFAR_STEM_MAX_SIZE else 'imagenet'
@@ -90,13 +90,13 @@ def create_model(model_config: Any, *, num_classes: int,
 def from_module(module: nn.Module, mode: str) -> layers.ByRules:
   """A user's Linen model (called as `module(x, train=...)`, returning logits) in `mode`.
 
-  Mode bnn binarizes the kernels and the inputs of its site layers, bwn the kernels only, fp
-  nothing; the model's own nonlinearities stay as written.
+  `mode`: `config.model.mode` (fp, bwn or bnn; `check_model_config` checks it). Mode bnn
+  binarizes the kernels and the inputs of its site layers, bwn the kernels only, fp nothing;
+  the model's own nonlinearities stay as written.
   """
   if not isinstance(module, nn.Module):
     raise ValueError(f'model= must be a flax.linen.Module, not {type(module).__name__}: pass'
                      ' your model instance, unbound.')
-  check_choice('model mode', mode, resnet.MODES)
   return layers.ByRules(module, binarize_input=(mode == 'bnn'))
 
 

@@ -50,7 +50,6 @@ import jax.numpy as jnp
 
 from stompp_jax import layers
 from stompp_jax.binary import context as bctx
-from stompp_jax.binary.choices import check_choice
 
 ModuleDef = Any
 MODES = ('fp', 'bwn', 'bnn')
@@ -190,7 +189,6 @@ class ResNet(nn.Module):
 
     `ctx=None` runs every layer in full precision; so does mode 'fp' whatever `ctx` is.
     """
-    check_choice('model.bnn_shortcut', self.bnn_shortcut, BNN_SHORTCUTS)
     if self.mode == 'fp':
       ctx = None
     bnn_shortcut = self.bnn_shortcut if self.mode == 'bnn' else 'real'

@@ -23,6 +23,7 @@ every conv, dense and BatchNorm call with its output shape and its variables, in
 
 import dataclasses
 import math
+import sys
 from typing import Any
 
 from absl import app
@@ -31,11 +32,13 @@ import flax.linen as nn
 import jax
 from ml_collections import config_flags
 
+from stompp_jax import errors
 from stompp_jax import layers
 from stompp_jax import models
 from stompp_jax import tables
 from stompp_jax.binary import context as bctx
 from stompp_jax.data import pipeline
+from stompp_jax.data import sources
 from stompp_jax.models import inspect
 
 @dataclasses.dataclass(frozen=True)
@@ -211,9 +214,17 @@ def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
   config = _CONFIG.value
-  num_classes, image_shape = pipeline.input_shape(config.data)
+  try:
+    with errors.as_setup_errors():
+      models.check_model_config(config.model)
+      sources.check_data_config(config.data)
+      num_classes, image_shape = pipeline.input_shape(config.data)
+      rules = models.binary_rules(config.model)
+  except errors.SetupError as e:
+    print(f'Error: {e}', file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_BAD_INPUT)
   print(render(summarize(config.model, num_classes=num_classes, image_shape=image_shape,
-                         rules=models.binary_rules(config.model))))
+                         rules=rules)))
 
 
 if __name__ == '__main__':
