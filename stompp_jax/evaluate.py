@@ -34,10 +34,10 @@ from stompp_jax import experiment
 from stompp_jax import recalibrate
 from stompp_jax import state as state_lib
 from stompp_jax import steps
-from stompp_jax import train
 from stompp_jax import storage
 from stompp_jax import workdir as workdir_lib
 from stompp_jax.binary import context as bctx
+from stompp_jax.binary.choices import check_at_least
 from stompp_jax.binary.choices import check_choice
 from stompp_jax.data import pipeline
 
@@ -118,7 +118,7 @@ def evaluate_run(workdir: str, *, split: str = 'test', model: Any = None,
   Args:
     workdir, model, allow_unfinished: as for `load_run`.
     split: 'test' (the eval split) or 'train' (no augmentation).
-    recalibrate_bn_batches: n > 0 also evaluates the fully binary network with BatchNorm
+    recalibrate_bn_batches: 0, or n > 0 to also evaluate the fully binary network with BatchNorm
       statistics re-estimated over the run's first n training batches (binary runs only).
 
   Returns:
@@ -130,6 +130,7 @@ def evaluate_run(workdir: str, *, split: str = 'test', model: Any = None,
     RunError, errors.SetupError: as `load_run`.
   """
   check_choice('split', split, tuple(SPLITS))
+  check_at_least('--recalibrate_bn_batches', recalibrate_bn_batches, 0)
   run = load_run(workdir, model=model, allow_unfinished=allow_unfinished)
   eval_fns = {'eval_fully_binary': True} if run.config.binary.method != 'fp' else {}
   eval_fns['eval'] = False
@@ -141,14 +142,14 @@ def evaluate_run(workdir: str, *, split: str = 'test', model: Any = None,
   batches = lambda: pipeline.make_eval_iterator(run.config.data, global_batch_size=batch_size,
                                                 process_index=0, process_count=1,
                                                 split=SPLITS[split])
-  results = train.evaluate(run.state, eval_fns, batches)
+  results = steps.evaluate(run.state, eval_fns, batches)
   if recalibrate_bn_batches > 0 and 'eval_fully_binary' in eval_fns:
     variables = recalibrate.recalibrate_variables(
         run.config, run.model, run.binarization,
         {'params': run.state.params, 'batch_stats': run.state.batch_stats},
         recalibrate_bn_batches)
     recalibrated = run.state.replace(batch_stats=variables['batch_stats'])
-    results.update(train.evaluate(
+    results.update(steps.evaluate(
         recalibrated, {'eval_fully_binary_recalibrated': eval_fns['eval_fully_binary']}, batches))
   examples = run.info.eval_size if split == 'test' else run.info.train_size
   return dict(step=run.step, total_steps=run.total_steps, examples=examples, split=split,
@@ -175,9 +176,6 @@ def main(argv):
     print('Error: --workdir is missing: give the run directory to evaluate.', file=sys.stderr)
     sys.exit(errors.EXIT_BAD_INPUT)
   try:
-    if flags.FLAGS.recalibrate_bn_batches < 0:
-      raise ValueError(f'--recalibrate_bn_batches={flags.FLAGS.recalibrate_bn_batches} is'
-                       ' negative: give 0 (off) or a number of training batches.')
     results = evaluate_run(workdir, split=flags.FLAGS.split,
                            allow_unfinished=flags.FLAGS.allow_unfinished,
                            recalibrate_bn_batches=flags.FLAGS.recalibrate_bn_batches)

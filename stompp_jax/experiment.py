@@ -121,7 +121,9 @@ def binarization_config(config: ml_collections.ConfigDict, site_list: tuple[site
                         total_steps: int) -> bctx.BinarizationConfig:
   """The static binarization settings of `config.binary` for a site table.
 
-  Raises ValueError when binary.window_steps makes the freezing end after the run.
+  Raises ValueError for a bad binary.* field or binary-layer rule (BinarizationConfig,
+  ScheduleConfig and BinaryRules check their own), and when binary.window_steps makes the
+  freezing end after the run.
   """
   binarization = bctx.BinarizationConfig(
       method=config.binary.method,
@@ -229,14 +231,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Every check of `config` that needs no data and no devices, each field by its owner."""
   check_train_config(config.train)
   models.check_model_config(config.model)
-  check_choice('binary.method', config.binary.method, bctx.METHODS)
+  binarization_config(config, (), total_steps=1)  # binary.* and the binary-layer rules.
   check_method(config)
-  schedule.ScheduleConfig(  # Checks order, shape, span, window overlap and window steps.
-      total_steps=1, order=config.binary.order, shape=config.binary.shape,
-      span_start=config.binary.span_start, span_end=config.binary.span_end,
-      window_overlap=config.binary.window_overlap,
-      window_steps=config.binary.get('window_steps', 0))
-  check_at_least('binary.refresh_every', config.binary.refresh_every, 0)
   optimizers.check_optim_config(config.optim)
   parallel.check_mesh_config(config.mesh)
   sources.check_data_config(config.data)

@@ -24,8 +24,7 @@ def check_optim_config(optim_cfg) -> None:
 
 
 def learning_rate_schedule(optim_cfg, *, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
-  """Learning rate as a function of the step."""
-  check_choice('optim.schedule', optim_cfg.schedule, SCHEDULES)
+  """Learning rate as a function of the step; `optim_cfg` as `check_optim_config` accepts it."""
   peak = optim_cfg.learning_rate
   warmup = int(optim_cfg.warmup_epochs * steps_per_epoch) if optim_cfg.schedule.startswith('warmup') else 0
   warmup = min(warmup, total_steps - 1)
@@ -53,7 +52,7 @@ def create_optimizer(optim_cfg, binary_cfg, *, lr_schedule: optax.Schedule,
   """Builds the optimizer.
 
   Args:
-    optim_cfg: `config.optim`.
+    optim_cfg: `config.optim`, as `check_optim_config` accepts it.
     binary_cfg: `config.binary` (method and its transform overrides).
     lr_schedule: from `learning_rate_schedule`.
     kernel_sites: {param path: site} of the binary kernels.
@@ -63,7 +62,6 @@ def create_optimizer(optim_cfg, binary_cfg, *, lr_schedule: optax.Schedule,
     A transformation whose `update` takes `binarization_context=` when frozen updates are
     masked.
   """
-  check_choice('optim.name', optim_cfg.name, OPTIMIZERS)
   parts = []
   if optim_cfg.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))

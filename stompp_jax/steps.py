@@ -1,4 +1,4 @@
-"""The jitted train and eval steps (pure functions of state and batch)."""
+"""The jitted train and eval steps (pure functions of state and batch), and the eval loop."""
 
 from typing import Any
 
@@ -118,3 +118,27 @@ def eval_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *, model
       loss=cross_entropy(logits, batch['label']),
       accuracy=(jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32),
       mask=batch['mask'].astype(bool))
+
+
+def evaluate(state: state_lib.TrainState, eval_fns: dict[str, Any],
+             eval_batches: Any) -> dict[str, float]:
+  """Runs every compiled eval step over the batches `eval_batches()` yields.
+
+  Args:
+    state: the train state.
+    eval_fns: {name: (state, batch with mask) -> metrics} (`eval_step`s, jitted).
+    eval_batches: () -> an iterable of global eval batches.
+
+  Returns:
+    {'{name}_loss', '{name}_accuracy'} for every name, over all batches.
+  """
+  totals = {name: None for name in eval_fns}
+  for batch in eval_batches():
+    for name, fn in eval_fns.items():
+      m = fn(state, batch)
+      totals[name] = m if totals[name] is None else totals[name].merge(m)
+  results = {}
+  for name, total in totals.items():
+    for key, value in total.compute().items():
+      results[f'{name}_{key}'] = float(value)
+  return results

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from stompp_jax.binary import binarize
 from stompp_jax.binary import masks
 from stompp_jax.binary import schedule
+from stompp_jax.binary.choices import check_at_least
 from stompp_jax.binary.choices import check_choice
 
 METHODS = ('fp', 'ste', 'stompp', 'stompp_ste')
@@ -74,6 +75,7 @@ class BinarizationConfig:
   def __post_init__(self):
     check_choice('binary.method', self.method, METHODS)
     check_choice('binary.frozen_grad', self.frozen_grad, binarize.FROZEN_GRADS[1:])
+    check_at_least('binary.refresh_every', self.refresh_every, 0)
 
   @property
   def num_sites(self) -> int:

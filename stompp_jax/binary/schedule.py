@@ -71,8 +71,10 @@ class ScheduleConfig:
 
 
 def apply_shape(shape: str, x: jax.Array) -> jax.Array:
-  """Maps progress x in [0, 1] to a frozen fraction in [0, 1]; shape(0)=0, shape(1)=1."""
-  check_choice('binary.shape', shape, SHAPES)
+  """Maps progress x in [0, 1] to a frozen fraction in [0, 1]; shape(0)=0, shape(1)=1.
+
+  `shape`: one of SHAPES (ScheduleConfig checks binary.shape).
+  """
   if shape == 'linear':
     return x
   if shape == 'quadratic':
