@@ -84,26 +84,23 @@ class MobileNetV2(nn.Module):
     num_classes: logits per example.
     width_multiplier: scales every channel count (rounded to multiples of 8); the head
       keeps at least 1280 channels.
+    dtype: compute dtype; params and BatchNorm statistics stay float32.
     stem: 'imagenet' or 'cifar' (see the module docstring).
     mode: 'fp', 'bwn' or 'bnn'.
-    dtype: compute dtype; params and BatchNorm statistics stay float32.
   """
 
   num_classes: int
   width_multiplier: float = 1.0
+  dtype: Any = jnp.float32
   stem: str = 'imagenet'
   mode: str = 'fp'
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
                ctx: Optional[bctx.BinarizationContext] = None) -> jax.Array:
-    """x: float (B, H, W, C) -> float32 logits (B, num_classes).
-
-    `ctx=None` runs every layer in full precision; so does mode 'fp' whatever `ctx` is.
-    """
+    """x: float (B, H, W, C) -> float32 logits (B, num_classes); `ctx` as for ResNet."""
     if self.mode == 'fp':
-      ctx = None
+      ctx = None  # Mode fp runs every layer in full precision whatever `ctx` is.
     conv, norm, act = resnet.layer_factories(self.mode, train, self.dtype, nn.relu6)
     cifar = self.stem == 'cifar'
     x = conv(features=round_channels(32 * self.width_multiplier), kernel_size=(3, 3),
