@@ -87,13 +87,13 @@ def make_config(name: str, method: str, dtype: str, batch_size: int = 32):
 
 
 class Bench:
-  """One (model, method): its build, compiled train step, state and batch."""
+  """One (model, method): its compiled train step (from experiment.build), state and batch."""
 
   def __init__(self, name: str, method: str, batch_size: int, dtype: str, seed: int = 0):
     self.method = method
     config = make_config(name, method, dtype, batch_size)
     config.seed = seed
-    self.experiment = exp = experiment.build(config)
+    exp = experiment.build(config)
     self.num_sites = len(exp.net.sites)
     state = jax.jit(exp.init_state, out_shardings=exp.state_shardings)()
     self.state = state.replace(step=jnp.asarray(int(START_FRACTION * TOTAL_STEPS), jnp.int32))
