@@ -14,6 +14,7 @@ import pytest
 from stompp_jax import errors
 from stompp_jax import evaluate
 from stompp_jax import experiment
+from stompp_jax import models
 from stompp_jax import optimizers
 from stompp_jax import sites as sites_lib
 from stompp_jax import state as state_lib
@@ -225,6 +226,11 @@ def test_a_model_that_is_not_a_linen_module_is_refused(tmp_path):
   with pytest.raises(errors.SetupError, match='flax.linen.Module'):
     train.train_and_evaluate(own_config(), str(tmp_path), model=lambda x: x)
   assert not list(tmp_path.iterdir())
+
+
+def test_from_module_refuses_an_unknown_mode():
+  with pytest.raises(ValueError, match="Unknown mode 'bn': use one of fp, bwn, bnn"):
+    models.from_module(VGG(), 'bn')
 
 
 def test_the_example_trains_its_own_model(tmp_path):

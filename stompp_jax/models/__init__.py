@@ -90,13 +90,14 @@ def create_model(model_config: Any, *, num_classes: int,
 def from_module(module: nn.Module, mode: str) -> layers.ByRules:
   """A user's Linen model (called as `module(x, train=...)`, returning logits) in `mode`.
 
-  `mode`: `config.model.mode` (fp, bwn or bnn; `check_model_config` checks it). Mode bnn
+  `mode`: `config.model.mode` (fp, bwn or bnn). Mode bnn
   binarizes the kernels and the inputs of its site layers, bwn the kernels only, fp nothing;
   the model's own nonlinearities stay as written.
   """
   if not isinstance(module, nn.Module):
     raise ValueError(f'model= must be a flax.linen.Module, not {type(module).__name__}: pass'
                      ' your model instance, unbound.')
+  check_choice('mode', mode, resnet.MODES)
   return layers.ByRules(module, binarize_input=(mode == 'bnn'))
 
 
