@@ -14,8 +14,10 @@ event files; closing the writer (or the next start of a killed run, `consolidate
 parts' rows to the end of metrics.jsonl. `read_metrics` reads both, so a live run is readable.
 """
 
+import itertools
 import json
 import math
+import os
 import socket
 import struct
 import time
@@ -150,13 +152,19 @@ def flat_hparams(config: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return flat
 
 
+# Numbers the event logs of this process, so that two started in the same second differ.
+_EVENT_LOGS = itertools.count()
+
+
 class _EventLog:
-  """TensorBoard event files (TFRecords of Event protos) written as PartLog parts."""
+  """TensorBoard event files (TFRecords of Event protos) written as PartLog parts, named as
+  TensorBoard's own writer names them: start time (s), host, process id, a per-process counter."""
 
   def __init__(self, logdir: epath.Path, purge_step: int | None):
     from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
     self._event_pb2 = event_pb2
-    prefix = f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.'
+    prefix = (f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.'
+              f'{os.getpid()}.{next(_EVENT_LOGS)}.')
     header = _record(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
     self._log = storage.PartLog(logdir, prefix, '', header=header)
     if purge_step is not None:  # TensorBoard drops the earlier files' events from this step on.

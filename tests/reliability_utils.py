@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,19 @@ TINY_FLAGS = {
     'train.keep_checkpoints': 3,
 }
 PREEMPTED_EXIT_CODE = 75
+
+
+def copy_checkout(dest) -> pathlib.Path:
+  """Copies the checkout's files (tracked, and untracked ones git does not ignore, so uncommitted
+  changes too) into `dest`; returns `dest`."""
+  dest = pathlib.Path(dest)
+  files = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard', '-z'],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout.split('\0')
+  for name in files:
+    if name and (REPO / name).is_file():
+      (dest / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(REPO / name, dest / name)
+  return dest
 
 
 def cli_command(workdir, **overrides) -> list[str]:
@@ -137,3 +151,22 @@ def assert_bitwise_equal(state, reference) -> None:
                or state[k].tobytes() != reference[k].tobytes()]
   assert not different, f'{len(different)} of {len(state)} arrays differ: {different[:5]}'
 
+
+
+def assert_equal_at_scale(state, reference, tolerance: float) -> float:
+  """Integer arrays of two train states are equal; each float array is within `tolerance` times
+  its largest absolute value in `reference`. Returns the largest such relative difference."""
+  assert state.keys() == reference.keys()
+  largest = 0.0
+  for key in state:
+    got, want = state[key], reference[key]
+    assert got.dtype == want.dtype and got.shape == want.shape, key
+    if not np.issubdtype(want.dtype, np.floating):
+      np.testing.assert_array_equal(got, want, err_msg=key)
+      continue
+    scale = float(np.max(np.abs(want), initial=0.0))
+    difference = float(np.max(np.abs(got.astype(np.float64) - want), initial=0.0))
+    assert difference <= tolerance * scale, (
+        f'{key}: differs by {difference:.3g}, more than {tolerance} x its scale {scale:.3g}')
+    largest = max(largest, difference / scale if scale else 0.0)
+  return largest

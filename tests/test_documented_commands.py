@@ -41,6 +41,8 @@ COVERAGE = {
         USAGE,
     'python -m stompp_jax.main --config=PATH/configs/<file>.py':
         run_by('test_package.py::test_wheel_installs_and_runs_from_another_directory'),
+    'python -m stompp_jax.main --helpfull':
+        run_by('test_notebooks.py::test_install_cell_installs_the_package_from_a_git_repository'),
     'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar100,model=resnet50,method=ste'
     ' --workdir=runs/c100_r50_ste': PARSE,
     'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar100,order=reverse,shape=linear'

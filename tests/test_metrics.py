@@ -77,3 +77,15 @@ def test_a_fresh_writer_purges_nothing(tmp_path):
   writer.close()
   assert not any(e.session_log.status == event_pb2.SessionLog.START
                  for e in read_events(tmp_path / 'tensorboard'))
+
+
+def test_writers_started_in_the_same_second_write_distinct_event_files(tmp_path, monkeypatch):
+  monkeypatch.setattr(metrics_lib.time, 'time', lambda: 1.7e9)
+  for step in (1, 2):  # E.g. a run stopped by an error and started again at once.
+    writer = metrics_lib.MetricWriter(str(tmp_path))
+    writer.write(step, 'train', {'loss': float(step)})
+    writer.close()
+  files = glob.glob(os.path.join(tmp_path, 'tensorboard', 'events.out.tfevents.1700000000.*'))
+  assert len(files) == 2, files
+  assert [(e.step, v.simple_value) for e in read_events(tmp_path / 'tensorboard')
+          for v in e.summary.value] == [(1, 1.0), (2, 2.0)]

@@ -1,6 +1,10 @@
 """Two processes on localhost, joined by jax.distributed with CPU collectives (gloo), each with
-2 fake CPU devices: they train like one process with 4 devices and the same global batch, and a
-SIGTERM to one of them stops both at the same step with a checkpoint to resume from."""
+2 fake CPU devices: they train like one process with 4 devices and the same global batch, they
+re-estimate BatchNorm statistics like it, and a SIGTERM to one of them stops both at the same
+step with a checkpoint to resume from.
+
+Run as a script (`python tests/test_multiprocess.py recalibrate|sum OUT.npz`), this file is
+one process of the re-estimation test or of the cross-device sum's (process 0 writes OUT)."""
 
 import contextlib
 import http.server
@@ -8,6 +12,8 @@ import json
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import types
 
@@ -16,7 +22,10 @@ import numpy as np
 import pytest
 
 import reliability_utils as ru
+from configs import default
+from stompp_jax import experiment
 from stompp_jax import parallel
+from stompp_jax import recalibrate
 
 # Short enough that the float differences of another reduction order cannot grow through the
 # binarization's signs; long enough for a SIGTERM to land mid-run.
@@ -32,14 +41,17 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _coordinates() -> list[dict[str, str]]:
+  """Per process, the variables by which PROCESSES processes find each other."""
+  address = f'127.0.0.1:{_free_port()}'
+  return [{'STOMPP_COORDINATOR_ADDRESS': address, 'STOMPP_NUM_PROCESSES': str(PROCESSES),
+           'STOMPP_PROCESS_ID': str(i)} for i in range(PROCESSES)]
+
+
 def _start_processes(workdir, name) -> list[ru.Cli]:
   """The same command in PROCESSES processes that find each other through a coordinator."""
-  address = f'127.0.0.1:{_free_port()}'
-  return [ru.Cli(workdir, workdir / f'{name}_{i}.txt', DEVICES_PER_PROCESS,
-                 env={'STOMPP_COORDINATOR_ADDRESS': address,
-                      'STOMPP_NUM_PROCESSES': str(PROCESSES), 'STOMPP_PROCESS_ID': str(i)},
-                 **FLAGS)
-          for i in range(PROCESSES)]
+  return [ru.Cli(workdir, workdir / f'{name}_{i}.txt', DEVICES_PER_PROCESS, env=env, **FLAGS)
+          for i, env in enumerate(_coordinates())]
 
 
 def _finish(clis: list[ru.Cli], expected_status=0) -> None:
@@ -107,6 +119,112 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_they_resume(tmp_path, 
   _, reference, reference_data = ru.read_checkpoint(two_processes[0])
   ru.assert_bitwise_equal(state, reference)
   assert data == reference_data
+
+
+# --- Re-estimated BatchNorm statistics across processes.
+
+RECALIBRATION_BATCH, RECALIBRATION_BATCHES = 16, 3
+
+
+def recalibrated_statistics(num_devices: int = 0) -> dict[str, np.ndarray]:
+  """{path: (C,) array} of the fully binary tiny_resnet's BatchNorm statistics at init,
+  re-estimated on its first RECALIBRATION_BATCHES train batches (each process loads its slice),
+  on `num_devices` devices of this process (0: every device of every process)."""
+  config = default.get_config()
+  config.model.name = 'tiny_resnet'
+  config.data.source = 'synthetic'
+  config.data.synthetic_image_shape = (16, 16, 3)
+  config.data.synthetic_num_classes = 4
+  config.data.synthetic_train_size = 256
+  config.train.batch_size = RECALIBRATION_BATCH
+  config.mesh.num_devices = num_devices
+  exp = experiment.build(config)
+  state = jax.jit(exp.init_state, out_shardings=exp.state_shardings)()
+  recalibrator = recalibrate.Recalibrator(exp.model, exp.binarization, exp.abstract_state,
+                                          exp.state_shardings,
+                                          exp.abstract_batch(RECALIBRATION_BATCH),
+                                          RECALIBRATION_BATCHES)
+  state = recalibrate.recalibrated_state(recalibrator, state, config.data,
+                                         global_batch_size=RECALIBRATION_BATCH, seed=config.seed,
+                                         mesh=exp.mesh)
+  return {jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(state.batch_stats)[0]}
+
+
+def _run_processes(tmp_path, task: str) -> dict[str, np.ndarray]:
+  """Runs this file as PROCESSES processes of DEVICES_PER_PROCESS devices doing `task`;
+  returns what process 0 wrote."""
+  out = tmp_path / f'{task}.npz'
+  env = {**ru.cli_env(DEVICES_PER_PROCESS), 'PYTHONPATH': str(ru.REPO)}
+  logs = [tmp_path / f'{task}_{i}.txt' for i in range(PROCESSES)]
+  files = [open(log, 'w', encoding='utf-8') for log in logs]
+  processes = [subprocess.Popen([sys.executable, __file__, task, str(out)], cwd=ru.REPO,
+                                env={**env, **coordinates}, stdout=f, stderr=subprocess.STDOUT)
+               for coordinates, f in zip(_coordinates(), files)]
+  for process, f in zip(processes, files):
+    try:
+      process.wait(timeout=300)
+    finally:
+      process.kill()
+      f.close()
+  assert [p.returncode for p in processes] == [0] * PROCESSES, '\n'.join(
+      log.read_text()[-2500:] for log in logs)
+  return dict(np.load(out))
+
+
+def test_two_processes_re_estimate_batch_norm_statistics_like_one_process(tmp_path):
+  got = _run_processes(tmp_path, 'recalibrate')
+  expected = recalibrated_statistics(PROCESSES * DEVICES_PER_PROCESS)
+  assert got.keys() == expected.keys() and len(got) % 2 == 0
+  # gloo sums the devices' partial sums in another order than one process does: the
+  # differences follow the scale of the activations, E[x^2] = var + mean^2 per channel.
+  largest = 0.0
+  for key in got:
+    layer = key.rsplit('[', 1)[0]
+    second_moment = expected[f"{layer}['var']"] + np.square(expected[f"{layer}['mean']"])
+    scale = np.sqrt(second_moment) if key.endswith("['mean']") else second_moment
+    relative = np.abs(got[key] - expected[key]) / np.maximum(scale, 1e-30)
+    assert np.all(relative <= 1e-5), f'{key}: {relative.max():.3g} of its scale'
+    largest = max(largest, float(relative.max()))
+  print(f'largest difference from one process: {largest:.3g} of the scale')
+
+
+# --- The order in which a cross-device sum adds the devices' partial sums (docs/reliability.md).
+
+def summands() -> np.ndarray:
+  """(4, 4096) float32 of magnitudes 1e-3..1e3: row d is device d's partial sum."""
+  rng = np.random.default_rng(0)
+  return (rng.standard_normal((4, 4096)) * 10.0 ** rng.integers(-3, 4, (4, 4096))).astype(np.float32)
+
+
+def cross_device_sum(num_devices: int = 0) -> dict[str, np.ndarray]:
+  """{'sum': (4096,)}: the rows of `summands()`, one a device, summed by a jitted jnp.sum
+  (an all-reduce); each process loads its devices' rows."""
+  mesh = parallel.make_mesh(num_devices)
+  rows = summands()
+  local = len(rows) // jax.process_count()
+  x = parallel.global_batch({'x': rows[jax.process_index() * local:][:local]}, mesh)['x']
+  total = jax.jit(lambda a: a.sum(0), out_shardings=parallel.replicated(mesh))(x)
+  return {'sum': np.asarray(total.addressable_data(0))}
+
+
+def test_one_process_sums_in_device_order_gloo_in_ring_order(tmp_path):
+  x = summands()
+  devices, size = x.shape
+  assert devices == PROCESSES * DEVICES_PER_PROCESS
+  in_order = ((x[0] + x[1]) + x[2]) + x[3]
+  np.testing.assert_array_equal(cross_device_sum(devices)['sum'], in_order)
+  # gloo's ring all-reduce: chunk c of the buffer is summed along the ring c-1, c-2, ..., c.
+  got = _run_processes(tmp_path, 'sum')['sum']
+  chunk = size // devices
+  for c in range(devices):
+    part = slice(c * chunk, (c + 1) * chunk)
+    ring = [(c - 1 - k) % devices for k in range(devices)]
+    expected = x[ring[0], part]
+    for d in ring[1:]:
+      expected = expected + x[d, part]
+    np.testing.assert_array_equal(got[part], expected, err_msg=f'chunk {c}')
+  print(f'{np.mean(got != in_order):.1%} of the elements differ from one process\'s sum')
 
 
 # --- Which jobs start jax.distributed: JAX's own cluster detection, each environment simulated.
@@ -213,3 +331,10 @@ def test_explicit_coordinator_variables_win(cluster):
   parallel.initialize_distributed()
   assert cluster.calls == [((), {'coordinator_address': '127.0.0.1:1234', 'num_processes': 2,
                                  'process_id': 1})]
+
+
+if __name__ == '__main__':
+  parallel.initialize_distributed()
+  results = {'recalibrate': recalibrated_statistics, 'sum': cross_device_sum}[sys.argv[1]]()
+  if jax.process_index() == 0:
+    np.savez(sys.argv[2], **results)

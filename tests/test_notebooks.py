@@ -3,16 +3,21 @@
 Each notebook's `parameters` cell is followed by an injected cell (as papermill does) that sets a
 tiny budget: the quickstart trains a tiny ResNet on synthetic data for a few steps per method
 into a temporary directory, and the analysis notebook reads those runs. Any cell error fails.
+The quickstart's install cell, which those runs skip (it installs only on Colab), runs as on
+Colab against a file:// Git repository of this checkout, into a fresh virtual environment.
 """
 
 import json
 import os
+import subprocess
 import sys
 
 import jax
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+import reliability_utils as ru
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, 'notebooks')
@@ -40,10 +45,14 @@ def read_notebook(name):
   return nbformat.read(os.path.join(NOTEBOOKS, f'{name}.ipynb'), as_version=4)
 
 
-def parameters_index(nb):
-  indices = [i for i, cell in enumerate(nb.cells) if 'parameters' in cell.metadata.get('tags', [])]
-  assert len(indices) == 1, 'exactly one cell must be tagged "parameters"'
+def tagged_index(nb, tag):
+  indices = [i for i, cell in enumerate(nb.cells) if tag in cell.metadata.get('tags', [])]
+  assert len(indices) == 1, f'exactly one cell must be tagged "{tag}"'
   return indices[0]
+
+
+def parameters_index(nb):
+  return tagged_index(nb, 'parameters')
 
 
 def execute(name, parameters):
@@ -139,3 +148,65 @@ def test_analysis_reads_the_quickstart_runs(quickstart_runs):
   assert any(line.startswith('| stompp ') and '| 12 ' in line for line in lines), text
   # Training dynamics, and one figure of frozen-fraction heatmaps.
   assert num_images(nb) >= 2
+
+
+def _install_settings(nb) -> dict:
+  """The values the quickstart's install-settings cell sets (outside Colab)."""
+  values = {}
+  exec(nb.cells[tagged_index(nb, 'install-settings')].source, values)  # pylint: disable=exec-used
+  return values
+
+
+def test_colab_badges_open_the_notebook_of_the_repository_it_installs():
+  """The README's and the notebook's badges name the notebook at REPO_URL and REPO_REF, the
+  one place that says where the project lives."""
+  nb = read_notebook('quickstart')
+  settings = _install_settings(nb)
+  assert settings['INSTALL'] is False and settings['JAX_BUILD'] == 'auto'
+  owner_repo = settings['REPO_URL'].removeprefix('https://github.com/')
+  url = (f'https://colab.research.google.com/github/{owner_repo}/blob/{settings["REPO_REF"]}'
+         '/notebooks/quickstart.ipynb')
+  assert url in nb.cells[0].source
+  assert url in (ru.REPO / 'README.md').read_text()
+
+
+def test_install_cell_installs_the_package_from_a_git_repository(tmp_path):
+  """The install cell, as Colab runs it, with REPO_URL a file:// Git repository of this checkout
+  (uncommitted changes included) and REPO_REF its branch, into a fresh virtual environment that
+  sees the installed dependencies, offline; then, from another directory, the notebook's next
+  code cell (imports from the installed package) and `python -m stompp_jax.main --helpfull`."""
+  repo = ru.copy_checkout(tmp_path / 'repo')
+  for args in (('init', '-q', '-b', 'colab'), ('add', '-A'), ('commit', '-q', '-m', 'checkout')):
+    subprocess.run(['git', '-c', 'user.name=test', '-c', 'user.email=test@localhost', *args],
+                   cwd=repo, check=True, capture_output=True, timeout=120)
+  venv = tmp_path / 'venv'
+  # Without its own pip: the base interpreter's pip, seen through the system site-packages,
+  # installs into the venv.
+  subprocess.run([sys.executable, '-m', 'venv', '--system-site-packages', '--without-pip',
+                  str(venv)], check=True, timeout=120)
+  nb = read_notebook('quickstart')
+  install = tagged_index(nb, 'install')
+  imports = next(c for c in nb.cells[install + 1:] if c.cell_type == 'code')
+  # With a host: pip 23's requirement parser refuses git+file:///path.
+  url = f'file://localhost{repo}'
+  overrides = {'REPO_URL': url, 'REPO_REF': 'colab', 'JAX_BUILD': 'cpu', 'INSTALL': True}
+  script = '\n'.join([nb.cells[tagged_index(nb, 'install-settings')].source,
+                      ''.join(f'{k} = {v!r}\n' for k, v in overrides.items()),
+                      nb.cells[install].source, imports.source])
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  # No index: the dependencies are installed already. No build isolation (pip reads this
+  # variable inverted: 0 turns isolation off), so the build uses the installed setuptools.
+  env = {**ru.cli_env(1), 'PIP_NO_INDEX': '1', 'PIP_NO_BUILD_ISOLATION': '0',
+         'PIP_DISABLE_PIP_VERSION_CHECK': '1'}
+  python = str(venv / 'bin' / 'python')
+  run = lambda *args: subprocess.run([python, *args], cwd=elsewhere, env=env, capture_output=True,
+                                     text=True, timeout=300)
+  executed = run('-c', script)
+  assert executed.returncode == 0, executed.stdout[-2000:] + executed.stderr[-3000:]
+  assert f'Installed stompp_jax @ git+{url}@colab (JAX build: cpu).' in executed.stdout
+  site = run('-c', 'import sysconfig; print(sysconfig.get_path("purelib"))').stdout.strip()
+  assert site.startswith(str(venv))
+  assert f'stompp_jax from: {os.path.join(site, "stompp_jax")}' in executed.stdout, executed.stdout
+  helped = run('-m', 'stompp_jax.main', '--helpfull')  # absl's help flags exit with status 1.
+  assert '--workdir' in helped.stdout and 'stompp_jax.main' in helped.stdout, helped.stderr[-2000:]

@@ -2,7 +2,6 @@
 and, installed into a folder of its own, runs from another directory. Its pins are
 requirements*.txt's."""
 
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -28,13 +27,7 @@ def test_extras_pin_what_requirements_pin():
 
 
 def test_wheel_installs_and_runs_from_another_directory(tmp_path):
-  clone = tmp_path / 'clone'
-  files = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard'],
-                         cwd=ru.REPO, capture_output=True, text=True, check=True).stdout.split()
-  for name in files:
-    if (ru.REPO / name).is_file():
-      (clone / name).parent.mkdir(parents=True, exist_ok=True)
-      shutil.copy2(ru.REPO / name, clone / name)
+  clone = ru.copy_checkout(tmp_path / 'clone')
   subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q',
                   '-w', str(tmp_path / 'wheel'), '.'], cwd=clone, check=True, timeout=300)
   [wheel] = (tmp_path / 'wheel').glob('stompp_jax-*.whl')
