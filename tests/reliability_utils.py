@@ -12,9 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from helpers import REPO
 from stompp_jax import storage
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # A tiny run through the command line: 16x16 synthetic images, batch 8, frequent checkpoints.
 TINY_FLAGS = {

@@ -13,6 +13,7 @@ import sys
 import pytest
 from absl import flags
 
+from helpers import REPO
 import reliability_utils as ru
 from stompp_jax import errors
 from stompp_jax import main as cli
@@ -93,7 +94,7 @@ def test_bad_field_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch,
 
 
 def _subprocess(module: str, *argv: str) -> tuple[int, str]:
-  result = subprocess.run([sys.executable, '-m', module, *argv], cwd=ru.REPO, env=ru.cli_env(1),
+  result = subprocess.run([sys.executable, '-m', module, *argv], cwd=REPO, env=ru.cli_env(1),
                           capture_output=True, text=True, timeout=300)
   return result.returncode, result.stdout + result.stderr
 

@@ -16,7 +16,8 @@ import pytest
 
 from configs import quickstart
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO  # pylint: disable=g-bad-import-order
+
 QUICKSTART = 'python -m stompp_jax.main --config=configs/quickstart.py --workdir=/tmp/stompp_quickstart'
 # 40 steps of batch 128 (~3.6 epochs of the 1,437 digits), seeds 0-4 on the 2-core VM (8 fake
 # devices, XLA backend optimizations off): fully binary test accuracy 0.844, 0.853, 0.836,
@@ -42,7 +43,7 @@ def offline_env(tmp_path) -> dict:
   (site / 'sitecustomize.py').write_text(_NO_NETWORK)
   env = {k: v for k, v in os.environ.items() if not k.startswith('STOMPP_')}
   env['HOME'] = str(tmp_path / 'home')
-  env['PYTHONPATH'] = os.pathsep.join([str(site), REPO])
+  env['PYTHONPATH'] = os.pathsep.join([str(site), str(REPO)])
   return env
 
 

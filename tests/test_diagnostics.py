@@ -12,9 +12,8 @@ from tensorboardX.proto import api_pb2
 from tensorboardX.proto import plugin_hparams_pb2
 
 from stompp_jax import train
-from test_metrics import read_events
-from test_train import rows
-from test_train import tiny_config
+
+from helpers import read_events, rows, tiny_config  # pylint: disable=g-bad-import-order
 
 NUM_STEPS = 12
 

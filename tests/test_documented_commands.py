@@ -19,7 +19,8 @@ from ml_collections import config_flags
 
 from stompp_jax import experiment
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO  # pylint: disable=g-bad-import-order
+
 _COMMAND = re.compile(r'python -m stompp_jax[\w.]*[^`\n|;]*')
 
 # Placeholders in a usage line, not a command to run.

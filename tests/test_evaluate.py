@@ -15,7 +15,7 @@ from stompp_jax import evaluate
 from stompp_jax import recalibrate
 from stompp_jax import train
 
-import test_train  # pylint: disable=g-bad-import-order
+import helpers  # pylint: disable=g-bad-import-order
 
 LINE = re.compile(r'^(fully binary|recalibrated|as trained): +accuracy (\d+\.\d\d)%  loss (\d+\.\d{4})'
                   r'  \(test split, 96 examples, step 12 of 12\)$')
@@ -24,13 +24,13 @@ LINE = re.compile(r'^(fully binary|recalibrated|as trained): +accuracy (\d+\.\d\
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('finished')
-  train.train_and_evaluate(test_train.tiny_config('stompp'), str(workdir))
+  train.train_and_evaluate(helpers.tiny_config('stompp'), str(workdir))
   return workdir
 
 
 def run_command(*args):
   return subprocess.run([sys.executable, '-m', 'stompp_jax.evaluate', *args],
-                        cwd=test_train.REPO, capture_output=True, text=True, timeout=600)
+                        cwd=helpers.REPO, capture_output=True, text=True, timeout=600)
 
 
 def test_evaluate_run_reproduces_the_final_evaluation(finished_run):

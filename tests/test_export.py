@@ -25,7 +25,8 @@ from stompp_jax.export import fold
 from stompp_jax.export import inference
 from stompp_jax.export import sources
 from stompp_jax.models import resnet
-from test_train import REPO, tiny_config
+
+from helpers import REPO, tiny_config  # pylint: disable=g-bad-import-order
 
 
 

@@ -16,6 +16,7 @@ import urllib.request
 import fsspec
 import pytest
 
+from helpers import REPO
 import reliability_utils as ru
 from stompp_jax import metrics as metrics_lib
 from stompp_jax import storage
@@ -102,7 +103,7 @@ def test_cli_run_in_a_bucket_twice_then_analysis_and_export(gcs, tmp_path):
   ru.run_cli(workdir, tmp_path / 'first.txt', **flags)
   output = ru.run_cli(workdir, tmp_path / 'second.txt', **flags)
   assert 'is a finished run (done.json): nothing to do' in output
-  assert not (ru.REPO / 'gs:').exists(), 'a local folder named gs: was written'
+  assert not (REPO / 'gs:').exists(), 'a local folder named gs: was written'
   names = _listing(workdir)
   for name in ('config.json', 'metrics.jsonl', 'done.json', 'checkpoints', 'tensorboard'):
     assert name in names, names
@@ -111,12 +112,12 @@ def test_cli_run_in_a_bucket_twice_then_analysis_and_export(gcs, tmp_path):
 
   env = ru.cli_env(1)
   plots = subprocess.run([sys.executable, '-m', 'stompp_jax.analysis', workdir,
-                          f'--out={tmp_path / "plots"}'], cwd=ru.REPO, env=env,
+                          f'--out={tmp_path / "plots"}'], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
   assert plots.returncode == 0, plots.stderr[-2000:]
   assert (tmp_path / 'plots' / 'curves.png').stat().st_size > 0
   export = subprocess.run([sys.executable, '-m', 'stompp_jax.export', f'--workdir={workdir}',
-                           f'--out={tmp_path / "export"}'], cwd=ru.REPO, env=env,
+                           f'--out={tmp_path / "export"}'], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
   assert export.returncode == 0, export.stderr[-2000:]
   manifest = json.loads((tmp_path / 'export' / 'manifest.json').read_text())

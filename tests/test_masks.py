@@ -12,7 +12,6 @@ for a fixed key anyway.
 """
 
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -26,7 +25,8 @@ from stompp_jax.binary import context
 from stompp_jax.binary import masks
 from stompp_jax.binary import schedule
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO  # pylint: disable=g-bad-import-order
+
 KEY = jax.random.key(1234)
 
 # Jitted once per shape: many small eager ops would each compile (slow on a 2-core machine).

@@ -2,26 +2,13 @@
 
 import glob
 import os
-import struct
 
 import pytest
 from tensorboardX.proto import event_pb2
 
 from stompp_jax import metrics as metrics_lib
 
-
-def read_events(logdir):
-  """Every Event of every TFRecord event file under `logdir`, file by file in name order."""
-  events = []
-  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))):
-    with open(path, 'rb') as f:
-      data = f.read()
-    offset = 0
-    while offset < len(data):
-      (length,) = struct.unpack('<Q', data[offset:offset + 8])
-      events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
-      offset += 12 + length + 4
-  return events
+from helpers import read_events  # pylint: disable=g-bad-import-order
 
 
 def test_rows_and_tensorboard_scalars(tmp_path):

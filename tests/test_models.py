@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
 from stompp_jax import layers
 from stompp_jax import models
 from stompp_jax import sites
@@ -14,32 +13,11 @@ from stompp_jax.binary import context as bctx
 from stompp_jax.binary import schedule
 from stompp_jax.models import inspect
 
-CIFAR = (32, 32, 3)
-IMAGENET = (224, 224, 3)
-EVERYTHING = bctx.BinaryRules(include=('.*',), exclude=())
+from helpers import (  # pylint: disable=g-bad-import-order
+    CIFAR, EVERYTHING, IMAGENET, abstract_variables, create, model_config, num_params, site_paths)
+
 TINY_CONVS = ('stem_conv', 'stage1_block0/conv1', 'stage1_block0/conv2', 'stage2_block0/conv1',
               'stage2_block0/conv2', 'stage2_block0/shortcut_conv')
-
-
-def model_config(name, **fields):
-  config = default.get_config().model
-  config.name = name
-  for field, value in fields.items():
-    config[field] = value
-  return config
-
-
-def create(name, image_shape=CIFAR, num_classes=10, **fields):
-  return models.create_model(model_config(name, **fields), num_classes=num_classes,
-                             image_shape=image_shape)
-
-
-def abstract_variables(model, image_shape):
-  return jax.eval_shape(model.init, jax.random.key(0), inspect.sample_input(image_shape))
-
-
-def num_params(variables):
-  return sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(variables['params']))
 
 
 @pytest.mark.parametrize('name, image_shape, num_classes, expected', [
@@ -222,12 +200,6 @@ def test_fp_mode_ignores_the_context():
   assert 'binary_stats' not in state
   for x, kernel, x_used, kernel_used in probes.values():
     assert bool(jnp.all(x_used == x) and jnp.all(kernel_used == kernel))
-
-
-def site_paths(name, rules):
-  model = create(name)
-  found = sites.discover_sites(inspect.trace_model(model, CIFAR), rules)
-  return [s.path for s in found]
 
 
 def test_site_order_follows_the_forward_pass():

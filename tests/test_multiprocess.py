@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import REPO
 import reliability_utils as ru
 from configs import default
 from stompp_jax import experiment
@@ -155,10 +156,10 @@ def _run_processes(tmp_path, task: str) -> dict[str, np.ndarray]:
   """Runs this file as PROCESSES processes of DEVICES_PER_PROCESS devices doing `task`;
   returns what process 0 wrote."""
   out = tmp_path / f'{task}.npz'
-  env = {**ru.cli_env(DEVICES_PER_PROCESS), 'PYTHONPATH': str(ru.REPO)}
+  env = {**ru.cli_env(DEVICES_PER_PROCESS), 'PYTHONPATH': str(REPO)}
   logs = [tmp_path / f'{task}_{i}.txt' for i in range(PROCESSES)]
   files = [open(log, 'w', encoding='utf-8') for log in logs]
-  processes = [subprocess.Popen([sys.executable, __file__, task, str(out)], cwd=ru.REPO,
+  processes = [subprocess.Popen([sys.executable, __file__, task, str(out)], cwd=REPO,
                                 env={**env, **coordinates}, stdout=f, stderr=subprocess.STDOUT)
                for coordinates, f in zip(_coordinates(), files)]
   for process, f in zip(processes, files):

@@ -17,9 +17,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from helpers import REPO
 import reliability_utils as ru
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, 'notebooks')
 KERNEL = 'stompp_test_python'
 
@@ -167,7 +167,7 @@ def test_colab_badges_open_the_notebook_of_the_repository_it_installs():
   url = (f'https://colab.research.google.com/github/{owner_repo}/blob/{settings["REPO_REF"]}'
          '/notebooks/quickstart.ipynb')
   assert url in nb.cells[0].source
-  assert url in (ru.REPO / 'README.md').read_text()
+  assert url in (REPO / 'README.md').read_text()
 
 
 def test_install_cell_installs_the_package_from_a_git_repository(tmp_path):

@@ -1,4 +1,5 @@
-"""StoMPP on a Flax model defined here (plain nn.Conv / nn.Dense), binarized by rules."""
+"""StoMPP on user Flax models (plain nn.Conv / nn.Dense: helpers.VGG, Nested here), binarized by
+rules."""
 
 import json
 import subprocess
@@ -22,39 +23,9 @@ from stompp_jax import steps
 from stompp_jax import train
 from stompp_jax.binary import context as bctx
 
-import test_train  # pylint: disable=g-bad-import-order
+from helpers import REPO, VGG, own_config, rows, sign  # pylint: disable=g-bad-import-order
 
 IMAGE_SHAPE = (16, 16, 3)
-
-
-def sign(x):
-  return jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype)
-
-
-class VGG(nn.Module):
-  """conv0 (float) -> conv1 -> pool -> conv2 -> pool -> dense -> head; BatchNorm after each conv.
-
-  `hand_signs` names the layers whose input this model signs itself: with kernels signed by
-  hand too, that is the fully binary network written out (the reference of the tests).
-  """
-
-  num_classes: int = 4
-  hand_signs: tuple[str, ...] = ()
-
-  def _input(self, name, x):
-    return sign(x) if name in self.hand_signs else x
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    for i, features in enumerate((8, 8, 16)):
-      x = nn.Conv(features, (3, 3), use_bias=False, name=f'conv{i}')(self._input(f'conv{i}', x))
-      x = nn.BatchNorm(use_running_average=not train, name=f'bn{i}')(x)
-      if i:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = x.reshape(x.shape[0], -1)
-    x = nn.Dense(32, name='dense')(self._input('dense', x))
-    x = nn.BatchNorm(use_running_average=not train, name='bn_dense')(x)
-    return nn.Dense(self.num_classes, name='head')(self._input('head', x))
 
 
 class Block(nn.Module):
@@ -84,14 +55,6 @@ class Nested(nn.Module):
     x = nn.Conv(8, (3, 3), name='stem')(x)
     x = Stage(8, name='stage')(x, train)
     return nn.Dense(4)(jnp.mean(x, axis=(1, 2)))
-
-
-def own_config(method='stompp', mode='bnn', **train_overrides):
-  config = test_train.tiny_config(method, **train_overrides)
-  config.model.mode = mode
-  config.model.binary_include = ('.*',)
-  config.model.binary_exclude = ('^conv0$', '^head$')
-  return config
 
 
 def binarization(module, config, total_steps=10):
@@ -200,7 +163,7 @@ def reference_run(tmp_path_factory):
 
 def test_train_and_evaluate_trains_a_user_model(reference_run):
   workdir, final = reference_run
-  train_rows, eval_rows = test_train.rows(workdir, 'train'), test_train.rows(workdir, 'eval')
+  train_rows, eval_rows = rows(workdir, 'train'), rows(workdir, 'eval')
   assert [r['step'] for r in train_rows] == [3, 6, 9, 12]
   assert {'eval_fully_binary_accuracy', 'eval_accuracy'} <= set(eval_rows[-1])
   fractions = np.array([r['frozen_fraction'] for r in train_rows])
@@ -238,7 +201,7 @@ def test_the_example_trains_its_own_model(tmp_path):
       [sys.executable, '-m', 'examples.own_model', f'--workdir={tmp_path}',
        '--config.train.num_steps=4', '--config.train.eval_steps=1',
        '--config.train.log_every=2', '--config.data.synthetic_train_size=256'],
-      cwd=test_train.REPO, capture_output=True, text=True, timeout=600, check=True)
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=True)
   assert 'eval_fully_binary_accuracy' in out.stdout and 'step 4' in out.stdout, out.stdout
   assert (tmp_path / 'done.json').exists()
 

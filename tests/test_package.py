@@ -7,16 +7,17 @@ import sys
 import tomllib
 import zipfile
 
+from helpers import REPO
 import reliability_utils as ru
 
 
 def _pins(name: str) -> list[str]:
-  lines = (ru.REPO / name).read_text().splitlines()
+  lines = (REPO / name).read_text().splitlines()
   return [line for line in lines if line.strip() and not line.startswith(('#', '-r'))]
 
 
 def test_extras_pin_what_requirements_pin():
-  project = tomllib.loads((ru.REPO / 'pyproject.toml').read_text())['project']
+  project = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']
   assert project['optional-dependencies']['test'] == _pins('requirements-test.txt')
   runtime = _pins('requirements.txt')
   assert set(project['optional-dependencies']['gcs']) <= set(runtime)
@@ -59,7 +60,7 @@ def test_cli_compiles_once_into_the_user_cache(tmp_path):
   env['XDG_CACHE_HOME'] = str(tmp_path / 'xdg')
   entries = []
   for run in ('first', 'second'):
-    result = subprocess.run(ru.cli_command(tmp_path / run, **{'train.num_steps': 5}), cwd=ru.REPO,
+    result = subprocess.run(ru.cli_command(tmp_path / run, **{'train.num_steps': 5}), cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     # A compiled program is written (again) on a miss; a hit only reads it.

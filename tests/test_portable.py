@@ -16,8 +16,7 @@ from stompp_jax.export import inference
 from stompp_jax.export import portable
 from stompp_jax.export import sources
 
-import test_own_model  # pylint: disable=g-bad-import-order
-import test_train
+import helpers  # pylint: disable=g-bad-import-order
 
 # Run with `python -I` (no cwd, no PYTHONPATH on sys.path) from a directory without the project:
 # stompp_jax cannot be imported there, only jax.
@@ -39,10 +38,10 @@ for name in sys.argv[1:]:
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  """Two finished runs: the zoo's tiny ResNet BNN and the VGG-style model of test_own_model."""
+  """Two finished runs: the zoo's tiny ResNet BNN and the VGG-style model of helpers.py."""
   zoo, own = tmp_path_factory.mktemp('zoo'), tmp_path_factory.mktemp('own')
-  train.train_and_evaluate(test_train.tiny_config('stompp'), str(zoo))
-  train.train_and_evaluate(test_own_model.own_config(), str(own), model=test_own_model.VGG())
+  train.train_and_evaluate(helpers.tiny_config('stompp'), str(zoo))
+  train.train_and_evaluate(helpers.own_config(), str(own), model=helpers.VGG())
   return zoo, own
 
 
@@ -67,13 +66,13 @@ def test_the_artefacts_run_without_the_project_and_match_the_reference(runs, tmp
   pixels = np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
   zoo_out, own_out = tmp_path / 'zoo', tmp_path / 'own'
   paths = [portable.export_run(str(zoo), str(zoo_out)),
-           portable.export_run(str(own), str(own_out), model=test_own_model.VGG())]
+           portable.export_run(str(own), str(own_out), model=helpers.VGG())]
   standalone = tmp_path / 'standalone'
   standalone.mkdir()
   for i, path in enumerate(paths):
     os.replace(path, standalone / f'{i}.jax_export')
   zoo_logits, own_logits = run_standalone(standalone, ['0.jax_export', '1.jax_export'], pixels)
-  offset, scale = pipeline.normalization(test_train.tiny_config().data)
+  offset, scale = pipeline.normalization(helpers.tiny_config().data)
   images = (pixels.astype(np.float32) - offset) * scale
   # The zoo model against the bit-packed export's reference inference (XNOR-popcount).
   sources.export_workdir(str(zoo), str(zoo_out))
@@ -82,7 +81,7 @@ def test_the_artefacts_run_without_the_project_and_match_the_reference(runs, tmp
   np.testing.assert_allclose(zoo_logits, reference, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(zoo_logits.argmax(-1), reference.argmax(-1))
   # The user model, which the bit-packed export cannot walk, against its fully binary eval.
-  run = evaluate.load_run(str(own), model=test_own_model.VGG())
+  run = evaluate.load_run(str(own), model=helpers.VGG())
   np.testing.assert_allclose(own_logits, fully_binary_logits(run, images), rtol=1e-4, atol=1e-4)
 
 
@@ -99,7 +98,7 @@ def test_the_artefact_takes_any_batch_size_and_lists_its_platforms(runs, tmp_pat
 def test_the_command_writes_both_exports_and_refuses_a_missing_run(runs, tmp_path):
   def export(workdir, out):
     return subprocess.run([sys.executable, '-m', 'stompp_jax.export', f'--workdir={workdir}',
-                           f'--out={out}'], cwd=test_train.REPO, capture_output=True, text=True,
+                           f'--out={out}'], cwd=helpers.REPO, capture_output=True, text=True,
                           timeout=600)
 
   out = export(runs[0], tmp_path / 'zoo')

@@ -17,6 +17,8 @@ from stompp_jax.binary import schedule
 from stompp_jax.models import inspect
 from stompp_jax.models import resnet
 
+from helpers import rows, tiny_config  # pylint: disable=g-bad-import-order
+
 IMAGE = (8, 8, 3)
 RULES = bctx.BinaryRules(exclude=('^stem', '^classifier', 'shortcut'))
 BATCH = 64
@@ -110,7 +112,6 @@ def test_a_network_with_stale_statistics_gets_its_accuracy_back():
 
 
 def test_training_logs_recalibrated_eval_rows_sharded_without_changing_the_run(tmp_path):
-  from test_train import rows, tiny_config  # pylint: disable=g-import-not-at-top
   results = {}
   for batches in (0, 2):
     config = tiny_config('stompp_ste', num_steps=6, eval_every=3, recalibrate_bn_batches=batches)
@@ -128,7 +129,6 @@ def test_training_logs_recalibrated_eval_rows_sharded_without_changing_the_run(t
 
 
 def test_negative_batch_count_is_a_setup_error(tmp_path):
-  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.SetupError, match='recalibrate_bn_batches=-1'):
     train.train_and_evaluate(tiny_config(recalibrate_bn_batches=-1), str(tmp_path))
   assert not list(tmp_path.iterdir())

@@ -16,13 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import REPO, tiny_config
 import reliability_utils as ru
 from stompp_jax import checkpoints
 from stompp_jax import errors
-from stompp_jax import state as state_lib
 from stompp_jax import train
 from stompp_jax.data import pipeline
-from test_train import tiny_config
 
 DEVICES = 2  # CPU devices of the command-line runs: the batch is sharded, as on real hardware.
 
@@ -204,7 +203,7 @@ def test_malformed_data_is_one_line_error_and_writes_nothing(tmp_path):
 
 def _cli_errors(tmp_path, *flags):
   result = subprocess.run(ru.cli_command(tmp_path / 'run', **dict(f.split('=', 1) for f in flags)),
-                          cwd=ru.REPO, env=ru.cli_env(1), capture_output=True, text=True,
+                          cwd=REPO, env=ru.cli_env(1), capture_output=True, text=True,
                           timeout=300)
   return result.returncode, result.stdout + result.stderr
 

@@ -4,7 +4,8 @@ import json
 import os
 import subprocess
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
 TINY = ['--models=tiny_resnet', '--seeds=tiny_resnet:1', '--data=synthetic', '--steps_per_site=1',
         '--batch=16', '--eval_batch=16', '--recalibrate=2', '--compile_cache=']
 

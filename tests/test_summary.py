@@ -7,60 +7,14 @@ import sys
 import pytest
 
 from configs import default
-from stompp_jax import models
-from stompp_jax.binary import context as bctx
 from stompp_jax.data import pipeline
-from stompp_jax.models import summary as summary_lib
 
-EVERYTHING = bctx.BinaryRules(include=('.*',), exclude=())
-
-
-def summarize(name, image_shape, num_classes, mode='bnn', rules=None):
-  config = default.get_config().model
-  config.name, config.mode = name, mode
-  return summary_lib.summarize(config, num_classes=num_classes, image_shape=image_shape,
-                               rules=rules or models.binary_rules(config))
-
-
-def conv(k, cin, cout, out_size):
-  """(params, MACs) of a bias-free k x k conv producing out_size x out_size x cout."""
-  return k * k * cin * cout, out_size * out_size * k * k * cin * cout
-
-
-def basic_resnet_by_hand(stem, stages, blocks_per_stage, num_classes):
-  """Hand totals of a basic-block ResNet in bnn mode with the default rules.
-
-  Args:
-    stem: (kernel size, channels, output size) of the stem conv (3 input channels).
-    stages: (in channels, channels, output size) per stage.
-    blocks_per_stage: basic blocks (2 binary 3x3 convs each) per stage.
-    num_classes: outputs of the classifier (with bias).
-  """
-  kernel, stem_channels, stem_size = stem
-  binary, floats, bn_channels = [], [conv(kernel, 3, stem_channels, stem_size)], stem_channels
-  for cin, cout, size in stages:
-    binary += [conv(3, cin, cout, size)] + [conv(3, cout, cout, size)] * (2 * blocks_per_stage - 1)
-    bn_channels += 2 * blocks_per_stage * cout
-    if cin != cout:
-      floats.append(conv(1, cin, cout, size))
-      bn_channels += cout
-  features = stages[-1][1]
-  return dict(
-      binary_params=sum(p for p, _ in binary),
-      float_params=sum(p for p, _ in floats) + features * num_classes + num_classes
-      + 2 * bn_channels,
-      float_stats=2 * bn_channels,
-      binary_macs=sum(m for _, m in binary),
-      float_macs=sum(m for _, m in floats) + features * num_classes)
-
+from helpers import (  # pylint: disable=g-bad-import-order
+    EVERYTHING, RESNET18, basic_resnet_by_hand, summarize)
 
 # CIFAR ResNet-20: 3x3 stem, 3 stages of 3 basic blocks, 16/32/64 channels at 32/16/8 pixels.
 RESNET20 = dict(stem=(3, 16, 32), stages=((16, 16, 32), (16, 32, 16), (32, 64, 8)),
                 blocks_per_stage=3, num_classes=10)
-# ImageNet ResNet-18: 7x7/2 stem to 112 px, pool to 56, 4 stages of 2 basic blocks.
-RESNET18 = dict(stem=(7, 64, 112),
-                stages=((64, 64, 56), (64, 128, 28), (128, 256, 14), (256, 512, 7)),
-                blocks_per_stage=2, num_classes=1000)
 
 
 @pytest.mark.parametrize('name, image_shape, architecture, published_params', [

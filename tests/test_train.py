@@ -8,38 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from configs import default
-from stompp_jax import metrics as metrics_lib
 from stompp_jax import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(method='stompp', **train_overrides):
-  config = default.get_config()
-  config.model.name = 'tiny_resnet'
-  config.model.mode = 'fp' if method == 'fp' else 'bnn'
-  config.binary.method = method
-  config.binary.refresh_every = 4
-  config.data.name = 'cifar10'
-  config.data.source = 'synthetic'
-  config.data.synthetic_image_shape = (16, 16, 3)
-  config.data.synthetic_num_classes = 4
-  config.data.synthetic_train_size = 512
-  config.data.synthetic_eval_size = 96
-  config.train.batch_size = 32
-  config.train.eval_batch_size = 32
-  config.train.num_steps = 12
-  config.train.log_every = 3
-  config.train.eval_every = 6
-  config.train.checkpoint_every = 6
-  for key, value in train_overrides.items():
-    setattr(config.train, key, value)
-  return config
-
-
-def rows(workdir, split):
-  return [r for r in metrics_lib.read_metrics(str(workdir)) if r['split'] == split]
+from helpers import REPO, rows, tiny_config  # pylint: disable=g-bad-import-order
 
 
 @pytest.mark.parametrize('method', ['fp', 'ste', 'stompp', 'stompp_ste'])
