@@ -1,7 +1,7 @@
 """Train-step throughput of the CIFAR ResNet-20 BNN (STE) here and in PyTorch, side by side (CPU).
 
     pip install -r benchmarks/requirements-peer.txt      # torch, for this benchmark only
-    python benchmarks/torch_peer.py --batch=128 --reps=5 --steps=3
+    python benchmarks/torch_peer.py --batch=128 --reps=5 --steps=3 --breakdown
 
 The same network in both: the project's `resnet20` in bnn mode (configs/default.py rules: stem,
 shortcuts and classifier full precision; every other conv binarizes its kernel, identity STE,
@@ -11,6 +11,11 @@ step), the same batch and shapes (B, 32, 32, 3) / NCHW, synthetic data, float32,
 using every CPU core. JAX runs the project's jitted `steps.train_step` (benchmarks/step_time.py
 builds it); PyTorch runs eager mode (its default; no torch.compile). Repetitions interleave the
 two so machine noise hits both alike; the ratio printed is the median of per-repetition ratios.
+
+Where the time goes (`--breakdown`, same interleaving): the forward + backward of one 3x3 conv
+of each stage's shape at the same batch, float32, jitted in JAX and eager in PyTorch (the conv
+kernels alone), and the whole train step at batch 2 (the fixed per-step cost: dispatch, the
+optimizer and the small ops).
 """
 
 import argparse
@@ -21,6 +26,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -123,29 +130,104 @@ class TorchBench:
     return (time.perf_counter() - start) / num_steps
 
 
+class JaxConv:
+  """Forward + backward of one 3x3 'SAME' conv (NHWC, HWIO), jitted: the conv kernels alone."""
+
+  def __init__(self, batch, size, channels, seed=0):
+    rng = np.random.default_rng(seed)
+    self.x = jnp.asarray(rng.standard_normal((batch, size, size, channels), np.float32))
+    self.w = jnp.asarray(rng.standard_normal((3, 3, channels, channels), np.float32))
+    conv = lambda x, w: jnp.sum(jax.lax.conv_general_dilated(
+        x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) ** 2)
+    self.grad = jax.jit(jax.grad(conv, argnums=(0, 1)))
+    jax.block_until_ready(self.grad(self.x, self.w))
+
+  def run(self, num_steps):
+    start = time.perf_counter()
+    for _ in range(num_steps):
+      out = self.grad(self.x, self.w)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / num_steps
+
+
+class TorchConv:
+  """The same conv in PyTorch (NCHW), eager."""
+
+  def __init__(self, batch, size, channels, seed=0):
+    rng = np.random.default_rng(seed)
+    self.x = torch.from_numpy(rng.standard_normal((batch, channels, size, size), np.float32))
+    self.w = torch.from_numpy(rng.standard_normal((channels, channels, 3, 3), np.float32))
+    self.x.requires_grad_(True)
+    self.w.requires_grad_(True)
+
+  def run(self, num_steps):
+    start = time.perf_counter()
+    for _ in range(num_steps):
+      self.x.grad = self.w.grad = None
+      (nn.functional.conv2d(self.x, self.w, padding=1) ** 2).sum().backward()
+    return (time.perf_counter() - start) / num_steps
+
+
+def paired(benches, reps, steps):
+  """{name: [seconds per step, one per repetition]}, the two benches interleaved."""
+  for bench in benches.values():
+    bench.run(1)  # warm-up
+  times = {name: [] for name in benches}
+  names = list(benches)
+  for rep in range(reps):
+    for name in (names if rep % 2 == 0 else names[::-1]):
+      times[name].append(benches[name].run(steps))
+  return times
+
+
+def report(label, times, batch):
+  """One line: both img/s (medians) and the paired jax / torch time ratio."""
+  ratio = statistics.median(j / p for j, p in zip(times['jax'], times['torch']))
+  jax_ms, torch_ms = (1e3 * statistics.median(times[n]) for n in ('jax', 'torch'))
+  return (f'| {label} | {jax_ms:.1f} | {torch_ms:.1f} | {batch / jax_ms * 1e3:.0f} |'
+          f' {batch / torch_ms * 1e3:.0f} | {ratio:.2f} |')
+
+
+def breakdown(args):
+  """Markdown rows: each stage's 3x3 conv (forward + backward) and the step at batch 2."""
+  rows = []
+  for size, channels in ((32, 16), (16, 32), (8, 64)):
+    times = paired({'jax': JaxConv(args.batch, size, channels),
+                    'torch': TorchConv(args.batch, size, channels)}, args.reps, args.steps)
+    rows.append(report(f'one 3x3 conv {size}x{size}x{channels}, fwd+bwd, batch {args.batch}',
+                       times, args.batch))
+  times = paired({'jax': step_time.Bench('resnet20', 'ste', 2, 'float32'), 'torch': TorchBench(2)},
+                 args.reps, args.steps)
+  rows.append(report('train step, batch 2 (fixed cost)', times, 2))
+  return rows
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--reps', type=int, default=5)
   parser.add_argument('--steps', type=int, default=3, help='Consecutive steps per repetition.')
+  parser.add_argument('--breakdown', action='store_true',
+                      help='Also time one conv per stage and the step at batch 2.')
   args = parser.parse_args(argv)
   torch.set_num_threads(os.cpu_count())
   print(f'{os.cpu_count()} CPUs, load average {os.getloadavg()}, torch {torch.__version__}'
         f' ({torch.get_num_threads()} threads), batch {args.batch}', flush=True)
   benches = {'jax': step_time.Bench('resnet20', 'ste', args.batch, 'float32'),
              'torch': TorchBench(args.batch)}
-  for bench in benches.values():
-    bench.run(1)  # warm-up
-  times = {name: [] for name in benches}
-  for rep in range(args.reps):
-    for name in (('jax', 'torch') if rep % 2 == 0 else ('torch', 'jax')):
-      times[name].append(benches[name].run(args.steps))
+  times = paired(benches, args.reps, args.steps)
   for name, t in times.items():
     print(f'{name:>5}: {args.batch / statistics.median(t):7.1f} img/s (median step'
           f' {1e3 * statistics.median(t):.0f} ms, min {1e3 * min(t):.0f}, max {1e3 * max(t):.0f})')
   ratio = statistics.median(j / p for j, p in zip(times['jax'], times['torch']))
   print(f'jax / torch step time = {ratio:.3f} (paired median; > 1: JAX slower); jax compile'
-        f' {benches["jax"].compile_seconds:.1f} s; load average after {os.getloadavg()}')
+        f' {benches["jax"].compile_seconds:.1f} s', flush=True)
+  if args.breakdown:
+    print('| what | jax ms | torch ms | jax img/s | torch img/s | jax / torch (paired) |\n'
+          '|---|---|---|---|---|---|\n' + report(f'train step, batch {args.batch}', times, args.batch))
+    for row in breakdown(args):
+      print(row, flush=True)
+  print(f'load average after {os.getloadavg()}')
 
 
 if __name__ == '__main__':

@@ -76,3 +76,33 @@ def test_torch_peer_is_the_same_network_and_trains():
   assert bench.run(1) > 0
   assert all(float(w.detach().abs().max()) <= 1 for w in bench.binary)
   assert any(not bool((w == b).all()) for w, b in zip(bench.binary, before))
+
+
+def test_cpu_throughput_parses_the_cli_log():
+  from benchmarks import cpu_throughput  # pylint: disable=import-outside-toplevel
+  log = '\n'.join([
+      'I1201 13:59:31.152608 1 train.py:198] Compiled in 139.9 s.',
+      'I1201 14:05:13.895475 1 train.py:261] step 25/50 | loss 2.2 | acc 19.03% | 10 img/s | ETA 0:16:38',
+      'I1201 14:10:17.223443 1 train.py:261] step 50/50 | loss 2.0 | acc 23.69% | 11.5 img/s | ETA 0:00:00',
+      'I1201 14:10:17.500000 1 train.py:214] Evaluating at step 50...',
+      'I1201 14:10:19.500000 1 train.py:223] eval at step 50 | eval_accuracy 20.00% | eval_fully_binary_accuracy 10.00%'])
+  assert cpu_throughput.parse_log(log) == {'train_img_per_s': 11.5, 'eval_seconds': 2.0,
+                                           'eval_functions': 2}
+
+
+def test_cpu_throughput_runs_the_cli_and_prints_the_table(capsys):
+  from benchmarks import cpu_throughput  # pylint: disable=import-outside-toplevel
+  cpu_throughput.main(['--variants=plain,cli', '--rounds=1', '--steps=2', '--eval_steps=1',
+                       '--eval_examples=360', '--config=configs/quickstart.py:stompp,digits'])
+  out = capsys.readouterr().out
+  for variant in ('plain', 'cli'):
+    assert f'| {variant} |' in out
+  assert 'system s' in out and 'minor faults' in out
+
+
+def test_cpu_throughput_refuses_an_unknown_variant(capsys):
+  from benchmarks import cpu_throughput  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SystemExit) as exit_info:
+    cpu_throughput.main(['--variants=plain,nope'])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.startswith('Error: unknown variant(s) nope: use ')
