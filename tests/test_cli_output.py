@@ -105,3 +105,37 @@ def test_quickstart_picks_cifar10_when_it_is_on_disk(tmp_path, monkeypatch):
   assert quickstart.get_config('stompp,digits').data.name == 'digits'
   with pytest.raises(ValueError, match='dataset'):
     quickstart.get_config('stompp,mnist')
+
+
+_NEW_MMAPPED_BLOCKS_OF_A_64_MB_MALLOC = '''import ctypes, sys
+from stompp_jax import main
+
+
+class MallInfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks',
+      'fordblks', 'keepcost')]
+
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+kept = main.keep_freed_memory()
+before = libc.mallinfo2().hblks
+block = libc.malloc(64 << 20)
+print(kept, libc.mallinfo2().hblks - before)
+'''
+
+
+@pytest.mark.parametrize('user_setting, expected', [
+    ({}, 'True 0'),                                     # glibc serves 64 MB from the heap.
+    ({'MALLOC_ARENA_MAX': '2'}, 'False 1'),             # The user's setting wins: glibc mmaps it.
+    ({'GLIBC_TUNABLES': 'glibc.malloc.check=0'}, 'False 1'),
+])
+def test_the_cli_keeps_freed_memory_unless_the_user_sets_malloc_options(user_setting, expected):
+  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD')
+         and not k.startswith('MALLOC_')}
+  result = subprocess.run([sys.executable, '-c', _NEW_MMAPPED_BLOCKS_OF_A_64_MB_MALLOC],
+                          env={**env, **user_setting}, cwd=REPO, capture_output=True, text=True,
+                          check=True, timeout=120)
+  assert result.stdout.split('\n')[-2] == expected
