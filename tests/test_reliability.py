@@ -361,10 +361,15 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
 @pytest.fixture
 def small_filesystem(tmp_path):
-  """A 300 KiB tmpfs: room for the first checkpoints of ru.TINY_FLAGS, not for the run."""
+  """A 420 KiB tmpfs: room for the first checkpoint of ru.TINY_FLAGS, not for the run.
+
+  A checkpoint of the tiny run takes 204-240 KiB, plus orbax's transient per-process files while
+  it merges them (300 KiB left no room for that once in four fresh-clone runs); the run keeps
+  three (684 KiB), so the disk fills at a later save.
+  """
   mount_point = tmp_path / 'small'
   mount_point.mkdir()
-  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=300k', 'tmpfs', str(mount_point)],
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=420k', 'tmpfs', str(mount_point)],
                            capture_output=True, text=True, check=False)
   if mounted.returncode:
     pytest.skip(f'cannot mount a tmpfs here (needs root): {mounted.stderr.strip()[:200]};'
