@@ -20,6 +20,9 @@ between repetitions so machine noise hits all alike; `time.perf_counter` around
 ste three ways: ratio of medians, median of per-repetition ratios (paired; robust to slow drifts
 of the machine's load) and ratio of minima (least disturbed steps on a shared machine).
 
+HLO: the compiled step's instructions, fusions and conditionals per method (`hlo_counts`), to
+tell where compile time goes.
+
 Memory: `step MB` is XLA's own account of the compiled step (arguments + outputs + temporaries
 - donated aliases, from `compiled.memory_analysis()`), per method, on any backend. The device's
 peak (`memory_stats()['peak_bytes_in_use']`, GPU/TPU) and the process's RSS high-water mark
@@ -41,6 +44,7 @@ import functools
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -106,6 +110,7 @@ class Bench:
     self.compiled = exp.compile_train_step()
     self.compile_seconds = time.perf_counter() - start
     self.step_bytes = _step_bytes(self.compiled)
+    self.hlo = hlo_counts(self.compiled.as_text())
     self.times = []
 
   def run(self, num_steps: int) -> float:
@@ -115,6 +120,18 @@ class Bench:
       self.state, _, _ = self.compiled(self.state, self.batch)
     jax.block_until_ready(self.state)
     return (time.perf_counter() - start) / num_steps
+
+
+_HLO_OP = re.compile(r'^\s*(ROOT )?%\S+ = .*? ([a-z][a-z0-9-]*)\(')
+
+
+def hlo_counts(hlo_text: str) -> dict[str, int]:
+  """Of a compiled module's HLO text: its instructions (every computation, fused ones
+  included), fusions (one generated kernel each on the CPU, so a proxy of LLVM's work at compile)
+  and conditionals."""
+  ops = [m.group(2) for m in map(_HLO_OP.match, hlo_text.splitlines()) if m]
+  return {'instructions': len(ops), 'fusions': ops.count('fusion'),
+          'conditionals': ops.count('conditional')}
 
 
 def _step_bytes(compiled) -> int | None:
@@ -149,7 +166,7 @@ def benchmark_model(name: str, batch_size: int, methods, args) -> dict:
     for method in order:
       benches[method].times.append(benches[method].run(args.steps))
   return {method: dict(compile_seconds=b.compile_seconds, step_bytes=b.step_bytes, times=b.times,
-                       median=statistics.median(b.times), sites=b.num_sites)
+                       median=statistics.median(b.times), sites=b.num_sites, hlo=b.hlo)
           for method, b in benches.items()}
 
 
@@ -276,7 +293,10 @@ def format_model(name: str, batch_size: int, results: dict) -> str:
     lines.append(f"| {method} | {1e3 * r['median']:.1f} | {1e3 * min(r['times']):.1f} |"
                  f" {1e3 * max(r['times']):.1f} | {batch_size / r['median']:.1f} |"
                  f" {r['compile_seconds']:.1f} | {memory} | {cells[0]} | {cells[1]} |")
-  return '\n'.join(lines + target_verdicts(results))
+  hlo = ', '.join(f"{m} {r['hlo']['instructions']}/{r['hlo']['fusions']}/{r['hlo']['conditionals']}"
+                  for m, r in results.items())
+  return '\n'.join(lines + target_verdicts(results)
+                   + [f'compiled step HLO (instructions/fusions/conditionals): {hlo}'])
 
 
 def parse_models(spec: str) -> list[tuple[str, int]]:

@@ -54,6 +54,8 @@ def test_step_time_builds_the_run_and_times_the_pieces(tmp_path, capsys):
   results = measured['models']['tiny_resnet:2']
   assert results['stompp']['sites'] == results['ste']['sites'] > 0
   assert all(t > 0 for r in results.values() for t in r['times'])
+  assert 'compiled step HLO' in printed
+  assert all(0 < r['hlo']['fusions'] < r['hlo']['instructions'] for r in results.values())
   pieces = measured['pieces_ms']['tiny_resnet:2']
   assert len(pieces) == 5 and all(ms > 0 for ms in pieces.values())
   assert any(name.startswith('binary convs alone') for name in pieces)
