@@ -184,6 +184,9 @@ def summarize_run(run: dict, sites: int, workdir: str, args, wall: float) -> dic
 def execute(runs: list[dict], sites: dict, args: argparse.Namespace) -> list[str]:
   """Trains every run without a summary (resuming it) and writes its summary; returns the
   names of the runs that failed."""
+  from stompp_jax import main as cli  # pylint: disable=g-import-not-at-top
+  if cli.cpu_only():
+    cli.keep_freed_memory()  # As the CLI does, before JAX starts its threads (docs/results.md).
   from stompp_jax import train  # pylint: disable=g-import-not-at-top  (JAX starts here)
   os.makedirs(args.summaries, exist_ok=True)
   failed = []
