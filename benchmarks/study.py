@@ -247,8 +247,9 @@ def mean_spread(values) -> str:
   values = list(values)
   if not values:
     return '-'
-  spread = statistics.stdev(values) if len(values) > 1 else 0.0
-  return f'{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}'
+  if len(values) == 1:
+    return f'{100 * values[0]:.2f}'  # One seed has no spread: printing ± 0.00 would claim one.
+  return f'{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}'
 
 
 def compare(a: dict[int, float], b: dict[int, float]) -> tuple[str, str]:
@@ -357,10 +358,10 @@ def results_markdown(summaries: list[dict]) -> str:
   cells = collections.defaultdict(list)
   for s in summaries:
     cells[cell_key(s)].append(s)
-  lines = ['Fully binary test accuracy, %: mean ± sample standard deviation over seeds, as trained'
-           ' (running BatchNorm statistics) and recalibrated (re-estimated on the fully binary'
-           ' network). `steps/site` = window steps per binary site (0: the floor, frozen from'
-           ' step 0).', '',
+  lines = ['Fully binary test accuracy, %: mean ± sample standard deviation over seeds (a cell'
+           ' of one seed: its value, no spread), as trained (running BatchNorm statistics) and'
+           ' recalibrated (re-estimated on the fully binary network). `steps/site` = window'
+           ' steps per binary site (0: the floor, frozen from step 0).', '',
            '| group | model | mode | bnn_shortcut | method | order | sites | steps/site | steps |'
            ' seeds | as trained | recalibrated | wall s (mean) |',
            '|---|---|---|---|---|---|---|---|---|---|---|---|---|']

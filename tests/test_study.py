@@ -97,6 +97,7 @@ def test_verdicts_follow_the_seeds():
   table = study.results_markdown(rows)
   assert '| main | resnet20 | bnn | binarized | stompp | layerwise | 18 | 10 | 225 | 2 | 33.50 ± 0.71 | 34.50 ± 0.71 | 1 |' in table
   assert 'Verdicts, accuracies recalibrated' in table
+  assert study.mean_spread([0.25]) == '25.00' and study.mean_spread([]) == '-'
 
 
 def test_tiny_study_writes_summaries_analysis_and_skips_finished_runs(tmp_path, capsys):
