@@ -58,8 +58,9 @@ def cli_command(workdir, **overrides) -> list[str]:
 def cli_env(devices: int, **extra) -> dict:
   """The environment of a CLI subprocess: `devices` CPU devices, the tests' compile cache."""
   env = dict(os.environ)
+  if jax.config.jax_compilation_cache_dir:
+    env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
   env.update(JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES=str(devices),
-             JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2', **extra)
   return env
 
