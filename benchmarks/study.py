@@ -478,7 +478,7 @@ def parse_args(argv):
   parser.add_argument('--deep_methods', default='ste,stompp',
                       help='Main-group methods of the other models (cut to fit the budget).')
   parser.add_argument('--ablation_seeds', type=int, default=2, help='Seeds of order and bwn.')
-  parser.add_argument('--floor_seeds', type=int, default=1, help='Seeds of the floor.')
+  parser.add_argument('--floor_seeds', type=int, default=2, help='Seeds of the floor.')
   parser.add_argument('--groups', default=','.join(GROUPS), help=f'Comma-separated of {GROUPS}.')
   parser.add_argument('--steps_per_site', type=int, default=6,
                       help='binary.window_steps (6 fits ~4 hours; the GPU script uses 40).')

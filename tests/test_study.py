@@ -20,12 +20,12 @@ def test_default_plan_covers_the_cells_seed_major():
   # main: resnet20 x 3 methods, resnet56 x ste/stompp, both readings; order: 2 orders x 2
   # readings; floor: 2 models x 2 readings; bwn: layerwise and reverse.
   assert len(cells) == 2 * 3 + 2 * 2 + 4 + 4 + 2
-  assert len(names) == 6 * 2 + 4 * 2 + 4 * 2 + 4 * 1 + 2 * 2
+  assert len(names) == 6 * 2 + 4 * 2 + 4 * 2 + 4 * 2 + 2 * 2
   assert [r['seed'] for r in runs] == sorted(r['seed'] for r in runs)
   assert 'resnet56_bnn_binarized_stompp_ste_layerwise_s0' not in names  # Cut: --deep_methods.
   assert 'resnet20_bnn_binarized_stompp_reverse_s1' in names
   assert 'resnet56_bnn_real_floor_layerwise_s0' in names
-  assert 'resnet56_bnn_real_floor_layerwise_s1' not in names
+  assert 'resnet56_bnn_real_floor_layerwise_s1' in names
   assert {r['bnn_shortcut'] for r in runs if r['mode'] == 'bwn'} == {'real'}
   assert 'resnet20_bnn_real_ste_layerwise_s1' in names and 'resnet20_bnn_real_ste_layerwise_s2' not in names
   assert len(plan('--seeds=resnet20:3,resnet56:2')) == len(runs) + 6
@@ -50,7 +50,7 @@ def test_plan_prints_the_estimate_and_writes_nothing(tmp_path, capsys):
                      '--step_seconds=resnet20:1,resnet56:2']) == 0
   out = capsys.readouterr().out
   assert 'resnet56_bnn_binarized_floor_layerwise_s0 (floor): 405 steps x 64, 54 sites' in out
-  assert '4 runs, ~' in out and 'hours' in out
+  assert '8 runs, ~' in out and 'hours' in out
   assert not os.listdir(tmp_path)
 
 
@@ -103,7 +103,7 @@ def test_verdicts_follow_the_seeds():
 def test_tiny_study_writes_summaries_analysis_and_skips_finished_runs(tmp_path, capsys):
   summaries = tmp_path / 'summaries'
   args = [f'--out={tmp_path / "runs"}', f'--summaries={summaries}', '--models=tiny_resnet',
-          '--seeds=tiny_resnet:1', '--methods=stompp', '--groups=main,floor', '--steps_per_site=1',
+          '--seeds=tiny_resnet:1', '--floor_seeds=1', '--methods=stompp', '--groups=main,floor', '--steps_per_site=1',
           '--batch=16', '--eval_batch=16', '--recalibrate=2', '--data=synthetic',
           '--compile_cache=']
   assert study.main(args) == 0
