@@ -339,10 +339,10 @@ def verdicts(summaries: list[dict], metric: str) -> list[str]:
            compare(cell(shallow, reading, 'ste'), cell(deep, reading, 'ste')))
     if models:
       first = models[0]
-      line(f'layerwise beats reverse (reverse collapses), {first} [{reading}]',
+      line(f'layerwise beats reverse, {first} [{reading}]',
            compare(cell(first, reading, 'stompp'), cell(first, reading, 'stompp', 'reverse')))
-      line(f'reverse is above the floor, {first} [{reading}]',
-           compare(cell(first, reading, 'stompp', 'reverse'), cell(first, reading, 'floor')))
+      line(f'reverse collapses (the floor beats it), {first} [{reading}]',
+           compare(cell(first, reading, 'floor'), cell(first, reading, 'stompp', 'reverse')))
       line(f'layerwise beats global, {first} [{reading}]',
            compare(cell(first, reading, 'stompp'), cell(first, reading, 'stompp', 'global')))
   bwn_models = sorted({s['model'] for s in summaries if s['group'] == 'bwn'})

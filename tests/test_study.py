@@ -82,6 +82,7 @@ def test_verdicts_follow_the_seeds():
     rows += [summary('resnet20', 'binarized', 'ste', seed, ste),
              summary('resnet20', 'binarized', 'stompp', seed, stompp),
              summary('resnet20', 'binarized', 'stompp', seed, 0.25 + seed * 0.1, 'reverse'),
+             summary('resnet20', 'binarized', 'floor', seed, 0.22 + seed * 0.01),
              summary('resnet56', 'binarized', 'ste', seed, 0.20, sites=54),
              summary('resnet56', 'binarized', 'stompp', seed, 0.30, sites=54),
              summary('resnet20', 'real', 'stompp', seed, 0.40, 'layerwise', 'bwn'),
@@ -91,7 +92,10 @@ def test_verdicts_follow_the_seeds():
   assert "gain over STE grows with depth, resnet20 -> resnet56 [binarized]: **reproduces**" in lines
   assert 'STE falls with depth, resnet20 -> resnet56 [binarized]: **reproduces**' in lines
   # Reverse: 0.25 vs 0.34 (seed 0), 0.35 vs 0.33 (seed 1): not in every seed.
-  assert 'layerwise beats reverse (reverse collapses), resnet20 [binarized]: **cannot tell' in lines
+  assert 'layerwise beats reverse, resnet20 [binarized]: **cannot tell' in lines
+  # The floor (0.22, 0.23) is below reverse (0.25, 0.35) in every seed: no collapse.
+  assert ('reverse collapses (the floor beats it), resnet20 [binarized]: **does not** (-7.50'
+          in lines)
   assert 'StoMPP beats STE, resnet20 [real]: **not run**' in lines
   assert 'BWN is order-insensitive (layerwise = reverse within 1 point), resnet20: **reproduces**' in lines
   table = study.results_markdown(rows)
