@@ -29,7 +29,9 @@ def get_config(arg=None):
   c.model.width_multiplier = 1.0  # MobileNetV2 width.
   # BNN block topology (models/resnet.py, issue 15): real (the shortcut carries the real block
   # input) | binarized (the block input is binarized once, by conv1's site, for conv1 and the
-  # shortcut). ResNets only (mobilenet_v2: real). Default real until the study decides.
+  # shortcut). ResNets only (mobilenet_v2: real). Default real: at ResNet-20 it trains the more
+  # accurate network for every method (issue-15 study, docs/results.md section 4); binarized is
+  # the reading in which a committed binary activation cuts the gradient upstream.
   c.model.bnn_shortcut = 'real'
   # Regexes on module paths ('/'-joined, e.g. 'stage2_block1/conv1'). A conv/dense layer is
   # binary iff it matches a `binary_include` rule and no `binary_exclude` rule.

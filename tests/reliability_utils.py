@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -57,8 +58,9 @@ def cli_command(workdir, **overrides) -> list[str]:
 def cli_env(devices: int, **extra) -> dict:
   """The environment of a CLI subprocess: `devices` CPU devices, the tests' compile cache."""
   env = dict(os.environ)
+  if jax.config.jax_compilation_cache_dir:
+    env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
   env.update(JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES=str(devices),
-             JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2', **extra)
   return env
 
@@ -151,21 +153,24 @@ def assert_bitwise_equal(state, reference) -> None:
   assert not different, f'{len(different)} of {len(state)} arrays differ: {different[:5]}'
 
 
+# Every process of the tests that compare topologies runs this many intra-op threads: XLA's CPU
+# client sizes its thread pool max(NPROC or the core count, local devices), and Eigen splits
+# each convolution by the pool's size, so without it a process of 2 devices and one of 4 compute
+# the same convolution differently in the last bits (docs/reliability.md).
+INTRA_OP_THREADS = 4
 
-def assert_equal_at_scale(state, reference, tolerance: float) -> float:
-  """Integer arrays of two train states are equal; each float array is within `tolerance` times
-  its largest absolute value in `reference`. Returns the largest such relative difference."""
-  assert state.keys() == reference.keys()
-  largest = 0.0
-  for key in state:
-    got, want = state[key], reference[key]
-    assert got.dtype == want.dtype and got.shape == want.shape, key
-    if not np.issubdtype(want.dtype, np.floating):
-      np.testing.assert_array_equal(got, want, err_msg=key)
-      continue
-    scale = float(np.max(np.abs(want), initial=0.0))
-    difference = float(np.max(np.abs(got.astype(np.float64) - want), initial=0.0))
-    assert difference <= tolerance * scale, (
-        f'{key}: differs by {difference:.3g}, more than {tolerance} x its scale {scale:.3g}')
-    largest = max(largest, difference / scale if scale else 0.0)
-  return largest
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def coordinates(num_processes: int) -> list[dict[str, str]]:
+  """Per process, the variables by which `num_processes` processes find each other through
+  jax.distributed, with INTRA_OP_THREADS threads each. One process (`num_processes=1`) then also
+  reduces across its devices through gloo, in the order of a pod's processes."""
+  address = f'127.0.0.1:{free_port()}'
+  return [{'STOMPP_COORDINATOR_ADDRESS': address, 'STOMPP_NUM_PROCESSES': str(num_processes),
+           'STOMPP_PROCESS_ID': str(i), 'NPROC': str(INTRA_OP_THREADS)}
+          for i in range(num_processes)]

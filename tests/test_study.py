@@ -20,12 +20,12 @@ def test_default_plan_covers_the_cells_seed_major():
   # main: resnet20 x 3 methods, resnet56 x ste/stompp, both readings; order: 2 orders x 2
   # readings; floor: 2 models x 2 readings; bwn: layerwise and reverse.
   assert len(cells) == 2 * 3 + 2 * 2 + 4 + 4 + 2
-  assert len(names) == 6 * 2 + 4 * 2 + 4 * 2 + 4 * 1 + 2 * 2
+  assert len(names) == 6 * 2 + 4 * 2 + 4 * 2 + 4 * 2 + 2 * 2
   assert [r['seed'] for r in runs] == sorted(r['seed'] for r in runs)
   assert 'resnet56_bnn_binarized_stompp_ste_layerwise_s0' not in names  # Cut: --deep_methods.
   assert 'resnet20_bnn_binarized_stompp_reverse_s1' in names
   assert 'resnet56_bnn_real_floor_layerwise_s0' in names
-  assert 'resnet56_bnn_real_floor_layerwise_s1' not in names
+  assert 'resnet56_bnn_real_floor_layerwise_s1' in names
   assert {r['bnn_shortcut'] for r in runs if r['mode'] == 'bwn'} == {'real'}
   assert 'resnet20_bnn_real_ste_layerwise_s1' in names and 'resnet20_bnn_real_ste_layerwise_s2' not in names
   assert len(plan('--seeds=resnet20:3,resnet56:2')) == len(runs) + 6
@@ -50,7 +50,7 @@ def test_plan_prints_the_estimate_and_writes_nothing(tmp_path, capsys):
                      '--step_seconds=resnet20:1,resnet56:2']) == 0
   out = capsys.readouterr().out
   assert 'resnet56_bnn_binarized_floor_layerwise_s0 (floor): 405 steps x 64, 54 sites' in out
-  assert '4 runs, ~' in out and 'hours' in out
+  assert '8 runs, ~' in out and 'hours' in out
   assert not os.listdir(tmp_path)
 
 
@@ -82,6 +82,7 @@ def test_verdicts_follow_the_seeds():
     rows += [summary('resnet20', 'binarized', 'ste', seed, ste),
              summary('resnet20', 'binarized', 'stompp', seed, stompp),
              summary('resnet20', 'binarized', 'stompp', seed, 0.25 + seed * 0.1, 'reverse'),
+             summary('resnet20', 'binarized', 'floor', seed, 0.22 + seed * 0.01),
              summary('resnet56', 'binarized', 'ste', seed, 0.20, sites=54),
              summary('resnet56', 'binarized', 'stompp', seed, 0.30, sites=54),
              summary('resnet20', 'real', 'stompp', seed, 0.40, 'layerwise', 'bwn'),
@@ -91,7 +92,10 @@ def test_verdicts_follow_the_seeds():
   assert "gain over STE grows with depth, resnet20 -> resnet56 [binarized]: **reproduces**" in lines
   assert 'STE falls with depth, resnet20 -> resnet56 [binarized]: **reproduces**' in lines
   # Reverse: 0.25 vs 0.34 (seed 0), 0.35 vs 0.33 (seed 1): not in every seed.
-  assert 'layerwise beats reverse (reverse collapses), resnet20 [binarized]: **cannot tell' in lines
+  assert 'layerwise beats reverse, resnet20 [binarized]: **cannot tell' in lines
+  # The floor (0.22, 0.23) is below reverse (0.25, 0.35) in every seed: no collapse.
+  assert ('reverse collapses (the floor beats it), resnet20 [binarized]: **does not** (-7.50'
+          in lines)
   assert 'StoMPP beats STE, resnet20 [real]: **not run**' in lines
   assert 'BWN is order-insensitive (layerwise = reverse within 1 point), resnet20: **reproduces**' in lines
   table = study.results_markdown(rows)
@@ -103,7 +107,7 @@ def test_verdicts_follow_the_seeds():
 def test_tiny_study_writes_summaries_analysis_and_skips_finished_runs(tmp_path, capsys):
   summaries = tmp_path / 'summaries'
   args = [f'--out={tmp_path / "runs"}', f'--summaries={summaries}', '--models=tiny_resnet',
-          '--seeds=tiny_resnet:1', '--methods=stompp', '--groups=main,floor', '--steps_per_site=1',
+          '--seeds=tiny_resnet:1', '--floor_seeds=1', '--methods=stompp', '--groups=main,floor', '--steps_per_site=1',
           '--batch=16', '--eval_batch=16', '--recalibrate=2', '--data=synthetic',
           '--compile_cache=']
   assert study.main(args) == 0

@@ -69,8 +69,8 @@ if __name__ == '__main__':  # Flags defined here only: stompp_jax.main defines -
   flags.DEFINE_string('out', None, 'Directory for manifest.json and tensors.npz.', required=True)
   flags.DEFINE_integer(
       'recalibrate_bn_batches', 0, 'With --workdir: fold BatchNorm statistics re-estimated on the'
-      ' fully binary network over this many training batches (0 = the running statistics; the'
-      ' default until the issue-15 study decides).')
+      ' fully binary network over this many training batches (0 = the running statistics:'
+      ' docs/export.md says when to re-estimate).')
   config_flags.DEFINE_config_file(
       'config', None, 'Instead of --workdir: export the initialized model of this config.')
   app.run(main)

@@ -78,7 +78,7 @@ def export_workdir(workdir: str, out_dir: str, recalibrate_bn_batches: int = 0) 
 
   `recalibrate_bn_batches` > 0 folds BatchNorm statistics re-estimated on the fully binary
   network over that many of the run's training batches (stompp_jax/recalibrate.py) instead of
-  the running statistics; 0 (the default until the issue-15 study decides) keeps the latter.
+  the running statistics; 0 (the default: docs/export.md says why) keeps the latter.
 
   Raises:
     errors.SetupError: `workdir` is not a run directory with a config and a checkpoint.
