@@ -64,6 +64,8 @@ COVERAGE = {
     'python -m stompp_jax.export --workdir=RUN --out=DIR':
         run_by('test_export.py::test_cli_export_of_trained_bnn_equals_fully_binary_eval'),
     'python -m stompp_jax.evaluate --workdir=RUN [--split=test': USAGE,
+    'python -m stompp_jax.evaluate --workdir=RUN --recalibrate_bn_batches=20':
+        run_by('test_evaluate.py::test_recalibrated_line_uses_the_re_estimated_statistics'),
     'python -m stompp_jax.export': USAGE,
     # docs/
     'python -m stompp_jax.export --workdir=RUN --out=DIR --recalibrate_bn_batches=20':
