@@ -3,6 +3,7 @@
     python benchmarks/study.py --plan                         # the runs and their time estimate
     STOMPP_DATA_DIR=/path/to/cifar10_jpeg python benchmarks/study.py    # run (resumable)
     python benchmarks/study.py --analyze                      # tables, plots, verdicts
+    python benchmarks/study.py --analyze --doc=docs/results.md    # and the block in the docs
     bash benchmarks/run_study.sh [--commit]                   # the whole study, nohup + nice
 
 Cells (CIFAR-10 JPEG copy; every accuracy is the deployed, fully binary network's):
@@ -24,7 +25,7 @@ accuracy as trained (running BatchNorm statistics) and recalibrated (statistics 
 --recalibrate training batches, stompp_jax/recalibrate.py).
 
 Resume: a run whose summary (--summaries/NAME.json, committed) exists is skipped; an unfinished
-run resumes from its checkpoint under --out (git-ignored). `--only=NAME,...` runs some runs;
+run resumes from its checkpoint under --out (git-ignored). `--only=NAME,...` runs those runs in that order;
 `--names` prints the plan's run names (run_study.sh loops over them).
 
 --data=synthetic with --models=tiny_resnet is a seconds-long smoke test (tests/test_study.py).
@@ -50,13 +51,14 @@ MAIN_METHODS = ('ste', 'stompp', 'stompp_ste')
 ORDERS = ('layerwise', 'global', 'reverse')
 GROUPS = ('main', 'order', 'floor', 'bwn')
 EVAL_SIZE = {'npz': 10_000, 'synthetic': 64}
-# Seconds per train step at batch 64 on the idle 2-core VM, for --plan: half the batch-128 step
-# times of the idle 300-step study (docs/results.md: 0.7-1.2 s ResNet-20, 2.4-3.5 s ResNet-56),
-# assuming time linear in the batch. Measured on 2026-12-01 while five other jobs loaded the VM
-# (load average ~17; benchmarks/step_time.py --models=resnet20:64,resnet56:64): ResNet-20
-# 2.2-3.0 s, about 6x these; pass --step_seconds to plan with other numbers.
-STEP_SECONDS = {'resnet20': 0.45, 'resnet56': 1.5, 'tiny_resnet': 0.01}
-COMPILE_SECONDS = {'resnet20': 60.0, 'resnet56': 150.0, 'tiny_resnet': 10.0}
+# For --plan when no run of a model has finished (else the median wall time of the finished runs
+# of that model and budget): seconds per train step at batch 64 and compile seconds, measured by
+# this study on the idle 2-core VM (the train rows' images_per_second, medians: ResNet-20 72-83
+# images/s, ResNet-56 20.5; the ResNet-56 train step compiled in 194 s).
+STEP_SECONDS = {'resnet20': 0.85, 'resnet56': 3.1, 'tiny_resnet': 0.01}
+COMPILE_SECONDS = {'resnet20': 60.0, 'resnet56': 200.0, 'tiny_resnet': 10.0}
+DOC_BEGIN = '<!-- study: begin (written by python benchmarks/study.py --analyze --doc=FILE) -->'
+DOC_END = '<!-- study: end -->'
 
 
 def num_sites(model: str, data: str) -> int:
@@ -142,16 +144,26 @@ def make_config(run: dict, sites: int, args: argparse.Namespace):
   return config
 
 
-def estimate_seconds(run: dict, sites: int, args: argparse.Namespace) -> float:
-  """Wall seconds of one run from STEP_SECONDS (or --step_seconds): train steps, compile, and
-  every eval (3 forward passes over the eval split, each about a third of a train step per
-  image) with its recalibration."""
+def estimate_seconds(run: dict, sites: int, args: argparse.Namespace,
+                     finished: list[dict]) -> tuple[float, str]:
+  """Wall seconds of one run and where the number comes from: --step_seconds if it names the
+  model, else the median wall time of the `finished` summaries of the same model, steps and
+  batch, else STEP_SECONDS. From step times: train steps, compile, and every eval (3 forward
+  passes over the eval split, each about a third of a train step per image) with its
+  recalibration."""
+  steps = total_steps(sites, args)
+  if run['model'] not in args.step_seconds:
+    walls = [s['wall_seconds'] for s in finished
+             if (s['model'], s['steps'], s['batch']) == (run['model'], steps, args.batch)]
+    if walls:
+      return statistics.median(walls), f'median of {len(walls)} finished'
   step = args.step_seconds.get(run['model'], STEP_SECONDS.get(run['model'], 1.0))
   step *= args.batch / 64
   per_image_forward = step / args.batch / 3
   evals = max(args.evals, 1) * (3 * EVAL_SIZE[args.data] + args.recalibrate * args.batch)
-  return (total_steps(sites, args) * step + COMPILE_SECONDS.get(run['model'], 60.0)
-          + evals * per_image_forward)
+  source = '--step_seconds' if run['model'] in args.step_seconds else 'STEP_SECONDS'
+  return (steps * step + COMPILE_SECONDS.get(run['model'], 60.0)
+          + evals * per_image_forward), source
 
 
 def summary_path(args, name: str) -> str:
@@ -300,60 +312,69 @@ def insensitive(a: dict[int, float], b: dict[int, float], tolerance: float) -> t
   return 'cannot tell at this budget', evidence
 
 
-def gains(summaries, metric, model, reading, better='stompp', worse='ste') -> dict[int, float]:
-  """{seed: accuracy of `better` - accuracy of `worse`} of one model and reading (main group)."""
-  a = by_seed(summaries, metric, model=model, mode='bnn', bnn_shortcut=reading, method=better,
-              order='layerwise')
-  b = by_seed(summaries, metric, model=model, mode='bnn', bnn_shortcut=reading, method=worse,
-              order='layerwise')
-  return {s: a[s] - b[s] for s in set(a) & set(b)}
-
-
-def verdicts(summaries: list[dict], metric: str) -> list[str]:
-  """One line per finding of the papers and reading: '- finding [reading]: verdict (evidence)'."""
-  models = sorted({s['model'] for s in summaries if s['group'] == 'main'},
-                  key=lambda m: next(s['sites'] for s in summaries if s['model'] == m))
-  lines = []
+def findings(summaries: list[dict], metric: str,
+             planned: list[dict] | None = None) -> list[tuple[str, str | None, tuple[str, str]]]:
+  """(finding, reading or None where the reading does not apply, (verdict, evidence)) for each
+  of the papers' findings whose cells are all `planned` (runs or summaries; default: the
+  summaries), models shallow first as planned."""
+  planned = summaries if planned is None else planned
+  models = list(dict.fromkeys(r['model'] for r in planned if r['group'] == 'main'))
+  kinds = {(r['model'], r['mode'], r['bnn_shortcut'], r['method'], r['order']) for r in planned}
+  found = []
 
   def cell(model, reading, method, order='layerwise', mode='bnn'):
     # (model, mode, reading, method, order) names one cell: no two groups share one.
     return by_seed(summaries, metric, model=model, mode=mode, bnn_shortcut=reading,
                    method=method, order=order)
 
-  def line(finding, result):
-    lines.append(f'- {finding}: **{result[0]}** ({result[1]})')
+  def add(finding, reading, cells, judge):
+    """Judges the cells ((model, reading, method, order, mode) tuples) if all are planned."""
+    if all((m, mode, r, method, order) in kinds for m, r, method, order, mode in cells):
+      found.append((finding, reading, judge(*(cell(*c) for c in cells))))
 
   for reading in READINGS:
+    bnn = lambda model, method, order='layerwise': (model, reading, method, order, 'bnn')  # pylint: disable=cell-var-from-loop
     for model in models:
-      line(f'StoMPP beats STE, {model} [{reading}]',
-           compare(cell(model, reading, 'stompp'), cell(model, reading, 'ste')))
-      line(f'StoMPP+STE beats StoMPP, {model} [{reading}]',
-           compare(cell(model, reading, 'stompp_ste'), cell(model, reading, 'stompp')))
-      line(f'STE is above the floor, {model} [{reading}]',
-           compare(cell(model, reading, 'ste'), cell(model, reading, 'floor')))
+      add(f'StoMPP beats STE, {model}', reading,
+          [bnn(model, 'stompp'), bnn(model, 'ste')], compare)
+      add(f'StoMPP+STE beats StoMPP, {model}', reading,
+          [bnn(model, 'stompp_ste'), bnn(model, 'stompp')], compare)
+      add(f'STE is above the floor, {model}', reading,
+          [bnn(model, 'ste'), bnn(model, 'floor')], compare)
     if len(models) > 1:
       shallow, deep = models[0], models[-1]
-      line(f"StoMPP's gain over STE grows with depth, {shallow} -> {deep} [{reading}]",
-           grows(gains(summaries, metric, shallow, reading), gains(summaries, metric, deep, reading)))
-      line(f'STE falls with depth, {shallow} -> {deep} [{reading}]',
-           compare(cell(shallow, reading, 'ste'), cell(deep, reading, 'ste')))
+      add(f"StoMPP's gain over STE grows with depth, {shallow} -> {deep}", reading,
+          [bnn(m, method) for m in (shallow, deep) for method in ('stompp', 'ste')],
+          lambda a, b, c, d: grows(_differences(a, b), _differences(c, d)))
+      add(f'STE falls with depth, {shallow} -> {deep}', reading,
+          [bnn(shallow, 'ste'), bnn(deep, 'ste')], compare)
     if models:
       first = models[0]
-      line(f'layerwise beats reverse, {first} [{reading}]',
-           compare(cell(first, reading, 'stompp'), cell(first, reading, 'stompp', 'reverse')))
-      line(f'reverse collapses (the floor beats it), {first} [{reading}]',
-           compare(cell(first, reading, 'floor'), cell(first, reading, 'stompp', 'reverse')))
-      line(f'layerwise beats global, {first} [{reading}]',
-           compare(cell(first, reading, 'stompp'), cell(first, reading, 'stompp', 'global')))
-  bwn_models = sorted({s['model'] for s in summaries if s['group'] == 'bwn'})
-  for model in bwn_models:
-    line(f'BWN is order-insensitive (layerwise = reverse within 1 point), {model}',
-         insensitive(cell(model, 'real', 'stompp', 'layerwise', 'bwn'),
-                     cell(model, 'real', 'stompp', 'reverse', 'bwn'), 0.01))
-  return lines
+      add(f'layerwise beats reverse, {first}', reading,
+          [bnn(first, 'stompp'), bnn(first, 'stompp', 'reverse')], compare)
+      add(f'reverse collapses (the floor beats it), {first}', reading,
+          [bnn(first, 'floor'), bnn(first, 'stompp', 'reverse')], compare)
+      add(f'layerwise beats global, {first}', reading,
+          [bnn(first, 'stompp'), bnn(first, 'stompp', 'global')], compare)
+  for model in dict.fromkeys(r['model'] for r in planned if r['group'] == 'bwn'):
+    add(f'BWN is order-insensitive (layerwise = reverse within 1 point), {model}', None,
+        [(model, 'real', 'stompp', order, 'bwn') for order in ('layerwise', 'reverse')],
+        lambda a, b: insensitive(a, b, 0.01))
+  return found
 
 
-def results_markdown(summaries: list[dict]) -> str:
+def _differences(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
+  """{seed: a - b} over the common seeds."""
+  return {seed: a[seed] - b[seed] for seed in set(a) & set(b)}
+
+
+def verdicts(summaries: list[dict], metric: str, planned: list[dict] | None = None) -> list[str]:
+  """One line per finding and reading: '- finding [reading]: **verdict** (evidence)'."""
+  return [f'- {finding}{f" [{reading}]" if reading else ""}: **{verdict}** ({evidence})'
+          for finding, reading, (verdict, evidence) in findings(summaries, metric, planned)]
+
+
+def results_markdown(summaries: list[dict], planned: list[dict] | None = None) -> str:
   """The cell table (mean ± std over seeds) and the verdicts, as trained and recalibrated."""
   cells = collections.defaultdict(list)
   for s in summaries:
@@ -363,7 +384,7 @@ def results_markdown(summaries: list[dict]) -> str:
            ' recalibrated (re-estimated on the fully binary network). `steps/site` = window'
            ' steps per binary site (0: the floor, frozen from step 0).', '',
            '| group | model | mode | bnn_shortcut | method | order | sites | steps/site | steps |'
-           ' seeds | as trained | recalibrated | wall s (mean) |',
+           ' seeds | as trained | recalibrated | wall s (median) |',
            '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for key in sorted(cells, key=lambda k: (GROUPS.index(k[0]), *k[1:])):
     runs = cells[key]
@@ -373,11 +394,131 @@ def results_markdown(summaries: list[dict]) -> str:
         f' {runs[0]["steps_per_site"]} | {runs[0]["steps"]} | {len(runs)} |'
         f' {mean_spread(r["as_trained"] for r in runs if r["as_trained"] is not None)} |'
         f' {mean_spread(r["recalibrated"] for r in runs if r["recalibrated"] is not None)} |'
-        f' {statistics.mean(r["wall_seconds"] for r in runs):.0f} |')
+        f' {statistics.median(r["wall_seconds"] for r in runs):.0f} |')
   for metric, title in (('as_trained', 'as trained'), ('recalibrated', 'recalibrated')):
     lines += ['', f'Verdicts, accuracies {title} ("reproduces" = in every seed, 2 or more):', '']
-    lines += verdicts(summaries, metric)
+    lines += verdicts(summaries, metric, planned)
   return '\n'.join(lines) + '\n'
+
+
+DOC_ROWS = (  # (label, mode, method, order): the rows of the docs' table, per model.
+    ('floor (every site frozen from step 0)', 'bnn', 'floor', 'layerwise'),
+    ('STE', 'bnn', 'ste', 'layerwise'),
+    ('StoMPP layerwise', 'bnn', 'stompp', 'layerwise'),
+    ('StoMPP+STE', 'bnn', 'stompp_ste', 'layerwise'),
+    ('StoMPP global', 'bnn', 'stompp', 'global'),
+    ('StoMPP reverse', 'bnn', 'stompp', 'reverse'),
+)
+
+
+def _cell_text(summaries: list[dict], planned: list[dict], **cell) -> str:
+  """'as trained (recalibrated)' of one cell, mean ± std over its seeds, and how many of the
+  planned seeds it has when not all."""
+  match = lambda r: all(r[k] == v for k, v in cell.items())
+  runs = [s for s in summaries if match(s) and s['as_trained'] is not None]
+  wanted = sum(map(match, planned))
+  if not runs:
+    return 'not run yet' if wanted else 'not planned'
+  text = (f'{mean_spread(r["as_trained"] for r in runs)}'
+          f' ({mean_spread(r["recalibrated"] for r in runs if r["recalibrated"] is not None)})')
+  return text + (f', {len(runs)} of {wanted} seeds' if len(runs) < wanted else '')
+
+
+def _finding_text(as_trained: tuple[str, str], recalibrated: tuple[str, str]) -> str:
+  (verdict, evidence), (verdict_r, evidence_r) = as_trained, recalibrated
+  if verdict == 'not run':
+    return 'not run yet'
+  if verdict == verdict_r:
+    return f'{verdict}: {evidence}; recalibrated {evidence_r}'
+  return f'{verdict} as trained: {evidence}; {verdict_r} recalibrated: {evidence_r}'
+
+
+def doc_block(summaries: list[dict], planned: list[dict]) -> str:
+  """The block of docs/results.md: the status, a table per model (readings as columns,
+  'as trained (recalibrated)') and the findings table (a verdict per finding and reading)."""
+  names = {r['name'] for r in planned}
+  summaries = [s for s in summaries if s['name'] in names]
+  left = [r['name'] for r in planned if r['name'] not in {s['name'] for s in summaries}]
+  hours = sum(s['wall_seconds'] for s in summaries) / 3600
+  lines = [f'**Status: {len(summaries)} of {len(planned)} runs done** ({hours:.1f} hours: the'
+           " finished runs' wall times summed)."
+           + (f' Not yet run: {", ".join(left)}.' if left else ''), '']
+  order = {r['model']: i for i, r in reversed(list(enumerate(planned)))}
+  for model in sorted({r['model'] for r in planned}, key=order.get):
+    ran = [s for s in summaries if s['model'] == model and s['method'] != 'floor']
+    title = (f'{model} ({ran[0]["sites"]} sites, {ran[0]["steps_per_site"]} steps/site,'
+             f' {ran[0]["steps"]} steps x {ran[0]["batch"]})' if ran else model)
+    lines += [f'| {title} | `bnn_shortcut=real` | `bnn_shortcut=binarized` |', '|---|---|---|']
+    for label, mode, method, kind in DOC_ROWS:
+      cells = [_cell_text(summaries, planned, model=model, mode=mode, bnn_shortcut=reading,
+                          method=method, order=kind) for reading in READINGS]
+      if cells != ['not planned'] * len(READINGS):
+        lines.append(f'| {label} | {" | ".join(cells)} |')
+    bwn = [_cell_text(summaries, planned, model=model, mode='bwn', method='stompp', order=kind)
+           for kind in ('layerwise', 'reverse')]
+    if bwn != ['not planned'] * 2:
+      lines.append(f'| BWN StoMPP layerwise / reverse | {" / ".join(bwn)} | (not applicable) |')
+    lines.append('')
+  trained = findings(summaries, 'as_trained', planned)
+  recalibrated = findings(summaries, 'recalibrated', planned)
+  rows = collections.OrderedDict()
+  for (finding, reading, result), (_, _, result_r) in zip(trained, recalibrated):
+    rows.setdefault(finding, {})[reading] = _finding_text(result, result_r)
+  lines += ['| finding | `real` | `binarized` |', '|---|---|---|']
+  for finding, by_reading in rows.items():
+    cells = ([by_reading[None], '(not applicable)'] if None in by_reading
+             else [by_reading.get(reading, '-') for reading in READINGS])
+    lines.append(f'| {finding} | {" | ".join(cells)} |')
+  return '\n'.join(lines + ['', *_recalibration_lines(summaries), '',
+                             *_reading_lines(summaries, planned)]) + '\n'
+
+
+def _recalibration_lines(summaries: list[dict]) -> list[str]:
+  """What re-estimating the BatchNorm statistics changed, per mode and method (the export's
+  --recalibrate_bn_batches default is decided from it)."""
+  changes = collections.defaultdict(list)
+  for s in summaries:
+    if s['as_trained'] is not None and s['recalibrated'] is not None:
+      changes[(s['mode'], s['method'])].append(100 * (s['recalibrated'] - s['as_trained']))
+  return ['Recalibrated minus as trained, points, over the finished runs: ' + '; '.join(
+      f'{mode.upper()} {method} {statistics.mean(d):+.2f} ({len(d)} runs, {min(d):+.2f} to'
+      f' {max(d):+.2f})' for (mode, method), d in sorted(changes.items())) + '.']
+
+
+def _reading_lines(summaries: list[dict], planned: list[dict]) -> list[str]:
+  """`real` minus `binarized` per model and main-group method, as trained (the
+  model.bnn_shortcut default is decided from it)."""
+  parts = []
+  for model, method in dict.fromkeys((r['model'], r['method']) for r in planned
+                                     if r['group'] in ('main', 'floor')):
+    real, binarized = (by_seed(summaries, 'as_trained', model=model, mode='bnn', bnn_shortcut=r,
+                               method=method, order='layerwise') for r in READINGS)
+    if set(real) & set(binarized):
+      parts.append(f'{model} {method} {compare(real, binarized)[1]}')
+  return ['`bnn_shortcut=real` minus `binarized`, as trained: '
+          + ('; '.join(parts) if parts else 'no common seed yet') + '.']
+
+
+def read_doc(path: str) -> tuple[str, str]:
+  """The text of `path` up to and including the DOC_BEGIN line, and from DOC_END on."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+  except OSError as e:
+    _fail(f'--doc={path}: {e.strerror}: name an existing markdown file')
+  begin, end = text.find(DOC_BEGIN), text.find(DOC_END)
+  if begin < 0 or end < begin or text.count(DOC_BEGIN) != 1 or text.count(DOC_END) != 1:
+    _fail(f'--doc={path} needs one line {DOC_BEGIN} and, after it, one line {DOC_END}')
+  return text[:begin + len(DOC_BEGIN)] + '\n', text[end:]
+
+
+def write_doc_block(path: str, block: str):
+  """Replaces the text between DOC_BEGIN and DOC_END in `path` (atomically)."""
+  head, tail = read_doc(path)
+  temporary = f'{path}.tmp'
+  with open(temporary, 'w', encoding='utf-8') as f:
+    f.write(head + block + tail)
+  os.replace(temporary, path)
 
 
 def write_plots(summaries: list[dict], out: str) -> list[str]:
@@ -431,13 +572,17 @@ def write_plots(summaries: list[dict], out: str) -> list[str]:
 
 def analyze(args) -> str:
   """Writes --summaries/results.md and --summaries/plots/; returns the markdown."""
-  summaries = load_summaries(args.summaries)
-  text = results_markdown(summaries)
+  if args.doc:
+    read_doc(args.doc)  # A bad --doc fails before anything is written.
+  summaries, planned = load_summaries(args.summaries), plan_runs(args)
+  text = results_markdown(summaries, planned)
   os.makedirs(args.summaries, exist_ok=True)
   with open(os.path.join(args.summaries, 'results.md'), 'w', encoding='utf-8') as f:
     f.write(text)
   if summaries:
     write_plots(summaries, os.path.join(args.summaries, 'plots'))
+  if args.doc:
+    write_doc_block(args.doc, doc_block(summaries, planned))
   return text
 
 
@@ -497,10 +642,13 @@ def parse_args(argv):
                       help='Measured s/step at batch 64 for --plan, NAME:S,... (else STEP_SECONDS).')
   parser.add_argument('--compile_cache', default=os.path.join('~', '.cache', 'stompp_jax', 'jax_cache'),
                       help="Persistent JAX compilation cache ('' = none); seeds share compiles.")
-  parser.add_argument('--only', default='', help='Run only these run names (comma-separated).')
+  parser.add_argument('--only', default='', help='Run only these runs, in this order (comma-separated names).')
   parser.add_argument('--plan', action='store_true', help='Print the runs and the time estimate.')
   parser.add_argument('--names', action='store_true', help='Print the run names, one a line.')
   parser.add_argument('--analyze', action='store_true', help='Only write results.md and plots.')
+  parser.add_argument('--doc', default='',
+                      help='With --analyze: also rewrite the block of this file between the'
+                      ' study markers (docs/results.md): status, tables, findings.')
   args = parser.parse_args(argv)
   args.models = [m for m in args.models.split(',') if m]
   args.groups = [g for g in args.groups.split(',') if g]
@@ -524,6 +672,22 @@ def parse_args(argv):
   return args
 
 
+def print_plan(runs: list[dict], sites: dict, args: argparse.Namespace):
+  """One line per run (steps, sites, estimate, done or not) and the hours still to run."""
+  finished = load_summaries(args.summaries)
+  done = {s['name'] for s in finished}
+  total = 0.0
+  for run in runs:
+    seconds, source = estimate_seconds(run, sites[run['model']], args, finished)
+    total += 0.0 if run['name'] in done else seconds
+    print(f"{run['name']} ({run['group']}{', done' if run['name'] in done else ''}): "
+          f"{total_steps(sites[run['model']], args)} steps x {args.batch}, "
+          f"{sites[run['model']]} sites x {args.steps_per_site} steps, ~{seconds / 60:.0f} min"
+          f" ({source})")
+  print(f'{len(runs)} runs, {len(done & {r["name"] for r in runs})} done, ~{total / 3600:.1f}'
+        ' hours of this machine still to run (2 cores in use by one process)')
+
+
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   if args.analyze:
@@ -535,22 +699,14 @@ def main(argv=None) -> int:
   if missing:
     _fail(f'--only names {missing} are not runs of this plan: list them with --names')
   if args.only:
-    runs = [r for r in runs if r['name'] in args.only]
+    by_name = {r['name']: r for r in runs}
+    runs = [by_name[name] for name in dict.fromkeys(args.only)]  # In the order given.
   if args.names:
     print('\n'.join(r['name'] for r in runs))
     return 0
   sites = {model: num_sites(model, args.data) for model in args.models}
   if args.plan:
-    total = 0.0
-    for run in runs:
-      seconds = estimate_seconds(run, sites[run['model']], args)
-      done = os.path.exists(summary_path(args, run['name']))
-      total += 0.0 if done else seconds
-      print(f"{run['name']} ({run['group']}{', done' if done else ''}): "
-            f"{total_steps(sites[run['model']], args)} steps x {args.batch}, "
-            f"{sites[run['model']]} sites x {args.steps_per_site} steps, ~{seconds / 60:.0f} min")
-    print(f'{len(runs)} runs, ~{total / 3600:.1f} hours of this machine still to run (2 cores'
-          ' in use by one process; step times from --step_seconds or STEP_SECONDS)')
+    print_plan(runs, sites, args)
     return 0
   if args.compile_cache:
     import jax  # pylint: disable=g-import-not-at-top
