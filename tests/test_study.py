@@ -7,6 +7,8 @@ import pytest
 
 from benchmarks import study
 
+from helpers import REPO  # pylint: disable=g-bad-import-order
+
 
 def plan(*flags):
   return study.plan_runs(study.parse_args(list(flags)))
@@ -189,3 +191,14 @@ def test_the_plan_estimates_from_finished_runs_and_only_keeps_the_given_order(tm
   names = ['resnet20_bnn_binarized_floor_layerwise_s1', 'resnet20_bnn_real_floor_layerwise_s0']
   assert study.main(['--names', f'--only={",".join(names)}']) == 0
   assert capsys.readouterr().out.split() == names
+
+
+def test_the_docs_block_is_the_committed_summaries():
+  """docs/results.md shows what `--analyze --doc=docs/results.md` writes from the committed
+  summaries (rerun it after a study run lands)."""
+  args = study.parse_args([])
+  head, tail = study.read_doc(os.path.join(REPO, 'docs', 'results.md'))
+  text = open(os.path.join(REPO, 'docs', 'results.md'), encoding='utf-8').read()
+  block = study.doc_block(study.load_summaries(os.path.join(REPO, args.summaries)),
+                          study.plan_runs(args))
+  assert text == head + block + tail
