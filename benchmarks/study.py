@@ -51,6 +51,7 @@ MAIN_METHODS = ('ste', 'stompp', 'stompp_ste')
 ORDERS = ('layerwise', 'global', 'reverse')
 GROUPS = ('main', 'order', 'floor', 'bwn')
 EVAL_SIZE = {'npz': 10_000, 'synthetic': 64}
+NUM_CLASSES = {'npz': 10, 'synthetic': 4}  # CIFAR-10; the smoke test's synthetic classes.
 # For --plan when no run of a model has finished (else the median wall time of the finished runs
 # of that model and budget): seconds per train step at batch 64 and compile seconds, measured by
 # this study on the idle 2-core VM (the train rows' images_per_second, medians: ResNet-20 72-83
@@ -126,7 +127,7 @@ def make_config(run: dict, sites: int, args: argparse.Namespace):
   if args.data == 'synthetic':
     config.data.source = 'synthetic'
     config.data.synthetic_image_shape = (16, 16, 3)
-    config.data.synthetic_num_classes = 4
+    config.data.synthetic_num_classes = NUM_CLASSES['synthetic']
     config.data.synthetic_train_size = 256
     config.data.synthetic_eval_size = EVAL_SIZE['synthetic']
   else:
@@ -522,11 +523,13 @@ def write_doc_block(path: str, block: str):
 
 
 def write_plots(summaries: list[dict], out: str) -> list[str]:
-  """accuracy_vs_depth.png (per reading, methods and floor, both metrics) and order.png."""
+  """accuracy_vs_depth.png (per reading, methods and floor, both metrics) and order.png, each
+  with a line at chance."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
+  chance = 100 / NUM_CLASSES[summaries[0]['data']]
   written = []
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
   for ax, reading in zip(axes, READINGS):
@@ -542,6 +545,7 @@ def write_plots(summaries: list[dict], out: str) -> list[str]:
           ax.errorbar(x, [statistics.mean(points[k]) for k in x],
                       yerr=[statistics.stdev(points[k]) if len(points[k]) > 1 else 0 for k in x],
                       linestyle=style, marker='o', capsize=3, label=f'{method} ({metric})')
+    ax.axhline(chance, color='gray', linestyle=':', label='chance')
     ax.set_title(f'BNN, bnn_shortcut={reading}')
     ax.set_xlabel('binary sites')
     ax.legend(fontsize=6)
@@ -561,6 +565,8 @@ def write_plots(summaries: list[dict], out: str) -> list[str]:
     ax.bar(range(len(names)), [statistics.mean(labels[n]) for n in names],
            yerr=[statistics.stdev(labels[n]) if len(labels[n]) > 1 else 0 for n in names],
            capsize=3)
+    ax.axhline(chance, color='gray', linestyle=':', label='chance')
+    ax.legend(fontsize=7)
     ax.set_xticks(range(len(names)), names, fontsize=7)
     ax.set_ylabel('fully binary test accuracy, % (as trained)')
     ax.set_title(f'{first}: order ablation, BWN and the floor (StoMPP)')
