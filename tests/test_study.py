@@ -52,7 +52,7 @@ def test_plan_prints_the_estimate_and_writes_nothing(tmp_path, capsys):
                      '--step_seconds=resnet20:1,resnet56:2']) == 0
   out = capsys.readouterr().out
   assert 'resnet56_bnn_binarized_floor_layerwise_s0 (floor): 405 steps x 64, 54 sites' in out
-  assert '8 runs, 0 done, ~' in out and 'hours' in out and '(--step_seconds)' in out
+  assert '12 runs, 0 done, ~' in out and 'hours' in out and '(--step_seconds)' in out
   assert not os.listdir(tmp_path)
 
 
