@@ -15,7 +15,7 @@ Cells (CIFAR-10 JPEG copy; every accuracy is the deployed, fully binary network'
          empty span at 0): what the float stem, BatchNorms, shortcuts and classifier learn alone;
   bwn    the first model, BWN StoMPP, layerwise and reverse (order insensitivity; the block
          reading does not apply to BWN: its block inputs are never binarized).
-Seeds: --seeds per model (default resnet20:2,resnet56:2), --ablation_seeds for order/bwn,
+Seeds: --seeds per model (default resnet20:3,resnet56:3), --ablation_seeds for order/bwn,
 --floor_seeds for the floor; runs go seed-major, so a study cut short has every cell's seed 0.
 
 Budget: every binary site gets --steps_per_site window steps (binary.window_steps) whatever
@@ -190,8 +190,19 @@ def summarize_run(run: dict, sites: int, workdir: str, args, wall: float) -> dic
                  'eval': [pick(r, ('step', *eval_keys)) for r in eval_rows]},
       'config': {'binary': loaded['config']['binary'], 'train': loaded['config']['train'],
                  'model': loaded['config']['model']},
-      'wall_seconds': round(wall, 1), 'machine': args.machine or platform.platform(),
+      'wall_seconds': round(wall, 1), 'machine': args.machine or describe_machine(),
   }
+
+
+def describe_machine() -> str:
+  """The OS, CPU model and core count (wall times are only comparable on one of them)."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
+                 platform.processor())
+  except OSError:
+    cpu = platform.processor()
+  return f'{platform.platform()}, {cpu or "unknown CPU"}, {os.cpu_count()} cores'
 
 
 def execute(runs: list[dict], sites: dict, args: argparse.Namespace) -> list[str]:
@@ -622,14 +633,14 @@ def parse_args(argv):
                       help='One JSON summary per finished run (committed), results.md, plots/.')
   parser.add_argument('--models', default='resnet20,resnet56',
                       help='Comma-separated, shallow first; the first also gets the ablations.')
-  parser.add_argument('--seeds', default='resnet20:2,resnet56:2',
+  parser.add_argument('--seeds', default='resnet20:3,resnet56:3',
                       help='Seeds of the main group per model, NAME:N,...')
   parser.add_argument('--methods', default=','.join(MAIN_METHODS),
                       help='Main-group methods of the first model.')
   parser.add_argument('--deep_methods', default='ste,stompp',
                       help='Main-group methods of the other models (cut to fit the budget).')
-  parser.add_argument('--ablation_seeds', type=int, default=2, help='Seeds of order and bwn.')
-  parser.add_argument('--floor_seeds', type=int, default=2, help='Seeds of the floor.')
+  parser.add_argument('--ablation_seeds', type=int, default=3, help='Seeds of order and bwn.')
+  parser.add_argument('--floor_seeds', type=int, default=3, help='Seeds of the floor.')
   parser.add_argument('--groups', default=','.join(GROUPS), help=f'Comma-separated of {GROUPS}.')
   parser.add_argument('--steps_per_site', type=int, default=6,
                       help='binary.window_steps (6 fits ~4 hours; the GPU script uses 40).')
