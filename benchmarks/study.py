@@ -308,18 +308,19 @@ def grows(shallow: dict[int, float], deep: dict[int, float]) -> tuple[str, str]:
 
 
 def insensitive(a: dict[int, float], b: dict[int, float], tolerance: float) -> tuple[str, str]:
-  """Whether a and b are equal within `tolerance` (fraction): the mean paired difference is
-  within it (2+ seeds) reproduces; a difference of one sign in every seed beyond twice it
-  does not."""
+  """Whether a and b are equal within `tolerance` (fraction): 'reproduces' if they are in every
+  common seed (2 or more), 'does not' if a - b is beyond it with one sign in every seed, else
+  'cannot tell at this budget'; and the evidence."""
   seeds = sorted(set(a) & set(b))
   if not seeds:
     return 'not run', 'no common seed'
   diffs = [a[s] - b[s] for s in seeds]
-  mean = statistics.mean(diffs)
-  evidence = f'{100 * mean:+.2f} points (seeds: ' + ', '.join(f'{100 * d:+.2f}' for d in diffs) + ')'
-  if len(seeds) >= 2 and abs(mean) <= tolerance:
+  evidence = (f'{100 * statistics.mean(diffs):+.2f} points (seeds: '
+              + ', '.join(f'{100 * d:+.2f}' for d in diffs) + ')')
+  if len(seeds) >= 2 and all(abs(d) <= tolerance for d in diffs):
     return 'reproduces', evidence
-  if len(seeds) >= 2 and abs(mean) > 2 * tolerance and len({d > 0 for d in diffs}) == 1:
+  if (len(seeds) >= 2 and all(abs(d) > tolerance for d in diffs)
+      and len({d > 0 for d in diffs}) == 1):
     return 'does not', evidence
   return 'cannot tell at this budget', evidence
 

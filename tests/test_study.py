@@ -110,6 +110,17 @@ def test_verdicts_follow_the_seeds():
   assert study.mean_spread([0.25]) == '25.00' and study.mean_spread([]) == '-'
 
 
+def test_order_insensitivity_needs_every_seed_within_the_tolerance():
+  seeds = lambda *values: dict(enumerate(values))
+  # The mean (-0.6 points) is within 1 point, two seeds are not.
+  assert study.insensitive(seeds(0.309, 0.259, 0.313), seeds(0.300, 0.300, 0.300),
+                           0.01)[0] == 'cannot tell at this budget'
+  assert study.insensitive(seeds(0.305, 0.296), seeds(0.300, 0.300), 0.01)[0] == 'reproduces'
+  assert study.insensitive(seeds(0.28, 0.27), seeds(0.30, 0.30), 0.01) == (
+      'does not', '-2.50 points (seeds: -2.00, -3.00)')
+  assert study.insensitive(seeds(0.30), seeds(0.30), 0.01)[0] == 'cannot tell at this budget'
+
+
 def test_tiny_study_writes_summaries_analysis_and_skips_finished_runs(tmp_path, capsys):
   summaries = tmp_path / 'summaries'
   args = [f'--out={tmp_path / "runs"}', f'--summaries={summaries}', '--models=tiny_resnet',
