@@ -196,13 +196,14 @@ def summarize_run(run: dict, sites: int, workdir: str, args, wall: float) -> dic
 
 def describe_machine() -> str:
   """The OS, CPU model and core count (wall times are only comparable on one of them)."""
+  cpu = ''
   try:
     with open('/proc/cpuinfo', encoding='utf-8') as f:
-      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
-                 platform.processor())
+      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
   except OSError:
-    cpu = platform.processor()
-  return f'{platform.platform()}, {cpu or "unknown CPU"}, {os.cpu_count()} cores'
+    pass  # Not Linux: platform.processor() below.
+  cpu = cpu or platform.processor() or 'unknown CPU'
+  return f'{platform.platform()}, {cpu}, {os.cpu_count()} cores'
 
 
 def execute(runs: list[dict], sites: dict, args: argparse.Namespace) -> list[str]:
@@ -644,7 +645,7 @@ def parse_args(argv):
   parser.add_argument('--floor_seeds', type=int, default=3, help='Seeds of the floor.')
   parser.add_argument('--groups', default=','.join(GROUPS), help=f'Comma-separated of {GROUPS}.')
   parser.add_argument('--steps_per_site', type=int, default=6,
-                      help='binary.window_steps (6 fits ~4 hours; the GPU script uses 40).')
+                      help='binary.window_steps (6: the CPU study; the GPU script uses 40).')
   parser.add_argument('--tail', type=float, default=0.2,
                       help='Fraction of the run after the progression (fully binary training).')
   parser.add_argument('--batch', type=int, default=64)

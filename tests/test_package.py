@@ -17,11 +17,11 @@ def _pins(name: str) -> list[str]:
 
 
 def test_extras_pin_what_requirements_pin():
-  project = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']
+  pyproject = tomllib.loads((REPO / 'pyproject.toml').read_text())
+  project = pyproject['project']
   assert project['optional-dependencies']['test'] == _pins('requirements-test.txt')
   # The tests build the package without build isolation, with the installed backend.
-  build = tomllib.loads((REPO / 'pyproject.toml').read_text())['build-system']['requires']
-  assert set(build) <= set(_pins('requirements-test.txt'))
+  assert set(pyproject['build-system']['requires']) <= set(_pins('requirements-test.txt'))
   runtime = _pins('requirements.txt')
   assert set(project['optional-dependencies']['gcs']) <= set(runtime)
   jax_pin = next(p for p in runtime if p.startswith('jax=='))
