@@ -39,6 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from stompp_jax import compiler  # noqa: E402
 from stompp_jax.export import fold  # noqa: E402
 from stompp_jax.export import inference  # noqa: E402
 
@@ -55,8 +56,8 @@ def make_convs(batch: int, height: int, width: int, channels: int, seed: int = 0
   rng = np.random.default_rng(seed)
   x = np.where(rng.normal(size=(batch, height, width, channels)) >= 0, 1.0, -1.0).astype(np.float32)
   kernel = np.where(rng.normal(size=(3, 3, channels, channels)) >= 0, 1.0, -1.0).astype(np.float32)
-  float_fn = jax.jit(lambda x, k: inference.float_conv(x, k, strides=(1, 1), padding='SAME'))
-  packed_fn = jax.jit(lambda x, k: inference.binary_conv(
+  float_fn = compiler.jit(lambda x, k: inference.float_conv(x, k, strides=(1, 1), padding='SAME'))
+  packed_fn = compiler.jit(lambda x, k: inference.binary_conv(
       x, k, in_channels=channels, strides=(1, 1), padding='SAME'))
   float_args = (jnp.asarray(x), jnp.asarray(kernel))
   packed_args = (inference.pack_signs(jnp.asarray(x)),

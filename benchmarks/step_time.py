@@ -58,6 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
+from stompp_jax import compiler  # noqa: E402
 from stompp_jax import experiment  # noqa: E402
 from stompp_jax.binary import binarize  # noqa: E402
 from stompp_jax.binary import context  # noqa: E402
@@ -198,7 +199,7 @@ def time_pieces(exp: experiment.Experiment, batch_size: int, step: int, reps: in
   make_ctx = lambda step, key: context.BinarizationContext(step=step, key=key,
                                                            config=exp.binarization)
 
-  @jax.jit
+  @compiler.jit
   def masks_only(step, key):
     ctx = make_ctx(step, key)
     return [(context.site_frozen_mask(ctx, i, 'kernel', s.kernel_shape),
@@ -219,7 +220,7 @@ def time_pieces(exp: experiment.Experiment, batch_size: int, step: int, reps: in
       total = total + jnp.sum(bk) + jnp.sum(bx)
     return total
 
-  grads = {kind: jax.jit(jax.grad(functools.partial(binarized_sum, kind), argnums=(0, 1)))
+  grads = {kind: compiler.jit(jax.grad(functools.partial(binarized_sum, kind), argnums=(0, 1)))
            for kind in ('ste', 'given masks', 'stompp')}
 
   def conv_sum(kernels, inputs):
@@ -234,7 +235,7 @@ def time_pieces(exp: experiment.Experiment, batch_size: int, step: int, reps: in
         total = total + jnp.sum(y * y)
     return total
 
-  convs_only = jax.jit(jax.grad(conv_sum, argnums=(0, 1)))
+  convs_only = compiler.jit(jax.grad(conv_sum, argnums=(0, 1)))
   return _median_ms({
       'masks of all sites (kernel + input)': lambda: masks_only(step, key),
       'ste binarizers fwd+bwd': lambda: grads['ste'](kernels, inputs, step, key),

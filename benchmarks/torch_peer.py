@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import step_time  # noqa: E402  (benchmarks/step_time.py)
+from stompp_jax import compiler  # noqa: E402
 
 
 class _SignSTE(torch.autograd.Function):
@@ -139,7 +140,7 @@ class JaxConv:
     self.w = jnp.asarray(rng.standard_normal((3, 3, channels, channels), np.float32))
     conv = lambda x, w: jnp.sum(jax.lax.conv_general_dilated(
         x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) ** 2)
-    self.grad = jax.jit(jax.grad(conv, argnums=(0, 1)))
+    self.grad = compiler.jit(jax.grad(conv, argnums=(0, 1)))
     jax.block_until_ready(self.grad(self.x, self.w))
 
   def run(self, num_steps):

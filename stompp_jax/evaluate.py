@@ -25,10 +25,10 @@ from typing import Any, Optional
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import ml_collections
 
 from stompp_jax import checkpoints
+from stompp_jax import compiler
 from stompp_jax import errors
 from stompp_jax import experiment
 from stompp_jax import recalibrate
@@ -134,9 +134,9 @@ def evaluate_run(workdir: str, *, split: str = 'test', model: Any = None,
   run = load_run(workdir, model=model, allow_unfinished=allow_unfinished)
   eval_fns = {'eval_fully_binary': True} if run.config.binary.method != 'fp' else {}
   eval_fns['eval'] = False
-  eval_fns = {name: jax.jit(functools.partial(steps.eval_step, model=run.model,
-                                              binarization=run.binarization,
-                                              fully_binary=fully_binary))
+  eval_fns = {name: compiler.jit(functools.partial(steps.eval_step, model=run.model,
+                                                   binarization=run.binarization,
+                                                   fully_binary=fully_binary))
               for name, fully_binary in eval_fns.items()}
   batch_size = run.config.train.eval_batch_size
   batches = lambda: pipeline.make_eval_iterator(run.config.data, global_batch_size=batch_size,

@@ -22,6 +22,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from stompp_jax import compiler
 from stompp_jax import layers
 from stompp_jax import models
 from stompp_jax import optimizers
@@ -196,6 +197,11 @@ class Experiment:
     return self.net.model
 
   @property
+  def platform(self) -> str:
+    """The platform of the mesh's devices ('cpu', 'gpu', 'tpu'), which the compiles target."""
+    return self.mesh.devices.flat[0].platform
+
+  @property
   def eval_batch_size(self) -> int:
     """train.eval_batch_size, or the eval split's size when smaller (parallel.eval_batch_size)."""
     return parallel.eval_batch_size(self.config.train.eval_batch_size, self.data.eval_size,
@@ -207,9 +213,10 @@ class Experiment:
   def compile_train_step(self) -> Callable:
     """The jitted, compiled `steps.train_step` (state donated): (state, batch) -> (state,
     averaged metrics, per-site values)."""
-    return jax.jit(
+    return compiler.jit(
         functools.partial(steps.train_step, model=self.model, binarization=self.binarization,
                           tx=self.tx, diagnostics=self.config.train.diagnostics),
+        platform=self.platform,
         in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, None, None), donate_argnums=0,
     ).lower(self.abstract_state, self.abstract_batch(self.config.train.batch_size)).compile()
@@ -220,9 +227,10 @@ class Experiment:
     fully_binary = {'eval_fully_binary': True} if self.config.binary.method != 'fp' else {}
     batch = self.abstract_batch(self.eval_batch_size, with_mask=True)
     return {
-        name: jax.jit(functools.partial(steps.eval_step, model=self.model,
-                                        binarization=self.binarization, fully_binary=binary),
-                      in_shardings=(self.state_shardings, self.batch_sharding),
+        name: compiler.jit(functools.partial(steps.eval_step, model=self.model,
+                                             binarization=self.binarization,
+                                             fully_binary=binary),
+                           platform=self.platform, in_shardings=(self.state_shardings, self.batch_sharding),
                       ).lower(self.abstract_state, batch).compile()
         for name, binary in {**fully_binary, 'eval': False}.items()}
 

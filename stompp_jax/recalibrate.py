@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from stompp_jax import compiler
 from stompp_jax import layers
 from stompp_jax import parallel
 from stompp_jax import state as state_lib
@@ -90,10 +91,12 @@ class Recalibrator:
                                state.step, state.mask_key)
       return jax.tree.map(lambda t, s: t + s / num_batches, total, stats)
 
-    self._add = jax.jit(add, in_shardings=(stats_shardings, state_shardings,
+    platform = compiler.platform_of(abstract_batch['image'].sharding)
+    self._add = compiler.jit(add, platform=platform,
+                             in_shardings=(stats_shardings, state_shardings,
                                            abstract_batch['image'].sharding),
-                        out_shardings=stats_shardings, donate_argnums=0,
-                        ).lower(state.batch_stats, state, abstract_batch['image']).compile()
+                             out_shardings=stats_shardings, donate_argnums=0,
+                             ).lower(state.batch_stats, state, abstract_batch['image']).compile()
     self._zeros = jax.jit(lambda stats: jax.tree.map(jnp.zeros_like, stats),
                           in_shardings=(stats_shardings,), out_shardings=stats_shardings,
                           ).lower(state.batch_stats).compile()

@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from helpers import REPO
+from stompp_jax import compiler
 from stompp_jax import storage
 
 # A tiny run through the command line: 16x16 synthetic images, batch 8, frequent checkpoints.
@@ -56,8 +57,14 @@ def cli_command(workdir, **overrides) -> list[str]:
 
 
 def cli_env(devices: int, **extra) -> dict:
-  """The environment of a CLI subprocess: `devices` CPU devices, the tests' compile cache."""
+  """The environment of a CLI subprocess: `devices` CPU devices, the tests' compile cache.
+
+  The bitwise guarantees (resume, two processes like one) are checked with the project's CPU
+  compiler options (compiler.CPU_OPTIONS, pinned here) and the suite's XLA_FLAGS (conftest.py,
+  inherited): both sides of every comparison compile with exactly these.
+  """
   env = dict(os.environ)
+  env[compiler.SETTING] = 'project'
   if jax.config.jax_compilation_cache_dir:
     env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
   env.update(JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES=str(devices),

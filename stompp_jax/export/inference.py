@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stompp_jax import compiler
+
 from stompp_jax.export import files
 from stompp_jax.export.fold import batch_norm
 
@@ -193,7 +195,7 @@ class ExportedModel:
 
   @functools.cached_property
   def _apply(self):
-    return jax.jit(functools.partial(run_program, self.manifest))
+    return compiler.jit(functools.partial(run_program, self.manifest))
 
   def __call__(self, images: jax.Array) -> jax.Array:
     return self._apply(self.tensors, images)
