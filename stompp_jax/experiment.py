@@ -13,7 +13,7 @@ table read from that trace.
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -246,12 +246,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   sources.check_data_config(config.data)
 
 
-def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = None) -> Experiment:
+def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = None,
+          devices: Optional[Sequence[jax.Device]] = None) -> Experiment:
   """All pieces of the run `config` describes; reads the data's sizes, writes nothing.
 
   Args:
     config: a full config (configs/default.py lists every field).
     model: a Flax module to train instead of the zoo's `config.model.name`.
+    devices: the mesh's devices instead of `jax.devices()` (preflight.py: a TPU topology's
+      compile-only devices).
 
   Raises:
     ValueError, FileNotFoundError: a bad field, missing or malformed data, or a batch that
@@ -261,7 +264,7 @@ def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = Non
   parallel.initialize_distributed()
   info = pipeline.dataset_info(config.data)
   total_steps, steps_per_epoch = total_train_steps(config.train, info.train_size)
-  mesh = parallel.make_mesh(config.mesh.num_devices)
+  mesh = parallel.make_mesh(config.mesh.num_devices, devices)
   parallel.check_batch_size(config.train.batch_size, mesh)
   parallel.check_batch_size(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
   net = build_model(config, num_classes=info.num_classes, image_shape=info.image_shape,

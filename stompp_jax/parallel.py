@@ -81,9 +81,10 @@ def check_mesh_config(mesh_cfg) -> None:
   check_at_least('mesh.num_devices', mesh_cfg.num_devices, 0)
 
 
-def make_mesh(num_devices: int = 0) -> Mesh:
-  """A 1-D mesh with axis `data` over all devices (or the first `num_devices` of one process)."""
-  devices = jax.devices()
+def make_mesh(num_devices: int = 0, devices=None) -> Mesh:
+  """A 1-D mesh with axis `data` over all devices (or the first `num_devices` of one process);
+  over `devices` instead of `jax.devices()` when given (e.g. a TPU topology's, preflight.py)."""
+  devices = jax.devices() if devices is None else list(devices)
   if num_devices:
     if jax.process_count() > 1 and num_devices != len(devices):
       raise ValueError(f'mesh.num_devices={num_devices} with {jax.process_count()} processes: use 0'
