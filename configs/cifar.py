@@ -36,7 +36,7 @@ def get_config(arg=None):
   args = family.parse_args(arg, DEFAULTS)
   config = default.get_config()
   config.data.name = args['dataset']
-  config.data.source = 'tfds'
+  config.data.source = 'auto'  # A prepared tfds dataset in data.dir, else the original archive.
   config.model.name = args['model']
   family.apply_method(config, mode=args['mode'], method=args['method'], order=args['order'],
                       shape=args['shape'], refresh=args['refresh'])

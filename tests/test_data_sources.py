@@ -166,14 +166,21 @@ def test_download_verifies_checksum_and_leaves_no_partial_file(tmp_path):
   assert target.read_bytes() == payload
 
 
-def test_download_then_read(tmp_path, monkeypatch):
-  """With nothing in data.dir, the archive is fetched, checked, kept and read."""
+def _serve_fake_cifar10(tmp_path, monkeypatch):
+  """A fake CIFAR-10 python tarball served from tmp_path/server as the official one (its md5
+  made the published one); returns (expected examples, its format)."""
   expected = _write_fake_cifar(str(tmp_path / 'server'), 'cifar10', binary=False,
                                extracted=False)
   fmt = cifar_archive.FORMATS['cifar10'][0]
   md5 = hashlib.md5((tmp_path / 'server' / fmt.tarball).read_bytes()).hexdigest()
   monkeypatch.setitem(cifar_archive.FORMATS, 'cifar10', (dataclasses.replace(fmt, md5=md5),))
   monkeypatch.setattr(cifar_archive, 'URL_BASE', (tmp_path / 'server').as_uri() + '/')
+  return expected, fmt
+
+
+def test_download_then_read(tmp_path, monkeypatch):
+  """With nothing in data.dir, the archive is fetched, checked, kept and read."""
+  expected, fmt = _serve_fake_cifar10(tmp_path, monkeypatch)
   config = _data_config(source='cifar_archive', dir=str(tmp_path / 'data'), download=True)
   images, labels = _read_all(sources.make_source(config, 'eval'))
   np.testing.assert_array_equal(images, expected['test'][0])
@@ -325,3 +332,77 @@ def test_jpeg_copy_of_cifar10_when_available():
                 'CIFAR-10 (JPEG copy) in ../shared/data/cifar10_jpeg')
   info = sources.describe(_data_config(source='npz', name='cifar10', dir=directory))
   assert info == sources.DatasetInfo('cifar10', 10, (32, 32, 3), 50_000, 10_000)
+
+
+def _fake_prepared_tfds(directory, name, version='3.0.2'):
+  """The files tfds writes for a dataset prepared in array_record format (empty shards)."""
+  folder = os.path.join(directory, name, version)
+  os.makedirs(folder)
+  for file_name in ('dataset_info.json', f'{name}-train.array_record-00000-of-00001'):
+    with open(os.path.join(folder, file_name), 'w', encoding='utf-8') as f:
+      f.write('{}')
+
+
+def test_auto_source_reads_the_original_archive_when_no_tfds_dataset_is_prepared(tmp_path):
+  expected = _write_fake_cifar(str(tmp_path), 'cifar100', binary=False, extracted=False)
+  config = _data_config(source='auto', name='cifar100', dir=str(tmp_path), download=False)
+  assert sources.resolved_source(config) == 'cifar_archive'
+  images, labels = _read_all(sources.make_source(config, 'eval'))
+  np.testing.assert_array_equal(images, expected['test'][0])
+  np.testing.assert_array_equal(labels, expected['test'][1])
+  line = sources.summary_line(config, sources.describe(config))
+  assert line.startswith(f'cifar100 (cifar_archive in {tmp_path}; data.source=auto found no '
+                         'prepared tfds dataset there)'), line
+
+
+def test_auto_source_prefers_a_prepared_tfds_dataset(tmp_path):
+  _write_fake_cifar(str(tmp_path), 'cifar10', binary=False, extracted=False)
+  config = _data_config(source='auto', name='cifar10', dir=str(tmp_path))
+  assert sources.resolved_source(config) == 'cifar_archive'
+  _fake_prepared_tfds(str(tmp_path), 'cifar100')  # Another dataset's files do not count.
+  assert sources.resolved_source(config) == 'cifar_archive'
+  _fake_prepared_tfds(str(tmp_path), 'cifar10')
+  assert sources.resolved_source(config) == 'tfds'
+  info = sources.DatasetInfo('cifar10', 10, (32, 32, 3), 50_000, 10_000)
+  assert 'tfds in' in sources.summary_line(config, info)
+  assert 'data.source=auto found a prepared tfds dataset there' in sources.summary_line(config,
+                                                                                         info)
+
+
+def test_auto_source_downloads_the_archive_on_a_fresh_machine(tmp_path, monkeypatch):
+  """No tfds dataset, no archive, data.download=True: the checksummed download runs."""
+  expected, fmt = _serve_fake_cifar10(tmp_path, monkeypatch)
+  config = _data_config(source='auto', dir=str(tmp_path / 'data'), download=True)
+  assert sources.requirement(config) is None
+  _, labels = _read_all(sources.make_source(config, 'eval'))
+  np.testing.assert_array_equal(labels, expected['test'][1])
+  assert os.listdir(tmp_path / 'data') == [fmt.tarball]
+
+
+@pytest.mark.parametrize('fields,needed', [
+    (dict(source='auto', name='cifar100'), None),
+    (dict(source='cifar_archive', download=False), 'the original cifar10 archive in'),
+    (dict(source='tfds', name='cifar100'), 'cifar100 prepared by tfds in array_record format'),
+    (dict(source='auto', name='imagenet2012'), 'imagenet2012 prepared by tfds'),
+    (dict(source='npz'), 'train.npz and test.npz in'),
+    (dict(source='npz', name='digits', dir=sources.BUILTIN_DIRS['digits']), None),
+    (dict(source='synthetic'), None),
+])
+def test_requirement_names_what_a_fresh_machine_lacks(tmp_path, fields, needed):
+  config = _data_config(**{'dir': str(tmp_path), **fields})
+  got = sources.requirement(config)
+  assert got == needed if needed is None else needed in got
+
+
+@pytest.mark.parametrize('source', ['tfds', 'auto'])
+def test_a_bucket_with_the_tfds_source_is_refused_before_reading_naming_the_mount(source):
+  config = _data_config(source=source, name='imagenet2012', dir='gs://bucket/tensorflow_datasets')
+  with pytest.raises(ValueError, match='mount-data') as error:
+    sources.check_data_config(config)
+  assert '/mnt/stompp_data/tensorflow_datasets' in str(error.value)
+  assert '\n' not in str(error.value)
+
+
+def test_local_sources_refuse_a_bucket():
+  with pytest.raises(ValueError, match='reads a local directory'):
+    sources.check_data_config(_data_config(source='cifar_archive', dir='gs://bucket/cifar'))

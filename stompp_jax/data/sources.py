@@ -1,5 +1,10 @@
 """Random-access data sources: tfds array_record, original CIFAR archives, npz arrays, synthetic.
 
+`data.source=auto` (the CIFAR family configs) reads a prepared tfds dataset when `data.dir` holds
+one, else the original CIFAR archive (downloaded and checksummed when missing): a fresh machine
+without TensorFlow trains on CIFAR-10/100. `resolved_source` says which one a config reads, and
+the `Data:` line of a run names it.
+
 Every source has `__len__`, `__getitem__(i) -> {'image': uint8 (H, W, C) array or encoded image
 bytes, 'label': int}` and a `__repr__` naming what it reads with no memory addresses, so it is
 the same in every process (grain worker processes and checkpoints rely on that).
@@ -8,6 +13,7 @@ gives sizes and shapes without reading images where the format allows.
 """
 
 import dataclasses
+import glob
 import os
 import zipfile
 
@@ -16,7 +22,7 @@ import numpy as np
 from stompp_jax.binary.choices import check_at_least
 from stompp_jax.data import cifar_archive
 
-SOURCES = ('tfds', 'cifar_archive', 'npz', 'synthetic')
+SOURCES = ('tfds', 'cifar_archive', 'npz', 'synthetic', 'auto')
 SPLITS = ('train', 'eval')
 
 
@@ -62,11 +68,77 @@ class DatasetInfo:
 
 def summary_line(data_config, info: DatasetInfo) -> str:
   """One line naming what a run reads, e.g. 'digits (npz in DIR): 1437 train / 360 eval
-  images of 8x8x1, 10 classes'."""
-  where = '' if data_config.source == 'synthetic' else f' in {data_dir(data_config)}'
+  images of 8x8x1, 10 classes'; with data.source=auto also what it found."""
+  source = resolved_source(data_config)
+  where = '' if source == 'synthetic' else f' in {data_dir(data_config)}'
+  if data_config.source == 'auto':
+    found = 'found a' if source == 'tfds' else 'found no'
+    where += f'; data.source=auto {found} prepared tfds dataset there'
   shape = 'x'.join('?' if d is None else str(d) for d in info.image_shape)
-  return (f'{info.name} ({data_config.source}{where}): {info.train_size} train / '
+  return (f'{info.name} ({source}{where}): {info.train_size} train / '
           f'{info.eval_size} eval images of {shape}, {info.num_classes} classes')
+
+
+def tfds_prepared(directory: str, name: str) -> bool:
+  """Whether the tfds data_dir `directory` holds `name` prepared in array_record format
+  (`NAME/[CONFIG/]VERSION/dataset_info.json` beside `*.array_record*` shards). Reads no data."""
+  if '://' in directory:
+    return False
+  for pattern in ('*', '*/*'):
+    for info in glob.glob(os.path.join(glob.escape(directory), name, pattern,
+                                       'dataset_info.json')):
+      if glob.glob(os.path.join(glob.escape(os.path.dirname(info)), '*.array_record*')):
+        return True
+  return False
+
+
+def resolved_source(data_config) -> str:
+  """The source a run of `data_config` reads: `data.source`, or for `auto` tfds when `data.dir`
+  holds a prepared tfds dataset of `data.name` (or is a bucket, or the dataset has no original
+  archive here), else cifar_archive."""
+  if data_config.source != 'auto':
+    return data_config.source
+  directory = data_dir(data_config)
+  if (data_config.name not in cifar_archive.FORMATS or '://' in directory
+      or tfds_prepared(directory, data_config.name)):
+    return 'tfds'
+  return 'cifar_archive'
+
+
+def check_data_location(data_config) -> None:
+  """Refuses a data directory the chosen source cannot read (one-line ValueError), before any
+  data is read: a Cloud Storage URI with the tfds source (mount the bucket instead), or any URI
+  with the sources that read local files."""
+  source = resolved_source(data_config)
+  directory = data_dir(data_config)
+  if source == 'tfds' and directory.startswith('gs://'):
+    raise ValueError(
+        f'data.dir={directory}: the pinned array-record cannot read Cloud Storage'
+        ' directly: mount the bucket on every host with Cloud Storage FUSE (launch/tpu_vm.sh'
+        ' mount-data) and set data.dir to the mounted folder, e.g.'
+        ' /mnt/stompp_data/tensorflow_datasets (docs/data.md)')
+  if source in ('cifar_archive', 'npz') and '://' in directory:
+    raise ValueError(f'data.source={source} reads a local directory, not '
+                     f'{directory}: copy the files to local disk or use data.source=tfds')
+
+
+def requirement(data_config) -> str | None:
+  """What must be put on disk before a run of `data_config` can read its data, as a phrase;
+  None when a fresh machine has it or fetches it itself (synthetic, the built-in digits, a CIFAR
+  archive with data.download=True). Reads nothing but directory listings."""
+  source = resolved_source(data_config)
+  directory = data_dir(data_config)
+  if source == 'synthetic':
+    return None
+  if source == 'npz':
+    if directory in BUILTIN_DIRS.values():
+      return None
+    return f'train.npz and test.npz in {directory}'
+  if source == 'cifar_archive':
+    if data_config.download:
+      return None
+    return f'the original {data_config.name} archive in {directory}'
+  return f'{data_config.name} prepared by tfds in array_record format in {directory}'
 
 
 def data_dir(data_config) -> str:
@@ -90,7 +162,7 @@ def describe(data_config) -> DatasetInfo:
     return DatasetInfo(name, _synthetic_num_classes(data_config),
                        _synthetic_shape(data_config), data_config.synthetic_train_size,
                        data_config.synthetic_eval_size)
-  if data_config.source == 'npz':
+  if resolved_source(data_config) == 'npz':
     headers = [_npz_header(_npz_path(data_config, split)) for split in SPLITS]
     shape = headers[0][1:]
     if headers[1][1:] != shape:
@@ -112,14 +184,13 @@ def make_source(data_config, split: str):
     return SyntheticSource(split, size, _synthetic_shape(data_config),
                            _synthetic_num_classes(data_config))
   directory = data_dir(data_config)
-  if data_config.source == 'tfds':
+  source = resolved_source(data_config)
+  check_data_location(data_config)
+  if source == 'tfds':
     coarse = name == 'cifar100' and data_config.cifar100_labels == 'coarse'
     return TfdsSource(name, DATASETS[name].tfds_splits[split], directory,
                       label_key='coarse_label' if coarse else 'label')
-  if '://' in directory:
-    raise ValueError(f'data.source={data_config.source} reads a local directory, not '
-                     f'{directory}: copy the files to local disk or use data.source=tfds')
-  if data_config.source == 'cifar_archive':
+  if source == 'cifar_archive':
     if name not in cifar_archive.FORMATS:
       raise ValueError(f'data.source=cifar_archive has no {name}: it holds '
                        f'{", ".join(cifar_archive.FORMATS)}; use data.source=tfds for {name}')
@@ -163,17 +234,12 @@ class ArraySource:
 class TfdsSource:
   """A prepared tfds dataset in array_record format, read with `tfds.data_source`.
 
-  No TensorFlow is involved. ImageNet images stay encoded JPEG bytes (decoded later by the
+  No TensorFlow is involved; a gs:// data_dir is refused before (`check_data_location`: the
+  pinned array-record reads buckets only through a gcsfuse mount). ImageNet images stay encoded JPEG bytes (decoded later by the
   transforms in grain workers); CIFAR images come decoded, uint8 (32, 32, 3).
   """
 
   def __init__(self, name: str, split: str, data_dir_or_bucket: str, label_key: str = 'label'):
-    if data_dir_or_bucket.startswith('gs://'):
-      raise ValueError(
-          f'data.dir={data_dir_or_bucket}: the pinned array-record cannot read Cloud Storage'
-          ' directly: mount the bucket on every host with Cloud Storage FUSE (launch/tpu_vm.sh'
-          ' mount-data) and set data.dir to the mounted folder, e.g.'
-          ' /mnt/stompp_data/tensorflow_datasets (docs/data.md)')
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     decoders = {'image': tfds.decode.SkipDecoding()} if name == 'imagenet2012' else None
     try:
@@ -233,8 +299,10 @@ class SyntheticSource:
 
 
 def check_data_config(data_config) -> None:
-  """Checks `config.data`'s names and sizes (one-line ValueErrors); reads nothing."""
+  """Checks `config.data`'s names, sizes and where it reads (one-line ValueErrors); reads no
+  data (data.source=auto lists data.dir)."""
   _validate(data_config)
+  check_data_location(data_config)
   check_at_least('data.image_size', data_config.image_size, 0)
   check_at_least('data.num_workers', data_config.num_workers, 0)
   check_at_least('data.prefetch', data_config.prefetch, 0)
