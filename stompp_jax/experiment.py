@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from stompp_jax import compiler
+from stompp_jax import errors
 from stompp_jax import layers
 from stompp_jax import models
 from stompp_jax import optimizers
@@ -47,11 +48,11 @@ _TRAIN_MINIMUMS = {'batch_size': 1, 'eval_batch_size': 1, 'num_steps': 0, 'log_e
 
 
 def check_train_config(train_cfg: ml_collections.ConfigDict) -> None:
-  """Checks the `train.*` fields (the trainer's own); one-line ValueErrors."""
+  """Checks the `train.*` fields (the trainer's own); one-line SetupErrors."""
   for field, minimum in _TRAIN_MINIMUMS.items():
     check_at_least(f'train.{field}', train_cfg[field], minimum)
   if not train_cfg.num_epochs >= 0:
-    raise ValueError(f'train.num_epochs={train_cfg.num_epochs} is negative: set it >= 0, or'
+    raise errors.SetupError(f'train.num_epochs={train_cfg.num_epochs} is negative: set it >= 0, or'
                      ' train.num_steps > 0.')
   check_choice('train.on_nonfinite', train_cfg.on_nonfinite, NONFINITE_POLICIES)
 
@@ -60,7 +61,7 @@ def check_method(config: ml_collections.ConfigDict) -> None:
   """model.mode and binary.method must agree: fp with fp, a binary mode with a binary method."""
   method, mode = config.binary.method, config.model.mode
   if (method == 'fp') != (mode == 'fp'):
-    raise ValueError(f'model.mode={mode!r} with binary.method={method!r}: a float network uses'
+    raise errors.SetupError(f'model.mode={mode!r} with binary.method={method!r}: a float network uses'
                      ' mode=fp with method=fp; binary networks (mode bnn or bwn) use ste, stompp'
                      ' or stompp_ste.')
 
@@ -70,7 +71,7 @@ def total_train_steps(train_cfg, train_size: int) -> tuple[int, int]:
   steps_per_epoch = max(train_size // train_cfg.batch_size, 1)
   total = train_cfg.num_steps or math.ceil(train_cfg.num_epochs * steps_per_epoch)
   if total < 1:
-    raise ValueError(f'The run has {total} steps: set train.num_steps or train.num_epochs > 0.')
+    raise errors.SetupError(f'The run has {total} steps: set train.num_steps or train.num_epochs > 0.')
   return total, steps_per_epoch
 
 
@@ -82,7 +83,8 @@ class ModelBuild:
     model: the Flax module (`model.apply(variables, x, train=..., ctx=...)`).
     image_shape: (H, W, C) it is built for; num_classes: its logits per example.
     trace: its abstract trace.
-    rules: the binary-layer rules of `config.model`.
+    rules: the binary-layer rules of `config.model` (read once, here: the site table is the
+      answer to "is this layer binary" from then on).
     sites: the site table (binary layers in forward order; empty for method fp).
   """
 
@@ -113,7 +115,7 @@ def build_model(config: ml_collections.ConfigDict, *, num_classes: int,
   if config.binary.method != 'fp':
     site_list = sites_lib.discover_sites(trace, rules, layers.site_layers(model))
     if not site_list:
-      raise ValueError('No layer of the model matches the binary rules: check'
+      raise errors.SetupError('No layer of the model matches the binary rules: check'
                        ' model.binary_include / model.binary_exclude.')
   return ModelBuild(model, tuple(image_shape), num_classes, trace, rules, site_list)
 
@@ -122,9 +124,8 @@ def binarization_config(config: ml_collections.ConfigDict, site_list: tuple[site
                         total_steps: int) -> bctx.BinarizationConfig:
   """The static binarization settings of `config.binary` for a site table.
 
-  Raises ValueError for a bad binary.* field or binary-layer rule (BinarizationConfig,
-  ScheduleConfig and BinaryRules check their own), and when binary.window_steps makes the
-  freezing end after the run.
+  Raises errors.SetupError for a bad binary.* field (BinarizationConfig and ScheduleConfig
+  check their own), and when binary.window_steps makes the freezing end after the run.
   """
   binarization = bctx.BinarizationConfig(
       method=config.binary.method,
@@ -132,12 +133,11 @@ def binarization_config(config: ml_collections.ConfigDict, site_list: tuple[site
           total_steps=total_steps, order=config.binary.order, shape=config.binary.shape,
           span_start=config.binary.span_start, span_end=config.binary.span_end,
           window_overlap=config.binary.window_overlap,
-          window_steps=config.binary.get('window_steps', 0)),  # 0 in runs made before it.
+          window_steps=config.binary.window_steps),
       sites=tuple(s.path for s in site_list),
       frozen_grad=config.binary.frozen_grad,
       refresh_every=config.binary.refresh_every,
-      per_example_activation_masks=config.binary.per_example_activation_masks,
-      rules=models.binary_rules(config.model))
+      per_example_activation_masks=config.binary.per_example_activation_masks)
   if site_list:
     schedule.span_steps(binarization.schedule, len(site_list))  # window_steps fit the run.
   return binarization
@@ -170,6 +170,8 @@ class Experiment:
     total_steps, steps_per_epoch: from train.num_steps or train.num_epochs.
     mesh: the device mesh (axis 'data').
     net: the model, its trace and site table.
+    sites: the site tree (binary/site_tree.py): params-shaped, the site index at each binary
+      kernel and None elsewhere; the optimizer and the train step read it.
     binarization: the static binarization settings.
     lr_schedule: step -> learning rate.
     tx: the optimizer.
@@ -184,6 +186,7 @@ class Experiment:
   steps_per_epoch: int
   mesh: Mesh
   net: ModelBuild
+  sites: Any
   binarization: bctx.BinarizationConfig
   lr_schedule: optax.Schedule
   tx: optax.GradientTransformation
@@ -215,7 +218,8 @@ class Experiment:
     averaged metrics, per-site values)."""
     return compiler.jit(
         functools.partial(steps.train_step, model=self.model, binarization=self.binarization,
-                          tx=self.tx, diagnostics=self.config.train.diagnostics),
+                          sites=self.sites, tx=self.tx,
+                          diagnostics=self.config.train.diagnostics),
         platform=self.platform,
         in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, None, None), donate_argnums=0,
@@ -236,10 +240,11 @@ class Experiment:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Every check of `config` that needs no data and no devices, each field by its owner."""
+  """Every check of `config` that needs no data, no devices and no model, each field by its
+  owner (binary.* fields are checked by BinarizationConfig and ScheduleConfig when `build`
+  makes them, the binary-layer rules by BinaryRules)."""
   check_train_config(config.train)
   models.check_model_config(config.model)
-  binarization_config(config, (), total_steps=1)  # binary.* and the binary-layer rules.
   check_method(config)
   optimizers.check_optim_config(config.optim)
   parallel.check_mesh_config(config.mesh)
@@ -257,12 +262,14 @@ def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = Non
       compile-only devices).
 
   Raises:
-    ValueError, FileNotFoundError: a bad field, missing or malformed data, or a batch that
-      does not split over the devices (one-line messages; train.py turns them into SetupError).
+    errors.SetupError: a bad field, missing or malformed data, or a batch that does not split
+      over the devices (one-line messages). Anything else (a bug in `model`, say) propagates
+      as it was raised.
   """
   check_config(config)
   parallel.initialize_distributed()
-  info = pipeline.dataset_info(config.data)
+  with errors.data_errors():
+    info = pipeline.dataset_info(config.data)
   total_steps, steps_per_epoch = total_train_steps(config.train, info.train_size)
   mesh = parallel.make_mesh(config.mesh.num_devices, devices)
   parallel.check_batch_size(config.train.batch_size, mesh)
@@ -270,15 +277,16 @@ def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = Non
   net = build_model(config, num_classes=info.num_classes, image_shape=info.image_shape,
                     model=model)
   binarization = binarization_config(config, net.sites, total_steps)
+  params = net.trace.variables['params']
+  site_tree = sites_lib.site_tree(params, net.sites)
   lr_schedule = optimizers.learning_rate_schedule(config.optim, total_steps=total_steps,
                                                   steps_per_epoch=steps_per_epoch)
   tx = optimizers.create_optimizer(config.optim, config.binary, lr_schedule=lr_schedule,
-                                   kernel_sites=sites_lib.kernel_sites(net.sites),
-                                   kernel_mask=kernel_mask(net.trace.variables['params']))
+                                   sites=site_tree, kernel_mask=kernel_mask(params))
   sample = jnp.zeros((1, *info.image_shape), jnp.float32)
   init_state = functools.partial(state_lib.create_train_state, net.model, tx, config.seed, sample)
   abstract_state = jax.eval_shape(init_state)
   state_shardings = parallel.state_sharding(abstract_state, mesh, config.mesh.shard_params)
-  return Experiment(config, info, total_steps, steps_per_epoch, mesh, net, binarization,
+  return Experiment(config, info, total_steps, steps_per_epoch, mesh, net, site_tree, binarization,
                     lr_schedule, tx, init_state, abstract_state, state_shardings,
                     parallel.batch_sharding(mesh))

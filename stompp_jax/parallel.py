@@ -13,6 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from stompp_jax import errors
 from stompp_jax.binary.choices import check_at_least
 
 DATA_AXIS = 'data'
@@ -35,7 +36,7 @@ def initialize_distributed() -> None:
       num_processes = int(os.environ['STOMPP_NUM_PROCESSES'])
       process_id = int(os.environ['STOMPP_PROCESS_ID'])
     except (KeyError, ValueError):
-      raise ValueError('STOMPP_COORDINATOR_ADDRESS is set: also set STOMPP_NUM_PROCESSES and'
+      raise errors.SetupError('STOMPP_COORDINATOR_ADDRESS is set: also set STOMPP_NUM_PROCESSES and'
                        ' STOMPP_PROCESS_ID to integers.') from None
     jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
                                process_id=process_id)
@@ -67,17 +68,17 @@ def wait_for_all_processes(name: str) -> None:
 
 
 def check_same_on_all_processes(what: str, value: int) -> None:
-  """Raises ValueError unless every process passes the same `value` (a collective)."""
+  """Raises SetupError unless every process passes the same `value` (a collective)."""
   if jax.process_count() == 1:
     return
   values = np.asarray(multihost_utils.process_allgather(np.int32(value))).ravel().tolist()
   if len(set(values)) > 1:
-    raise ValueError(f'The processes disagree on the {what} (per process: {values}): every'
+    raise errors.SetupError(f'The processes disagree on the {what} (per process: {values}): every'
                      ' process must see the same workdir, data and config.')
 
 
 def check_mesh_config(mesh_cfg) -> None:
-  """Checks `config.mesh` (one-line ValueErrors)."""
+  """Checks `config.mesh` (one-line SetupErrors)."""
   check_at_least('mesh.num_devices', mesh_cfg.num_devices, 0)
 
 
@@ -87,10 +88,10 @@ def make_mesh(num_devices: int = 0, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   if num_devices:
     if jax.process_count() > 1 and num_devices != len(devices):
-      raise ValueError(f'mesh.num_devices={num_devices} with {jax.process_count()} processes: use 0'
+      raise errors.SetupError(f'mesh.num_devices={num_devices} with {jax.process_count()} processes: use 0'
                        ' (all devices) for multi-process runs.')
     if num_devices > len(devices):
-      raise ValueError(f'mesh.num_devices={num_devices} but only {len(devices)} devices exist:'
+      raise errors.SetupError(f'mesh.num_devices={num_devices} but only {len(devices)} devices exist:'
                        ' lower mesh.num_devices or use 0 for all.')
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), (DATA_AXIS,))
@@ -107,7 +108,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = 'train.batch_size') -> None:
   if global_batch_size % mesh.size:
-    raise ValueError(f'{what}={global_batch_size} is not divisible by the {mesh.size} devices:'
+    raise errors.SetupError(f'{what}={global_batch_size} is not divisible by the {mesh.size} devices:'
                      f' use a multiple of {mesh.size}.')
 
 
