@@ -248,7 +248,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   check_method(config)
   optimizers.check_optim_config(config.optim)
   parallel.check_mesh_config(config.mesh)
-  sources.check_data_config(config.data)
+  with errors.data_errors():
+    sources.check_data_config(config.data)
 
 
 def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = None,
