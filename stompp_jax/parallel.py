@@ -18,7 +18,7 @@ from stompp_jax.binary.choices import check_at_least
 
 DATA_AXIS = 'data'
 # Parameters smaller than this stay replicated when parameter sharding is on.
-_MIN_SHARDED_SIZE = 2**18
+MIN_SHARDED_SIZE = 2**18  # Elements; tests lower it to shard a tiny model's kernels.
 
 
 def initialize_distributed() -> None:
@@ -139,7 +139,7 @@ def state_sharding(abstract_tree, mesh: Mesh, shard_params: bool):
   """
   def leaf_sharding(leaf):
     shape = getattr(leaf, 'shape', ())
-    if not shard_params or int(np.prod(shape)) < _MIN_SHARDED_SIZE:
+    if not shard_params or int(np.prod(shape)) < MIN_SHARDED_SIZE:
       return replicated(mesh)
     dims = [d for d in np.argsort(shape)[::-1] if shape[d] % mesh.size == 0]
     if not dims:
