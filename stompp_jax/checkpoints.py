@@ -4,11 +4,15 @@ Saves are asynchronous and atomic: orbax writes a temporary directory and rename
 file is on disk, so a run killed mid-save leaves only a temporary directory, removed at the next
 start. The newest N are kept. Each checkpoint records the train state's signature (paths,
 shapes, dtypes) and a fingerprint of its bits: a checkpoint of another model is refused, and a
-corrupt newest checkpoint (unreadable, or bits that changed on disk) falls back to the previous
-one with a warning. A state with a NaN or an infinity is never saved.
+corrupt newest checkpoint (`is_corrupt`: missing or truncated files, bits that changed on disk)
+falls back to the previous one with a warning. Any other failure to read (a storage outage, out
+of memory) propagates as raised: the checkpoints may well be fine. A state with a NaN or an
+infinity is never saved.
 """
 
 import errno
+import json
+import re
 from typing import Any, Optional
 
 import grain
@@ -26,6 +30,13 @@ from stompp_jax import workdir as workdir_lib
 
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXTS = ('No space left on device', 'Disk quota exceeded')
+# tensorstore's status codes (the start of its error messages) that say what is on disk is not
+# what was written: a file shorter than recorded, a missing file, a failed checksum.
+_CORRUPTION_STATUSES = re.compile(r'(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND): ')
+
+
+class CorruptCheckpointError(Exception):
+  """A checkpoint's bits differ from the fingerprint recorded when it was saved."""
 
 
 class Checkpointer:
@@ -103,19 +114,21 @@ class Checkpointer:
       None when there is no checkpoint.
 
     Raises:
-      ValueError: the checkpoints belong to another model, or none of them can be read.
+      errors.ForeignCheckpointError: the checkpoints belong to another model.
+      errors.SetupError: every checkpoint is corrupt (`is_corrupt`).
+      Any other error of reading a checkpoint, unchanged (nothing falls back on it).
     """
     steps = self.steps()
     problems = []
     for step in reversed(steps):
       try:
         return step, self._restore(step, data_iterator)
-      except errors.ForeignCheckpointError:
-        raise  # Older steps belong to the other model too.
-      except Exception as e:  # pylint: disable=broad-except  # Any unreadable checkpoint.
+      except Exception as e:  # pylint: disable=broad-except  # Re-raised unless corrupt.
+        if not is_corrupt(e):
+          raise
         problems.append(step)
         if step == steps[0]:
-          raise ValueError(
+          raise errors.SetupError(
               f'No checkpoint in {self.directory} can be read (steps'
               f' {", ".join(map(str, problems))}; step {step}: {_summary(e)}): delete'
               f' {self.directory} to start over.') from e
@@ -140,7 +153,8 @@ class Checkpointer:
     if fingerprint is not None:
       actual = _first_value(self._summarize(restored['state'])[0])
       if actual != fingerprint:
-        raise ValueError(f'its contents changed on disk: fingerprint {actual}, saved {fingerprint}')
+        raise CorruptCheckpointError(f'its contents changed on disk: fingerprint {actual}, saved'
+                                     f' {fingerprint}')
     return restored['state']
 
   def close(self) -> None:
@@ -195,6 +209,21 @@ def read_variables(workdir: str) -> tuple[int, dict, int]:
 
 def _directory_bytes(path: epath.Path) -> int:
   return sum(_directory_bytes(p) if p.is_dir() else p.stat().length for p in path.iterdir())
+
+
+def is_corrupt(error: BaseException) -> bool:
+  """Whether `error` (or one it was raised from) shows a corrupt checkpoint: a missing file, a
+  file shorter than recorded or failing its checksum (tensorstore's DATA_LOSS, OUT_OF_RANGE,
+  NOT_FOUND), unparsable metadata, or a fingerprint mismatch."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, (CorruptCheckpointError, FileNotFoundError, json.JSONDecodeError)):
+      return True
+    if _CORRUPTION_STATUSES.match(str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def _summary(error: Exception) -> str:

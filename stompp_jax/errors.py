@@ -1,12 +1,16 @@
 """The errors a user can act on and the exit statuses of the command lines.
 
 Each of these errors carries one sentence, `what is wrong: what to do`; the command lines
-(`python -m stompp_jax.main`, `python -m stompp_jax.export`) print it as `Error: <message>`
-without a traceback and exit with the status of its kind. Nothing here imports the project.
+(`python -m stompp_jax.main`, `python -m stompp_jax.export`, `python -m stompp_jax.evaluate`)
+print it as `Error: <message>` without a traceback and exit with the status of its kind. A check
+raises its error where it checks; no exception is reclassified by its type, so any other error
+(a bug in a user's model or in this package) keeps its traceback. Nothing here imports the
+project.
 """
 
 import contextlib
 import errno
+import os
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # Any other failure (after the run started, or not one of the errors below).
@@ -30,22 +34,37 @@ class DiskFullError(OSError):
     self.errno = errno.ENOSPC
 
 
-class ForeignCheckpointError(ValueError):
+class ForeignCheckpointError(SetupError):
   """The checkpoints of a workdir hold the train state of another model or optimizer."""
 
 
 # Errors the user can act on: the command lines print their one-line message, no traceback.
 USER_ERRORS = (SetupError, NonFiniteError, DiskFullError)
 
+_DATA_PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', '')
+
+
+def _raised_in_data_package(error: BaseException) -> bool:
+  """Whether the innermost frame of `error`'s traceback is in stompp_jax/data/: a check of the
+  data package, not a failure inside a library it calls."""
+  traceback = error.__traceback__
+  if traceback is None:
+    return False
+  while traceback.tb_next is not None:
+    traceback = traceback.tb_next
+  return os.path.abspath(traceback.tb_frame.f_code.co_filename).startswith(_DATA_PACKAGE)
+
 
 @contextlib.contextmanager
-def as_setup_errors():
-  """Turns the ValueErrors and missing files of config and data checks into SetupError."""
+def data_errors():
+  """SetupError for the checks of stompp_jax/data, which report missing or malformed data with
+  ValueError and OSError raised in its own code (its `raise` statements); an error raised
+  anywhere else, even of those types, propagates unchanged."""
   try:
     yield
-  except SetupError:
-    raise
-  except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+  except (ValueError, OSError) as e:
+    if isinstance(e, SetupError) or not _raised_in_data_package(e):
+      raise
     raise SetupError(' '.join(str(e).split())) from e
 
 

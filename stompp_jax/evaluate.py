@@ -18,7 +18,6 @@ checkpoint, or an unfinished run (no done.json) unless --allow_unfinished.
 
 import dataclasses
 import functools
-import json
 import sys
 from typing import Any, Optional
 
@@ -34,7 +33,6 @@ from stompp_jax import experiment
 from stompp_jax import recalibrate
 from stompp_jax import state as state_lib
 from stompp_jax import steps
-from stompp_jax import storage
 from stompp_jax import workdir as workdir_lib
 from stompp_jax.binary import context as bctx
 from stompp_jax.binary.choices import check_at_least
@@ -49,12 +47,12 @@ class RunError(errors.SetupError):
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config.json of the run in `workdir`."""
-  text = storage.read_text(storage.path(workdir) / workdir_lib.CONFIG)  # Local or gs://.
-  if text is None:
+  """The config.json of the run in `workdir` (local or gs://), upgraded to today's fields."""
+  config = workdir_lib.read_config(workdir)
+  if config is None:
     raise RunError(f'{workdir} is not a run directory (no config.json): give the --workdir of a'
                    ' training run.')
-  return ml_collections.ConfigDict(json.loads(text))
+  return ml_collections.ConfigDict(config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +92,8 @@ def load_run(workdir: str, *, model: Any = None, allow_unfinished: bool = False)
     errors.SetupError: the run has no checkpoint.
   """
   config = read_run_config(workdir)
-  info = pipeline.dataset_info(config.data)
+  with errors.data_errors():
+    info = pipeline.dataset_info(config.data)
   total_steps, _ = experiment.total_train_steps(config.train, info.train_size)
   net = experiment.build_model(config, num_classes=info.num_classes,
                                image_shape=info.image_shape, model=model)
@@ -179,7 +178,7 @@ def main(argv):
     results = evaluate_run(workdir, split=flags.FLAGS.split,
                            allow_unfinished=flags.FLAGS.allow_unfinished,
                            recalibrate_bn_batches=flags.FLAGS.recalibrate_bn_batches)
-  except (ValueError, FileNotFoundError) as e:  # SetupError, and bad config or data.
+  except errors.SetupError as e:
     print(f'Error: {" ".join(str(e).split())}', file=sys.stderr)
     sys.exit(errors.EXIT_BAD_INPUT)
   print(render(results))

@@ -4,10 +4,11 @@ Two ways in, one binarization (`binarize_site_tensor` of binary/context.py on th
 BNNs, the input, with the site's masks from the step's `BinarizationContext`):
 
 - The zoo's models are built from `BinaryConv` / `BinaryDense`, which get the context as a call
-  argument and binarize inside. Whether a layer is binary is decided at call time by the rules
-  in the context (regexes on the module path), so the model code is the same for fp, BWN and BNN
-  and the parameter tree matches `nn.Conv` / `nn.Dense`. Call with `ctx=None` (init, or a plain
-  float network) to run the layer in full precision.
+  argument and binarize inside. Whether a layer is binary is decided at call time by the site
+  table in the context (`ctx.config.site_index(self.path)`, read from the model's trace), so the
+  model code is the same for fp, BWN and BNN and the parameter tree matches `nn.Conv` /
+  `nn.Dense`. Call with `ctx=None` (init, or a plain float network) to run the layer in full
+  precision.
 - `ByRules(module, binarize_input)` wraps any Linen model built from plain `nn.Conv` /
   `nn.Dense` (and `nn.BatchNorm`), called as `module(x, train=...)`, without changing its code:
   its `apply(..., ctx=ctx)` maps the variables (each site's kernel in the params tree is replaced
@@ -23,7 +24,6 @@ import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -55,20 +55,20 @@ class _BinaryLayer(nn.Module):
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
 
-  def is_binary(self, ctx: Optional[bctx.BinarizationContext]) -> bool:
-    return (ctx is not None and ctx.config.method != 'fp'
-            and ctx.config.rules.is_binary(module_path(self)))
+  def site(self, ctx: Optional[bctx.BinarizationContext]) -> Optional[int]:
+    """This layer's site number, None when it is not binary (no context, or not a site)."""
+    return None if ctx is None else ctx.config.site_index(self.path)
 
   def binarized(self, x: jax.Array, kernel: jax.Array,
                 ctx: Optional[bctx.BinarizationContext]) -> tuple[jax.Array, jax.Array]:
     """Returns (input, kernel) as the layer computes with them, in the compute dtype."""
     dtype = self.dtype or x.dtype
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if not self.is_binary(ctx):
-      return x, kernel
-    site = ctx.config.site_index(module_path(self))
+    x = x.astype(dtype)
+    site = self.site(ctx)
+    if site is None:
+      return x, kernel.astype(dtype)
     sow_frozen_fraction(self, ctx, site)
-    kernel = bctx.binarize_site_tensor(kernel, ctx, site, 'kernel')
+    kernel = bctx.binarize_site_kernel(kernel, ctx, site, dtype)
     if self.binarize_input:
       x = bctx.binarize_site_tensor(x, ctx, site, 'input')
     return x, kernel
@@ -80,9 +80,8 @@ class _BinaryLayer(nn.Module):
     this layer (built with binarize_input=False) and to its shortcut (resnet.py, bnn_shortcut).
     """
     x = x.astype(self.dtype or x.dtype)
-    if not self.is_binary(ctx):
-      return x
-    return bctx.binarize_site_tensor(x, ctx, ctx.config.site_index(module_path(self)), 'input')
+    site = self.site(ctx)
+    return x if site is None else bctx.binarize_site_tensor(x, ctx, site, 'input')
 
 
 class BinaryConv(_BinaryLayer):
@@ -152,13 +151,22 @@ def site_layers(model: Any) -> tuple[type, ...]:
   return PLAIN_LAYERS if isinstance(model, ByRules) else ZOO_LAYERS
 
 
+def _replace_at(tree: Any, path: tuple[str, ...], fn) -> Any:
+  """Nested dicts `tree` with fn(leaf) at `path` (KeyError if there is none)."""
+  if not path:
+    return fn(tree)
+  return {**tree, path[0]: _replace_at(tree[path[0]], path[1:], fn)}
+
+
 def binarize_kernels(params: Any, ctx: bctx.BinarizationContext) -> Any:
-  """The params tree with the kernel of every site of `ctx.config.sites` binarized (same tree)."""
-  flat = flax.traverse_util.flatten_dict(params, sep='/')
+  """The params tree with the kernel of every site of `ctx.config.sites` binarized (same tree;
+  float32 as the latent kernels: the layer casts it to its compute dtype, as the zoo's layers
+  do after binarizing)."""
   for site, path in enumerate(ctx.config.sites):
-    name = f'{path}/kernel'
-    flat[name] = bctx.binarize_site_tensor(flat[name], ctx, site, 'kernel')
-  return flax.traverse_util.unflatten_dict(flat, sep='/')
+    params = _replace_at(params, (*path, 'kernel'),
+                         lambda kernel, site=site: bctx.binarize_site_tensor(kernel, ctx, site,
+                                                                             'kernel'))
+  return params
 
 
 def _binarize_site_input(next_fun, args, kwargs, call, *, ctx: bctx.BinarizationContext,
@@ -166,9 +174,8 @@ def _binarize_site_input(next_fun, args, kwargs, call, *, ctx: bctx.Binarization
   """Interceptor: a site's call sows its frozen fraction and gets its input binarized (BNN)."""
   module = call.module
   if call.method_name == '__call__' and isinstance(module, PLAIN_LAYERS):
-    path = module_path(module)
-    if path in ctx.config.sites:
-      site = ctx.config.site_index(path)
+    site = ctx.config.site_index(module.path)
+    if site is not None:
       sow_frozen_fraction(module, ctx, site)
       if binarize_input:
         args = (bctx.binarize_site_tensor(args[0], ctx, site, 'input'), *args[1:])

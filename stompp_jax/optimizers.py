@@ -7,7 +7,9 @@ of frozen kernel entries, the STE baseline clips latent kernels to [-1, 1] (both
 
 import optax
 
+from stompp_jax import errors
 from stompp_jax.binary import optim as binary_optim
+from stompp_jax.binary import site_tree
 from stompp_jax.binary.choices import check_choice
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
@@ -15,12 +17,12 @@ SCHEDULES = ('constant', 'cosine', 'warmup_cosine', 'warmup_constant')
 
 
 def check_optim_config(optim_cfg) -> None:
-  """Checks `config.optim`'s names and ranges (one-line ValueErrors)."""
+  """Checks `config.optim`'s names and ranges (one-line SetupErrors)."""
   check_choice('optim.name', optim_cfg.name, OPTIMIZERS)
   check_choice('optim.schedule', optim_cfg.schedule, SCHEDULES)
   for field in ('warmup_epochs', 'weight_decay', 'grad_clip_norm'):
     if not optim_cfg[field] >= 0:
-      raise ValueError(f'optim.{field}={optim_cfg[field]} is negative: set it >= 0 (0 = off).')
+      raise errors.SetupError(f'optim.{field}={optim_cfg[field]} is negative: set it >= 0 (0 = off).')
 
 
 def learning_rate_schedule(optim_cfg, *, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
@@ -47,15 +49,14 @@ def method_transforms(binary_cfg) -> tuple[bool, bool]:
 
 
 def create_optimizer(optim_cfg, binary_cfg, *, lr_schedule: optax.Schedule,
-                     kernel_sites: binary_optim.KernelSites,
-                     kernel_mask) -> optax.GradientTransformationExtraArgs:
+                     sites, kernel_mask) -> optax.GradientTransformationExtraArgs:
   """Builds the optimizer.
 
   Args:
     optim_cfg: `config.optim`, as `check_optim_config` accepts it.
     binary_cfg: `config.binary` (method and its transform overrides).
     lr_schedule: from `learning_rate_schedule`.
-    kernel_sites: {param path: site} of the binary kernels.
+    sites: the site tree of the params (binary/site_tree.py: site index at each binary kernel).
     kernel_mask: pytree of bools like params, True on every conv/dense kernel (weight decay).
 
   Returns:
@@ -77,8 +78,9 @@ def create_optimizer(optim_cfg, binary_cfg, *, lr_schedule: optax.Schedule,
     else:
       parts.append(optax.adam(lr_schedule, b1=optim_cfg.b1, b2=optim_cfg.b2))
   mask_frozen, clip_latent = method_transforms(binary_cfg)
-  if mask_frozen and kernel_sites:
-    parts.append(binary_optim.zero_frozen_updates(kernel_sites))
-  if clip_latent and kernel_sites:
-    parts.append(binary_optim.clip_latent_kernels(kernel_sites))
+  has_sites = site_tree.num_sites(sites) > 0
+  if mask_frozen and has_sites:
+    parts.append(binary_optim.zero_frozen_updates(sites))
+  if clip_latent and has_sites:
+    parts.append(binary_optim.clip_latent_kernels(sites))
   return optax.chain(*parts)

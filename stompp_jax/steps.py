@@ -1,5 +1,7 @@
 """The jitted train and eval steps (pure functions of state and batch), and the eval loop."""
 
+import functools
+import operator
 from typing import Any
 
 import jax
@@ -9,12 +11,7 @@ import optax
 from stompp_jax import metrics as metrics_lib
 from stompp_jax import state as state_lib
 from stompp_jax.binary import context as bctx
-
-
-def _nested_get(tree: Any, path: tuple[str, ...]) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
+from stompp_jax.binary import site_tree
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -22,17 +19,19 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def _all_finite(tree: Any) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def all_finite(*trees: Any) -> jax.Array:
+  """bool scalar: every leaf of every tree is free of NaN and infinities."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def site_diagnostics(old_params, new_params, grads, site_paths) -> dict[str, jax.Array]:
+def site_diagnostics(old_params, new_params, grads, sites) -> dict[str, jax.Array]:
   """Per-site values of one step, each (L,) in site order, from the sites' latent kernels.
 
   Args:
     old_params, new_params: the params trees before and after the update.
     grads: the gradient tree of this step (same structure).
-    site_paths: each site's module path as a tuple of names (the kernel is its 'kernel' leaf).
+    sites: the site tree (binary/site_tree.py) of those trees.
 
   Returns:
     'sign_flip_ratio': fraction of kernel entries whose sign (sign(0) = +1) the update changed;
@@ -40,8 +39,8 @@ def site_diagnostics(old_params, new_params, grads, site_paths) -> dict[str, jax
     identity passes gradient); 'grad_norm': L2 norm of the kernel's gradient.
   """
   flips, in_clip, grad_norms = [], [], []
-  for path in site_paths:
-    old, new, grad = (_nested_get(t, (*path, 'kernel')) for t in (old_params, new_params, grads))
+  for old, new, grad in zip(*(site_tree.in_site_order(sites, t)
+                              for t in (old_params, new_params, grads))):
     flips.append(jnp.mean((old >= 0) != (new >= 0)))
     in_clip.append(jnp.mean(jnp.abs(new) <= 1))
     grad_norms.append(jnp.sqrt(jnp.sum(jnp.square(grad.astype(jnp.float32)))))
@@ -50,8 +49,8 @@ def site_diagnostics(old_params, new_params, grads, site_paths) -> dict[str, jax
 
 
 def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *, model,
-               binarization: bctx.BinarizationConfig, tx: optax.GradientTransformationExtraArgs,
-               diagnostics: bool) -> tuple[state_lib.TrainState, metrics_lib.TrainMetrics,
+               binarization: bctx.BinarizationConfig, sites: Any,
+               tx: optax.GradientTransformationExtraArgs, diagnostics: bool) -> tuple[state_lib.TrainState, metrics_lib.TrainMetrics,
                                            dict[str, jax.Array]]:
   """One optimizer step on a global batch.
 
@@ -60,16 +59,19 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *, mode
     batch: {'image': (B, H, W, C) float, 'label': int32 (B,)}.
     model: the Flax model.
     binarization: static binarization settings with the site table.
+    sites: the site tree of the params (binary/site_tree.py; all None for method fp).
     tx: the optimizer; its update gets the step's BinarizationContext.
     diagnostics: also return per-site sign flips, in-clip fractions and gradient norms.
 
   Returns:
-    (new state, averaged metrics, per-site (L,) values of this step). A step whose loss or
-    gradients are not finite changes nothing but the step counter and reports nonfinite = 1.
+    (new state, averaged metrics, per-site (L,) values of this step). A step whose loss,
+    gradients or new BatchNorm statistics are not finite changes nothing but the step counter
+    and reports nonfinite = 1 (a NaN can reach the statistics alone: a branch the loss does not
+    use, or a value the loss masks out).
   """
   ctx = bctx.with_kernel_masks(  # Each kernel mask once, for the forward pass and the optimizer.
       bctx.BinarizationContext(step=state.step, key=state.mask_key, config=binarization),
-      [_nested_get(state.params, (*p.split('/'), 'kernel')).shape for p in binarization.sites])
+      [kernel.shape for kernel in site_tree.in_site_order(sites, state.params)])
 
   def loss_fn(params):
     logits, new_vars = model.apply(
@@ -80,24 +82,25 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *, mode
   (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params, binarization_context=ctx)
   params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss) & _all_finite(grads)
+  new_batch_stats = new_vars.get('batch_stats', {})  # {} for a model without BatchNorm.
+  finite = all_finite(loss, grads, new_batch_stats)
   keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
       step=state.step + 1,
       params=keep_if_finite(params, state.params),
-      batch_stats=keep_if_finite(new_vars['batch_stats'], state.batch_stats),
+      batch_stats=keep_if_finite(new_batch_stats, state.batch_stats),
       opt_state=keep_if_finite(opt_state, state.opt_state))
-  site_paths = [tuple(p.split('/')) for p in binarization.sites]
   averaged = metrics_lib.TrainMetrics.single_from_model_output(
       loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label']),
       nonfinite=1.0 - finite.astype(jnp.float32))
   per_site = {}
-  if site_paths:
-    stats = new_vars.get('binary_stats', {})
+  if binarization.sites:
+    stats = new_vars['binary_stats']
     per_site['frozen_fraction'] = jnp.stack(
-        [_nested_get(stats, p)['frozen_fraction'] for p in site_paths])
-  if diagnostics and site_paths:
-    per_site.update(site_diagnostics(state.params, new_state.params, grads, site_paths))
+        [functools.reduce(operator.getitem, path, stats)['frozen_fraction']
+         for path in binarization.sites])
+  if diagnostics and binarization.sites:
+    per_site.update(site_diagnostics(state.params, new_state.params, grads, sites))
   return new_state, averaged, per_site
 
 

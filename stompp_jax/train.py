@@ -94,7 +94,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model"). Resuming such a run needs the same model again.
 
   Every check of the config, the data, the devices and the workdir's earlier run comes before
-  anything is written to `workdir`; those failures raise errors.SetupError.
+  anything is written to `workdir`; those failures raise errors.SetupError. Any other error
+  (a bug in `model`, a storage failure) propagates as raised, with its traceback.
 
   Returns:
     The final row: {'step', 'eval/...': accuracies and losses, 'preempted': bool}. A finished
@@ -108,20 +109,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     errors.DiskFullError: a checkpoint did not fit on disk (older ones are intact).
   """
   with contextlib.ExitStack() as cleanup:
-    with errors.as_setup_errors():
-      workdir_lib.check_workdir(workdir)
-      exp = experiment.build(config, model=model)
-      logging.info('Data: %s', pipeline.summary_line(config.data, exp.data))
-      workdir_lib.check_config(workdir, config)
+    workdir_lib.check_workdir(workdir)
+    exp = experiment.build(config, model=model)
+    logging.info('Data: %s', pipeline.summary_line(config.data, exp.data))
+    workdir_lib.check_config(workdir, config)
+    with errors.data_errors():
       train_iter = pipeline.make_train_iterator(
           config.data, global_batch_size=config.train.batch_size, seed=config.seed)
-      checkpointer = checkpoints.Checkpointer(
-          workdir, config.train.keep_checkpoints,
-          checkpoints.abstract_like(exp.abstract_state, exp.state_shardings))
-      cleanup.push(_closing(checkpointer.close))
+    checkpointer = checkpoints.Checkpointer(
+        workdir, config.train.keep_checkpoints,
+        checkpoints.abstract_like(exp.abstract_state, exp.state_shardings))
+    cleanup.push(_closing(checkpointer.close))
+    with errors.data_errors():  # The data iterator's state in a checkpoint of another order.
       restored = checkpointer.restore_latest(train_iter)
-      parallel.check_same_on_all_processes('checkpoint step to resume from',
-                                            -1 if restored is None else restored[0])
+    parallel.check_same_on_all_processes('checkpoint step to resume from',
+                                          -1 if restored is None else restored[0])
 
     if restored is None:
       state = jax.jit(exp.init_state, out_shardings=exp.state_shardings)()

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 
+from stompp_jax import errors
 from stompp_jax import storage
 
 # The names inside a run directory (the one place they are spelled).
@@ -56,16 +57,16 @@ def check_workdir(workdir: str) -> None:
   if not storage.is_local(workdir):
     return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f'--workdir={workdir} is a file, not a directory: give a directory path'
+    raise errors.SetupError(f'--workdir={workdir} is a file, not a directory: give a directory path'
                      ' (it is created if missing).')
   existing = os.path.abspath(workdir)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    raise ValueError(f'--workdir={workdir} is under {existing}, which is a file: give a'
+    raise errors.SetupError(f'--workdir={workdir} is under {existing}, which is a file: give a'
                      ' directory path (it is created if missing).')
   if not os.access(existing, os.W_OK | os.X_OK):
-    raise ValueError(f'--workdir={workdir}: {existing} is not writable: give a directory you'
+    raise errors.SetupError(f'--workdir={workdir}: {existing} is not writable: give a directory you'
                      ' can write to.')
 
 
@@ -75,14 +76,8 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   The run's config is config.json, or, when that is missing, the config saved with its newest
   checkpoint. Nothing is written.
   """
-  path = storage.path(workdir) / CONFIG
-  text = storage.read_text(path)
-  if text is not None:
-    try:
-      old = json.loads(text)
-    except json.JSONDecodeError:
-      raise ValueError(f'{path} is not valid JSON: restore it or start a new --workdir.') from None
-  else:
+  old = read_config(workdir)
+  if old is None:
     old = _newest_checkpoint_config(workdir)
     if old is None:
       return
@@ -91,7 +86,7 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if differences and not config.train.override_workdir_config:
     old_flat, new_flat = _flatten(old), _flatten(new)
     shown = ', '.join(f'{k} ({old_flat.get(k)!r} -> {new_flat.get(k)!r})' for k in differences[:5])
-    raise ValueError(f'{workdir} holds a run with a different config: {shown}; use another --workdir,'
+    raise errors.SetupError(f'{workdir} holds a run with a different config: {shown}; use another --workdir,'
                      ' or set --config.train.override_workdir_config=True to resume it anyway.')
 
 
@@ -102,10 +97,47 @@ def _newest_checkpoint_config(workdir: str) -> dict | None:
   steps = sorted(int(name) for name in names if name.isdigit())
   for step in reversed(steps):
     try:
-      return json.loads((directory / str(step) / 'config' / 'metadata').read_text())
+      return upgrade_config(json.loads((directory / str(step) / 'config' / 'metadata').read_text()))
     except (OSError, json.JSONDecodeError):
       continue
   return None
+
+
+# Fields added after runs were made with the config format, and the value that reproduces such
+# a run: {dotted field: value}. `upgrade_config` fills them in where an old config is read.
+ADDED_FIELDS = {
+    'binary.window_steps': 0,  # 0 = windows derived from binary.span_start / span_end.
+    'model.bnn_shortcut': 'real',  # The real-valued shortcut, the only block before the field.
+}
+
+
+def upgrade_config(config: dict) -> dict:
+  """A run's saved config (config.json or a checkpoint's) with every field of ADDED_FIELDS
+  that it lacks set to the value its run used; the one place old run directories are read."""
+  config = json.loads(json.dumps(config))  # A deep copy.
+  for field, value in ADDED_FIELDS.items():
+    *sections, name = field.split('.')
+    node = config
+    for section in sections:
+      node = node.setdefault(section, {})
+    node.setdefault(name, value)
+  return config
+
+
+def read_config(workdir: str) -> dict | None:
+  """The upgraded config.json of the run in `workdir` (`upgrade_config`), None without one.
+
+  Raises:
+    errors.SetupError: config.json is not valid JSON.
+  """
+  path = storage.path(workdir) / CONFIG
+  text = storage.read_text(path)
+  if text is None:
+    return None
+  try:
+    return upgrade_config(json.loads(text))
+  except json.JSONDecodeError:
+    raise errors.SetupError(f'{path} is not valid JSON: restore it or start a new --workdir.') from None
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

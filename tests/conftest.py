@@ -14,3 +14,53 @@ jax.config.update('jax_compilation_cache_dir',
                   os.environ.get('STOMPP_JAX_CACHE', str(pathlib.Path.home() / '.cache' / 'stompp_jax' / 'jax_cache')))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+
+def pytest_addoption(parser):
+  parser.addoption('--canary', action='store_true',
+                   help='Also run the canaries: tests that pin a third-party behaviour (the'
+                   ' summation order of a collective), not one of this project.')
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: takes minutes on a 2-core machine (still in the'
+                          ' default run; deselect with -m "not slow").')
+  config.addinivalue_line('markers', 'multiprocess: starts several JAX processes (jax.distributed'
+                          ' over gloo on loopback; still in the default run).')
+  config.addinivalue_line('markers', 'canary: pins a third-party behaviour; runs only with'
+                          ' --canary.')
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption('--canary'):
+    return
+  skip = pytest.mark.skip(reason='a canary of third-party behaviour: run with --canary')
+  for item in items:
+    if 'canary' in item.keywords:
+      item.add_marker(skip)
+
+
+# Finished runs shared by the whole test session. Read them in place; a test that writes into a
+# run copies it first (shutil.copytree to its tmp_path).
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+  """A finished run of helpers.tiny_config('stompp') (12 steps, checkpoints at 6 and 12)."""
+  import helpers  # pylint: disable=g-import-not-at-top  # After the JAX settings above.
+  from stompp_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('tiny_run') / 'run'
+  train.train_and_evaluate(helpers.tiny_config('stompp'), str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope='session')
+def own_model_run(tmp_path_factory):
+  """A finished run of helpers.own_config() on helpers.VGG(): (workdir, its final row)."""
+  import helpers  # pylint: disable=g-import-not-at-top
+  from stompp_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('own_model_run') / 'run'
+  return workdir, train.train_and_evaluate(helpers.own_config(), str(workdir),
+                                           model=helpers.VGG())

@@ -16,6 +16,7 @@ import numpy as np
 from tensorboardX.proto import event_pb2
 
 from configs import default
+from configs import tiny
 from stompp_jax import metrics as metrics_lib
 from stompp_jax import models
 from stompp_jax import sites
@@ -27,25 +28,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def tiny_config(method='stompp', **train_overrides):
-  """tiny_resnet on synthetic 16x16x3 images of 4 classes, batch 32, 12 steps; `method` 'fp'
-  trains in fp mode, any other in bnn mode; `train_overrides` set fields of config.train."""
-  config = default.get_config()
-  config.model.name = 'tiny_resnet'
-  config.model.mode = 'fp' if method == 'fp' else 'bnn'
-  config.binary.method = method
-  config.binary.refresh_every = 4
-  config.data.name = 'cifar10'
-  config.data.source = 'synthetic'
-  config.data.synthetic_image_shape = (16, 16, 3)
-  config.data.synthetic_num_classes = 4
-  config.data.synthetic_train_size = 512
-  config.data.synthetic_eval_size = 96
-  config.train.batch_size = 32
-  config.train.eval_batch_size = 32
-  config.train.num_steps = 12
-  config.train.log_every = 3
-  config.train.eval_every = 6
-  config.train.checkpoint_every = 6
+  """configs/tiny.py for `method` (tiny_resnet on synthetic 16x16x3 images of 4 classes, batch
+  32, 12 steps); `train_overrides` set fields of config.train."""
+  config = tiny.get_config(method)
   for key, value in train_overrides.items():
     setattr(config.train, key, value)
   return config

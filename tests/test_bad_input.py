@@ -16,6 +16,7 @@ from absl import flags
 from helpers import REPO
 import reliability_utils as ru
 from stompp_jax import errors
+from stompp_jax import flag_errors
 from stompp_jax import main as cli
 
 BASE = [f'--config.{k}={v}' for k, v in ru.TINY_FLAGS.items()]
@@ -77,7 +78,7 @@ def _in_process(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
     delattr(flags.FLAGS, name)
   flags.FLAGS.unparse_flags()
   with pytest.raises(SystemExit) as exit_info:
-    cli.main(cli._parse_flags(argv))  # pylint: disable=protected-access
+    cli.main(flag_errors.parse_flags(argv))
   return exit_info.value.code, capsys.readouterr().err
 
 

@@ -52,6 +52,19 @@ def test_sign_is_plus_one_at_zero_and_keeps_dtype():
     np.testing.assert_array_equal(np.asarray(y, np.float32), [-1, -1, 1, 1, 1, 1])
 
 
+@pytest.mark.parametrize('binarizer', [
+    binarize.sign, lambda x: binarize.ste_sign(x),
+    lambda x: binarize.masked_sign(x, jnp.ones(x.shape, bool)),
+    lambda x: binarize.masked_sign(x, jnp.zeros(x.shape, bool))],
+    ids=['sign', 'ste_sign', 'masked_sign_frozen', 'masked_sign_unfrozen'])
+def test_nan_stays_nan(binarizer):
+  """A NaN is not a negative number: committed or not, it comes out NaN (binarize.py)."""
+  for dtype in FLOAT_DTYPES:
+    x = jnp.asarray([np.nan, -0.5, 0.0, 0.5], dtype)
+    y = np.asarray(binarizer(x), np.float32)
+    assert np.isnan(y[0]) and np.all(np.isfinite(y[1:])), y
+
+
 # ---------------------------------------------------------------------------------------------
 # masked_sign: values
 

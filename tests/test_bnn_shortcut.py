@@ -37,7 +37,7 @@ def site_list(model, rules):
 def context(model, rules, step=0, total_steps=1, fully_binary=True, method='stompp'):
   config = bctx.BinarizationConfig(
       method=method, schedule=schedule.ScheduleConfig(total_steps=total_steps),
-      sites=tuple(s.path for s in site_list(model, rules)), rules=rules)
+      sites=tuple(s.path for s in site_list(model, rules)))
   return bctx.BinarizationContext(step=jnp.asarray(step, jnp.int32), key=jax.random.key(1),
                                   config=config, fully_binary=fully_binary)
 

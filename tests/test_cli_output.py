@@ -108,7 +108,7 @@ def test_quickstart_picks_cifar10_when_it_is_on_disk(tmp_path, monkeypatch):
 
 
 _NEW_MMAPPED_BLOCKS_OF_A_64_MB_MALLOC = '''import ctypes, sys
-from stompp_jax import main
+from stompp_jax import allocator
 
 
 class MallInfo2(ctypes.Structure):
@@ -120,7 +120,7 @@ class MallInfo2(ctypes.Structure):
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
 libc.malloc.restype = ctypes.c_void_p
-kept = main.keep_freed_memory()
+kept = allocator.keep_freed_memory()
 before = libc.mallinfo2().hblks
 block = libc.malloc(64 << 20)
 print(kept, libc.mallinfo2().hblks - before)

@@ -131,6 +131,8 @@ def _wait(clis: list[ru.Cli], timeout=400) -> list[int]:
   return [cli.wait(timeout=timeout) for cli in clis]
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_pod_rehearsal_in_a_bucket_sigkill_one_process_and_resume(gcs, tmp_path):
   workdir = f'{gcs}/pod'
   timings = {}

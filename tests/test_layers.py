@@ -43,9 +43,9 @@ class _Wrapped(nn.Module):
                **kwargs)(x, ctx)
 
 
-def _ctx(method, step=STEP, rules=context.BinaryRules(), fully_binary=False):
+def _ctx(method, step=STEP, sites=(('layer',),), fully_binary=False, **config):
   cfg = context.BinarizationConfig(
-      method=method, sites=('layer',), rules=rules,
+      method=method, sites=sites, **config,
       schedule=schedule.ScheduleConfig(total_steps=100, shape='linear', span_end=1.0))
   return context.BinarizationContext(step=jnp.int32(step), key=KEY, config=cfg,
                                      fully_binary=fully_binary)
@@ -156,7 +156,7 @@ def test_layer_is_full_precision_without_context_or_when_excluded(kind):
   y, state = _apply_jit(module, x, kernel, None)
   np.testing.assert_allclose(y, y_plain, rtol=1e-6, atol=1e-5)
   assert 'binary_stats' not in state
-  excluded = _ctx('stompp', rules=context.BinaryRules(exclude=('^layer$',)))
+  excluded = _ctx('stompp', sites=(('other',),))  # The layer is not in the site table.
   y, state = _apply_jit(module, x, kernel, excluded)
   np.testing.assert_allclose(y, y_plain, rtol=1e-6, atol=1e-5)
   assert 'binary_stats' not in state
@@ -188,13 +188,21 @@ def test_bfloat16_compute_dtype(kind):
   assert y.dtype == jnp.bfloat16
 
 
-def test_binary_conv_with_sharded_batch_over_8_devices():
+@pytest.mark.parametrize('per_example', [False, True], ids=['shared_masks', 'per_example_masks'])
+def test_binary_conv_with_sharded_batch_over_8_devices(per_example):
+  """The same values and kernel gradient with the batch split over 8 devices as on one: the
+  input masks (shared, or one per example) do not depend on the device count."""
   mesh = Mesh(np.array(jax.devices()), ('data',))
   module = _Wrapped('conv', True)
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(8, 5, 5, 3)), jnp.float32)
   _, kernel = _inputs('conv')
-  ctx = _ctx('stompp')
+  ctx = _ctx('stompp', per_example_activation_masks=per_example)
+  input_mask = np.asarray(context.site_frozen_mask(ctx, 0, 'input',
+                                                   x.shape if per_example else x.shape[1:]))
+  assert 0.2 < input_mask.mean() < 0.8  # Half frozen at STEP: the masks matter.
+  if per_example:
+    assert len({row.tobytes() for row in input_mask}) == 8  # One mask per example.
 
   @jax.jit
   def fwd_grad(x, kernel, ctx):
@@ -237,12 +245,14 @@ def test_discover_sites_in_call_order():
   net = _Net()
   rules = context.BinaryRules(exclude=('^stem$',))
   found = sites.discover_sites(inspect.trace_model(net, (8, 8, 3)), rules)
-  assert [s.path for s in found] == ['zeta', 'beta', 'alpha_head']
+  assert [s.path for s in found] == [('zeta',), ('beta',), ('alpha_head',)]
   assert [s.kind for s in found] == ['conv', 'conv', 'dense']
   assert [s.kernel_shape for s in found] == [(3, 3, 4, 6), (3, 3, 6, 8), (3, 10)]
   assert [s.input_shape for s in found] == [(8, 8, 4), (8, 8, 6), (3,)]
-  assert sites.kernel_sites(found) == {('zeta', 'kernel'): 0, ('beta', 'kernel'): 1,
-                                       ('alpha_head', 'kernel'): 2}
+  params = inspect.trace_model(net, (8, 8, 3)).variables['params']
+  assert sites.site_tree(params, found) == {
+      'stem': {'kernel': None}, 'zeta': {'kernel': 0}, 'beta': {'kernel': 1},
+      'plain': {'kernel': None, 'bias': None}, 'alpha_head': {'kernel': 2, 'bias': None}}
   table = sites.site_table(found).splitlines()
   assert table[0].split() == ['site', 'module', 'path', 'kernel', 'shape', 'input', 'shape']
   assert table[1].split() == ['0', 'zeta', '3x3x4x6', '8x8x4']
@@ -263,8 +273,8 @@ def test_discover_sites_nested_paths_and_all_layers_by_default():
       return Block(name='stage1_block1')(x, ctx)
 
   found = sites.discover_sites(inspect.trace_model(Model(), (4, 4, 2)), context.BinaryRules())
-  assert [s.path for s in found] == ['stage1_block0/conv1', 'stage1_block0/conv2',
-                                     'stage1_block1/conv1', 'stage1_block1/conv2']
+  assert [s.path for s in found] == [('stage1_block0', 'conv1'), ('stage1_block0', 'conv2'),
+                                     ('stage1_block1', 'conv1'), ('stage1_block1', 'conv2')]
   # The discovered paths are the layers' own: a context built from them binarizes all four.
   cfg = context.BinarizationConfig(method='ste', sites=tuple(s.path for s in found),
                                    schedule=schedule.ScheduleConfig(total_steps=10))

@@ -212,7 +212,7 @@ def test_same_mask_for_the_same_key_and_step_in_another_process():
 # ---------------------------------------------------------------------------------------------
 # context.site_frozen_mask: the masks the layers and the optimizer use
 
-SITES = ('a', 'b', 'c', 'd')
+SITES = (('a',), ('b',), ('c',), ('d',))
 SCHEDULE = schedule.ScheduleConfig(total_steps=1000, shape='linear')  # windows of 200 steps
 
 

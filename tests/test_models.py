@@ -120,7 +120,7 @@ def fully_binary_context(model, rules):
   """A context with every mask frozen (the deployed network), for the site table of `rules`."""
   found = sites.discover_sites(inspect.trace_model(model, CIFAR), rules)
   config = bctx.BinarizationConfig(method='stompp', schedule=schedule.ScheduleConfig(total_steps=1),
-                                   sites=tuple(s.path for s in found), rules=rules)
+                                   sites=tuple(s.path for s in found))
   return bctx.BinarizationContext(step=jnp.zeros((), jnp.int32), key=jax.random.key(1),
                                   config=config, fully_binary=True)
 

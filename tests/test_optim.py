@@ -16,12 +16,13 @@ from stompp_jax import layers
 from stompp_jax.binary import context
 from stompp_jax.binary import optim
 from stompp_jax.binary import schedule
+from stompp_jax.binary import site_tree
 
 KEY = jax.random.key(7)
 _site_mask = jax.jit(context.site_frozen_mask, static_argnums=(1, 2, 3))
 
 
-def _ctx(method, step, sites=('dense',), refresh_every=3, total_steps=100):
+def _ctx(method, step, sites=(('dense',),), refresh_every=3, total_steps=100):
   cfg = context.BinarizationConfig(
       method=method, sites=sites, refresh_every=refresh_every,
       schedule=schedule.ScheduleConfig(total_steps=total_steps, shape='linear', span_end=1.0))
@@ -46,7 +47,7 @@ def test_frozen_entries_get_zero_grad_and_update_then_learn_after_refresh():
   params = {'dense': {'kernel': jnp.asarray(rng.uniform(-0.5, 0.5, (8, 8)), jnp.float32),
                       'bias': params['dense']['bias']}}
   tx = optax.chain(optax.sgd(1e-3, momentum=0.9),
-                   optim.zero_frozen_updates({('dense', 'kernel'): 0}))
+                   optim.zero_frozen_updates({'dense': {'kernel': 0, 'bias': None}}))
   opt_state = tx.init(params)
 
   def loss(params, ctx):
@@ -88,14 +89,13 @@ def test_frozen_entries_get_zero_grad_and_update_then_learn_after_refresh():
 
 
 def test_zero_frozen_updates_uses_the_forward_masks_of_each_site():
-  sites = ('enc/conv', 'dec/conv')
-  kernel_sites = {('enc', 'conv', 'kernel'): 0, ('dec', 'conv', 'kernel'): 1}
+  sites = (('enc', 'conv'), ('dec', 'conv'))
   # T=100, span [0, 1], two windows of 50 steps: at step 40 site 0 has p = 0.8, site 1 p = 0.
   # At step 70, site 0 is fully frozen and site 1 has p = 0.4.
   updates = {'enc': {'conv': {'kernel': jnp.ones((3, 3, 4, 8)), 'bias': jnp.ones(8)}},
              'dec': {'conv': {'kernel': jnp.ones((3, 3, 8, 8))}},
              'bn': {'scale': jnp.ones(8)}}
-  tx = optim.zero_frozen_updates(kernel_sites)
+  tx = optim.zero_frozen_updates(site_tree.from_paths(updates, [(*p, 'kernel') for p in sites]))
   state, update = tx.init(updates), jax.jit(tx.update)
   for step, fractions in [(40, (0.8, 0.0)), (70, (1.0, 0.4))]:
     ctx = _ctx('stompp', step, sites=sites, refresh_every=10)
@@ -111,9 +111,8 @@ def test_zero_frozen_updates_uses_the_forward_masks_of_each_site():
 
 
 def test_zero_frozen_updates_under_jit_matches_eager():
-  kernel_sites = {('w',): 0}
-  ctx = _ctx('stompp', 50, sites=('w',))
-  tx = optim.zero_frozen_updates(kernel_sites)
+  ctx = _ctx('stompp', 50, sites=(('w',),))
+  tx = optim.zero_frozen_updates({'w': 0})
   updates = {'w': jnp.arange(1.0, 65.0).reshape(8, 8)}
   eager, _ = tx.update(updates, tx.init(updates), binarization_context=ctx)
   jitted, _ = jax.jit(lambda u, c: tx.update(u, tx.init(u), binarization_context=c))(updates, ctx)
@@ -124,7 +123,7 @@ def test_zero_frozen_updates_under_jit_matches_eager():
 def test_clip_latent_kernels_values():
   params = {'k': jnp.asarray([-0.9, 0.5, 0.95, -1.0, 0.0]), 'b': jnp.asarray([0.9, 0.9])}
   updates = {'k': jnp.asarray([-0.5, 0.2, 0.1, 0.3, -3.0]), 'b': jnp.asarray([0.5, -2.0])}
-  tx = optim.clip_latent_kernels({('k',): 0})
+  tx = optim.clip_latent_kernels({'k': 0, 'b': None})
   out, _ = tx.update(updates, tx.init(params), params)
   new = optax.apply_updates(params, out)
   np.testing.assert_allclose(new['k'], [-1.0, 0.7, 1.0, -0.7, -1.0], atol=1e-7)
@@ -135,7 +134,7 @@ def test_clip_latent_kernels_keeps_latents_inside_unit_interval_over_sgd_steps()
   rng = np.random.default_rng(1)
   params = {'k': jnp.asarray(rng.uniform(-1, 1, 10_000), jnp.float32)}
   sgd = optax.sgd(0.5, momentum=0.9)
-  tx = optax.chain(sgd, optim.clip_latent_kernels({('k',): 0}))
+  tx = optax.chain(sgd, optim.clip_latent_kernels({'k': 0}))
   state, sgd_state = tx.init(params), sgd.init(params)
   for _ in range(5):
     grads = {'k': jnp.asarray(rng.normal(size=10_000), jnp.float32)}
@@ -150,6 +149,25 @@ def test_clip_latent_kernels_keeps_latents_inside_unit_interval_over_sgd_steps()
 
 
 def test_clip_latent_kernels_needs_params():
-  tx = optim.clip_latent_kernels({('k',): 0})
+  tx = optim.clip_latent_kernels({'k': 0})
   with pytest.raises(ValueError, match='params'):
     tx.update({'k': jnp.ones(2)}, tx.init({'k': jnp.ones(2)}))
+
+
+@pytest.mark.parametrize('transform', [optim.zero_frozen_updates, optim.clip_latent_kernels])
+def test_the_transforms_refuse_a_tree_without_their_sites(transform):
+  """A site tree of another params tree is an error, never a transform that does nothing."""
+  sites = {'enc': {'kernel': 0}}
+  params = {'encoder': {'kernel': jnp.ones((2, 2))}}
+  tx = transform(sites)
+  with pytest.raises(ValueError, match='structure of the site tree.*enc/kernel'):
+    tx.init(params)
+  with pytest.raises(ValueError, match='structure of the site tree'):
+    tx.update(params, optax.EmptyState(), params, binarization_context=_ctx('stompp', 50))
+
+
+def test_site_tree_from_paths_refuses_a_path_the_params_lack():
+  params = {'conv': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)}}
+  assert site_tree.from_paths(params, [('conv', 'kernel')]) == {'conv': {'kernel': 0, 'bias': None}}
+  with pytest.raises(ValueError, match='No parameter at conv/weight'):
+    site_tree.from_paths(params, [('conv', 'weight')])

@@ -70,9 +70,9 @@ def init(model, seed=0):
 def test_sites_of_a_vgg_net_follow_the_rules_in_forward_order():
   _, _, found = binarization(VGG(), own_config())
   assert [(s.path, s.kind, s.kernel_shape, s.input_shape) for s in found] == [
-      ('conv1', 'conv', (3, 3, 8, 8), (16, 16, 8)),
-      ('conv2', 'conv', (3, 3, 8, 16), (8, 8, 8)),
-      ('dense', 'dense', (256, 32), (256,))]
+      (('conv1',), 'conv', (3, 3, 8, 8), (16, 16, 8)),
+      (('conv2',), 'conv', (3, 3, 8, 16), (8, 8, 8)),
+      (('dense',), 'dense', (256, 32), (256,))]
   assert sites_lib.site_table(found).splitlines()[1].split() == ['0', 'conv1', '3x3x8x8', '16x16x8']
 
 
@@ -81,11 +81,12 @@ def test_sites_of_nested_submodules_carry_their_full_paths():
   config.model.binary_include = ('^stage/',)
   config.model.binary_exclude = ('mix',)
   _, binary, found = binarization(Nested(), config)
-  assert binary.sites == ('stage/Block_0/conv', 'stage/Block_1/conv')
+  assert binary.sites == (('stage', 'Block_0', 'conv'), ('stage', 'Block_1', 'conv'))
   config.model.binary_exclude = ()
   config.model.binary_include = ('.*',)
   assert binarization(Nested(), config)[1].sites == (
-      'stem', 'stage/Block_0/conv', 'stage/Block_1/conv', 'stage/mix', 'Dense_0')
+      ('stem',), ('stage', 'Block_0', 'conv'), ('stage', 'Block_1', 'conv'), ('stage', 'mix'),
+      ('Dense_0',))
 
 
 def test_fully_binary_eval_equals_the_hand_binarized_network():
@@ -95,9 +96,9 @@ def test_fully_binary_eval_equals_the_hand_binarized_network():
                                  config=binary, fully_binary=True)
   logits = model.apply(variables, images, train=False, ctx=ctx)
   by_hand = dict(variables['params'])
-  for path in binary.sites:
-    by_hand[path] = {**by_hand[path], 'kernel': sign(by_hand[path]['kernel'])}
-  reference = VGG(hand_signs=binary.sites).apply({**variables, 'params': by_hand}, images)
+  for (name,) in binary.sites:
+    by_hand[name] = {**by_hand[name], 'kernel': sign(by_hand[name]['kernel'])}
+  reference = VGG(hand_signs=tuple(name for (name,) in binary.sites)).apply({**variables, 'params': by_hand}, images)
   np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-5)
   float_logits = model.apply(variables, images, train=False)
   assert not np.allclose(logits, float_logits), 'ctx=None must run the float network'
@@ -123,10 +124,11 @@ def test_frozen_kernel_entries_get_zero_gradients_and_no_update(mode):
   config = own_config('stompp', mode)
   model, binary, found = binarization(VGG(), config, total_steps=10)
   images = jax.random.normal(jax.random.key(0), (8, *IMAGE_SHAPE))
+  params = model.init(jax.random.key(0), images)['params']
+  site_tree = sites_lib.site_tree(params, found)
   tx = optimizers.create_optimizer(
-      config.optim, config.binary, lr_schedule=optax.constant_schedule(0.1),
-      kernel_sites=sites_lib.kernel_sites(found),
-      kernel_mask=experiment.kernel_mask(model.init(jax.random.key(0), images)['params']))
+      config.optim, config.binary, lr_schedule=optax.constant_schedule(0.1), sites=site_tree,
+      kernel_mask=experiment.kernel_mask(params))
   state = state_lib.create_train_state(model, tx, 0, images).replace(step=jnp.int32(4))
   ctx = bctx.BinarizationContext(step=state.step, key=state.mask_key, config=binary)
   batch = {'image': images, 'label': jnp.arange(8) % 4}
@@ -139,12 +141,13 @@ def test_frozen_kernel_entries_get_zero_gradients_and_no_update(mode):
   grads = jax.grad(loss)(state.params)
   # One momentum step first, so that a frozen entry's update could come from momentum.
   state, _, per_site = steps.train_step(state.replace(step=jnp.int32(3)), batch, model=model,
-                                        binarization=binary, tx=tx, diagnostics=False)
+                                        binarization=binary, sites=site_tree, tx=tx,
+                                        diagnostics=False)
   new_state, _, per_site = steps.train_step(state, batch, model=model, binarization=binary,
-                                            tx=tx, diagnostics=False)
+                                            sites=site_tree, tx=tx, diagnostics=False)
   fractions = np.asarray(per_site['frozen_fraction'])
   assert fractions.shape == (3,) and 0 < fractions[0] and fractions[-1] < 1, fractions
-  for site, path in enumerate(binary.sites):
+  for site, (path,) in enumerate(binary.sites):
     frozen = np.asarray(bctx.site_frozen_mask(ctx, site, 'kernel', found[site].kernel_shape))
     grad = np.asarray(grads[path]['kernel'])
     assert np.all(grad[frozen] == 0), path
@@ -156,9 +159,8 @@ def test_frozen_kernel_entries_get_zero_gradients_and_no_update(mode):
 
 
 @pytest.fixture(scope='module')
-def reference_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('own_reference')
-  return workdir, train.train_and_evaluate(own_config(), str(workdir), model=VGG())
+def reference_run(own_model_run):
+  return own_model_run  # The session's run (conftest.py); these tests only read it.
 
 
 def test_train_and_evaluate_trains_a_user_model(reference_run):
@@ -189,6 +191,27 @@ def test_a_model_that_is_not_a_linen_module_is_refused(tmp_path):
   with pytest.raises(errors.SetupError, match='flax.linen.Module'):
     train.train_and_evaluate(own_config(), str(tmp_path), model=lambda x: x)
   assert not list(tmp_path.iterdir())
+
+
+class _BuggyModel(nn.Module):
+  """A user model with a bug of its own: a ValueError raised inside its __call__."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(4, (3, 3), name='conv')(x)
+    raise ValueError('shapes do not line up in my model')
+
+
+@pytest.mark.parametrize('mode', ['fp', 'bnn'])
+def test_a_bug_in_a_user_model_keeps_its_type_and_traceback(tmp_path, mode):
+  """Not a one-line "bad input": the model's own ValueError, raised from its __call__."""
+  config = own_config('fp' if mode == 'fp' else 'stompp', mode)
+  with pytest.raises(ValueError, match='shapes do not line up in my model') as raised:
+    train.train_and_evaluate(config, str(tmp_path / 'run'), model=_BuggyModel())
+  assert not isinstance(raised.value, errors.SetupError)
+  assert raised.traceback[-1].name == '__call__'
+  assert str(raised.traceback[-1].path) == __file__
+  assert not (tmp_path / 'run').exists()
 
 
 def test_from_module_refuses_an_unknown_mode():

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from stompp_jax import evaluate
-from stompp_jax import train
 from stompp_jax.binary import context as bctx
 from stompp_jax.data import pipeline
 from stompp_jax.export import inference
@@ -37,12 +36,10 @@ for name in sys.argv[1:]:
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-  """Two finished runs: the zoo's tiny ResNet BNN and the VGG-style model of helpers.py."""
-  zoo, own = tmp_path_factory.mktemp('zoo'), tmp_path_factory.mktemp('own')
-  train.train_and_evaluate(helpers.tiny_config('stompp'), str(zoo))
-  train.train_and_evaluate(helpers.own_config(), str(own), model=helpers.VGG())
-  return zoo, own
+def runs(tiny_run, own_model_run):
+  """Two finished runs of the session (conftest.py): the zoo's tiny ResNet BNN and the
+  VGG-style model of helpers.py."""
+  return tiny_run, own_model_run[0]
 
 
 def run_standalone(directory, names, pixels):

@@ -30,7 +30,7 @@ def setup(num_devices):
   found = sites.discover_sites(inspect.trace_model(model, IMAGE), RULES)
   binarization = bctx.BinarizationConfig(
       method='stompp', schedule=schedule.ScheduleConfig(total_steps=100),
-      sites=tuple(s.path for s in found), rules=RULES)
+      sites=tuple(s.path for s in found))
   variables = model.init(jax.random.key(0), jnp.zeros((1, *IMAGE)))
   state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                                batch_stats=variables['batch_stats'], opt_state=(),

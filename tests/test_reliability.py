@@ -14,6 +14,7 @@ import subprocess
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from helpers import REPO, tiny_config
@@ -322,6 +323,41 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, c
                    caplog.text), caplog.text
   # Resumed from step 6 exactly: the end is that of the uninterrupted finished_template.
   ru.assert_bitwise_equal(ru.read_checkpoint(workdir)[1], ru.read_checkpoint(finished_template)[1])
+
+
+def test_a_transient_read_error_propagates_and_falls_back_to_nothing(tmp_path, caplog,
+                                                                    preempted_template,
+                                                                    monkeypatch):
+  """A storage outage while reading the newest checkpoint is not corruption: the error comes
+  out as raised, no older checkpoint is used, nothing advises deleting checkpoints, and the
+  next try resumes from the newest one."""
+  workdir = shutil.copytree(preempted_template, tmp_path / 'run')
+  outage = ValueError('UNAVAILABLE: Error reading "checkpoints/7/state/d/0": connection reset')
+
+  def unavailable(self, step, *args, **kwargs):
+    raise outage
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', unavailable)
+  with caplog.at_level(logging.WARNING), pytest.raises(ValueError) as raised:
+    train.train_and_evaluate(small_config(**CORRUPT_TRAIN), str(workdir))
+  assert raised.value is outage and not isinstance(raised.value, errors.SetupError)
+  assert 'falling back' not in caplog.text and 'delete' not in caplog.text
+  assert ru.checkpoint_steps(workdir) == [3, 6, 7]
+  monkeypatch.undo()
+  with caplog.at_level(logging.INFO):
+    assert train.train_and_evaluate(small_config(**CORRUPT_TRAIN), str(workdir))['step'] == 8
+  assert 'Resumed from the checkpoint at step 7' in caplog.text
+
+
+@pytest.mark.parametrize('failure', [MemoryError('out of memory'), PermissionError(13, 'denied')],
+                         ids=['out_of_memory', 'permission'])
+def test_only_corruption_counts_as_a_corrupt_checkpoint(failure):
+  assert not checkpoints.is_corrupt(failure)
+  wrapped = RuntimeError('restore failed')
+  wrapped.__cause__ = ValueError('OUT_OF_RANGE: Requested byte range [0, 5754) is not valid for'
+                                 ' value of size 2877')
+  assert checkpoints.is_corrupt(wrapped)
+  assert checkpoints.is_corrupt(FileNotFoundError(2, 'No such file', '_CHECKPOINT_METADATA'))
 
 
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')

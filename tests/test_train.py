@@ -2,21 +2,31 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from stompp_jax import errors
+from stompp_jax import experiment
+from stompp_jax import parallel
 from stompp_jax import train
 
 from helpers import REPO, rows, tiny_config  # pylint: disable=g-bad-import-order
 
 
 @pytest.mark.parametrize('method', ['fp', 'ste', 'stompp', 'stompp_ste'])
-def test_every_method_trains_and_logs(tmp_path, method):
-  final = train.train_and_evaluate(tiny_config(method), str(tmp_path))
-  train_rows, eval_rows = rows(tmp_path, 'train'), rows(tmp_path, 'eval')
+def test_every_method_trains_and_logs(tmp_path, method, request):
+  if method == 'stompp':  # The session's run of this config (conftest.py).
+    workdir = request.getfixturevalue('tiny_run')
+    final = json.loads((workdir / 'done.json').read_text())
+  else:
+    workdir = tmp_path
+    final = train.train_and_evaluate(tiny_config(method), str(workdir))
+  train_rows, eval_rows = rows(workdir, 'train'), rows(workdir, 'eval')
   assert [r['step'] for r in train_rows] == [3, 6, 9, 12]
   assert [r['step'] for r in eval_rows] == [6, 12]
   expected_train = {'loss', 'accuracy', 'nonfinite', 'learning_rate', 'images_per_second', 'eta_seconds'}
@@ -33,25 +43,45 @@ def test_every_method_trains_and_logs(tmp_path, method):
     assert np.all(np.diff(fractions, axis=0) >= 0), 'frozen fractions must not decrease'
     # Step 11 is past span_end * 12 steps: every site is fully frozen (STE: always).
     np.testing.assert_array_equal(fractions[-1], 1.0)
-  done = json.loads((tmp_path / 'done.json').read_text())
+  done = json.loads((workdir / 'done.json').read_text())
   assert done['step'] == 12 and final['step'] == 12
-  assert json.loads((tmp_path / 'config.json').read_text())['binary']['method'] == method
-  assert os.listdir(tmp_path / 'tensorboard')
+  assert json.loads((workdir / 'config.json').read_text())['binary']['method'] == method
+  assert os.listdir(workdir / 'tensorboard')
 
 
 def test_eight_devices_match_one_device(tmp_path):
   losses = {}
   for devices in (1, 8):
-    config = tiny_config('stompp', num_steps=6, log_every=1, eval_every=0)
+    config = tiny_config('stompp', log_every=1, eval_every=0)
     config.mesh.num_devices = devices
     train.train_and_evaluate(config, str(tmp_path / str(devices)))
     losses[devices] = [r['loss'] for r in rows(tmp_path / str(devices), 'train')]
   np.testing.assert_allclose(losses[8], losses[1], rtol=2e-4)
 
 
-def test_resume_continues_at_saved_step(tmp_path, monkeypatch):
+def test_sharded_params_train_like_replicated_ones(tmp_path, monkeypatch):
+  """mesh.shard_params=True on 8 devices. tiny_resnet's kernels are all under the size from
+  which parameters are split (parallel.MIN_SHARDED_SIZE), so the test lowers it: then kernels,
+  their momenta and the checkpoints are sharded, and the losses follow the replicated run."""
+  monkeypatch.setattr(parallel, 'MIN_SHARDED_SIZE', 256)
+  losses = {}
+  for shard_params in (False, True):
+    config = tiny_config('stompp', log_every=1, eval_every=0)
+    config.mesh.num_devices, config.mesh.shard_params = 8, shard_params
+    if shard_params:
+      exp = experiment.build(config)
+      specs = [s.spec for s in jax.tree.leaves(exp.state_shardings.params)]
+      assert sum('data' in spec for spec in specs) >= 4, specs
+    workdir = tmp_path / str(shard_params)
+    assert train.train_and_evaluate(config, str(workdir))['step'] == 12
+    losses[shard_params] = [r['loss'] for r in rows(workdir, 'train')]
+  assert len(losses[True]) == 12
+  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+def test_resume_continues_at_saved_step(tmp_path, monkeypatch, tiny_run):
   config = tiny_config('stompp')
-  reference = train.train_and_evaluate(config, str(tmp_path / 'reference'))
+  reference = json.loads((tiny_run / 'done.json').read_text())
 
   calls = []
   original = train._Preemption.reached
@@ -70,23 +100,27 @@ def test_resume_continues_at_saved_step(tmp_path, monkeypatch):
   assert second['step'] == 12 and not second['preempted']
   resumed_rows = rows(tmp_path / 'resumed', 'train')
   assert [r['step'] for r in resumed_rows] == [3, 6, 9, 12]
-  reference_rows = rows(tmp_path / 'reference', 'train')
+  reference_rows = rows(tiny_run, 'train')
   # Masks, data order and optimizer state continue exactly: the same losses after the resume.
   np.testing.assert_allclose([r['loss'] for r in resumed_rows[2:]],
                              [r['loss'] for r in reference_rows[2:]], rtol=1e-6)
   assert second['eval_fully_binary_accuracy'] == reference['eval_fully_binary_accuracy']
 
 
-def test_other_config_in_workdir_is_refused(tmp_path):
-  train.train_and_evaluate(tiny_config('stompp', num_steps=3, eval_every=0), str(tmp_path))
-  other = tiny_config('ste', num_steps=3, eval_every=0)
-  with pytest.raises(ValueError, match='different config: binary.method'):
-    train.train_and_evaluate(other, str(tmp_path))
+def test_other_config_in_workdir_is_refused(tmp_path, tiny_run):
+  workdir = shutil.copytree(tiny_run, tmp_path / 'run')
+  before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob('*'))
+  with pytest.raises(errors.SetupError, match='different config: binary.method'):
+    train.train_and_evaluate(tiny_config('ste'), str(workdir))
+  assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob('*')) == before
 
 
+@pytest.mark.slow
 def test_cli_trains_imagenet_r50_on_synthetic_data(tmp_path):
   """The README's ImageNet smoke command (ResNet-50, ImageNet stem, synthetic data) through the
-  real command line, on 64x64 images instead of 224x224."""
+  real command line, on 64x64 images instead of 224x224. Its 16 bottleneck blocks have 3 binary
+  convs each under the default rules (stem, shortcut projections and classifier stay float):
+  48 sites, each with a frozen fraction in the logged rows."""
   command = [
       sys.executable, '-m', 'stompp_jax.main', '--config=configs/imagenet_r50.py:smoke',
       f'--workdir={tmp_path}', '--config.data.synthetic_image_shape=(64, 64, 3)',
@@ -95,3 +129,7 @@ def test_cli_trains_imagenet_r50_on_synthetic_data(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'step 2/2' in result.stderr
   assert json.loads((tmp_path / 'done.json').read_text())['step'] == 2
+  train_rows = rows(tmp_path, 'train')
+  assert [r['step'] for r in train_rows] == [1, 2]
+  assert all(len(r['frozen_fraction']) == 48 for r in train_rows)
+  assert all(np.isfinite(r['loss']) for r in train_rows)

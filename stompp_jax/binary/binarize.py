@@ -7,7 +7,9 @@ for the backward pass (one bit of information per element instead of a float cop
     ste_sign(x)                 BinaryConnect-style baseline: sign(x) with a straight-through
                                 gradient
 
-sign(0) = +1 everywhere [ours].
+sign(0) = +1 everywhere [ours]. sign(NaN) = NaN [ours]: a NaN is never turned into -1, so a NaN
+upstream of a committed (frozen) binarizer reaches the loss, and the train step's finiteness
+check drops that update, instead of training on as if the value were negative.
 """
 
 import functools
@@ -22,8 +24,8 @@ STE_GRADS = ('clipped', 'identity')
 
 
 def sign(x: jax.Array) -> jax.Array:
-  """Hard sign with sign(0) = +1, in the dtype of `x`."""
-  return jnp.where(x >= 0, 1, -1).astype(x.dtype)
+  """Hard sign with sign(0) = +1 and sign(NaN) = NaN, in the dtype of `x`."""
+  return jnp.where(x >= 0, 1, jnp.where(x < 0, -1, x)).astype(x.dtype)
 
 
 def _in_clip_range(x: jax.Array) -> jax.Array:

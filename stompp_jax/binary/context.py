@@ -6,14 +6,21 @@ mask key and, inside a train step, the kernel masks of the step. Layers (forward
 optimizer (frozen-update masking) both get their masks from `site_frozen_mask`, so the two can
 never disagree; `with_kernel_masks` computes each kernel mask once per step for both.
 
+Compute dtype (bfloat16 models): a kernel is binarized as the optimizer holds it (the float32
+latent weight, so its sign, its clip and its gradient window |w| <= 1 are those of the latent
+value), and the result is then cast to the compute dtype (`binarize_site_kernel`; +-1 and the
+clipped values in [-1, 1] round the same either way); an input is binarized in the dtype it
+arrives in. The zoo's layers and `layers.ByRules` follow this one rule.
+
 Cost: a site whose fraction p is 0 or 1 (not started, or fully frozen; in a layerwise schedule
 all sites but one or two) hashes nothing: `jax.lax.cond` on 0 < p < 1 picks a constant mask
 instead, with the same values (frozen iff score < p).
 """
 
 import dataclasses
+import functools
 import re
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +30,7 @@ from stompp_jax.binary import masks
 from stompp_jax.binary import schedule
 from stompp_jax.binary.choices import check_at_least
 from stompp_jax.binary.choices import check_choice
+from stompp_jax.errors import SetupError
 
 METHODS = ('fp', 'ste', 'stompp', 'stompp_ste')
 
@@ -43,7 +51,7 @@ class BinaryRules:
       try:
         re.compile(pattern)
       except re.error as e:
-        raise ValueError(f'Binary-layer rule {pattern!r} is not a valid regex ({e}): fix model.binary_include/exclude.') from None
+        raise SetupError(f'Binary-layer rule {pattern!r} is not a valid regex ({e}): fix model.binary_include/exclude.') from None
 
   def is_binary(self, path: str) -> bool:
     return (any(re.search(p, path) for p in self.include)
@@ -57,20 +65,19 @@ class BinarizationConfig:
   Attributes:
     method: one of METHODS.
     schedule: the freezing schedule (used by stompp and stompp_ste).
-    sites: module paths of the binary layers in forward order; index = site number.
+    sites: module paths (tuples of names, as Flax's `module.path`) of the binary layers in
+      forward order; index = site number (sites.py reads them from the model's trace).
     frozen_grad: surrogate on frozen entries for stompp_ste ('ste_clipped' | 'ste_identity').
     refresh_every: soft-refresh period r; 0 = never.
     per_example_activation_masks: input masks cover the batch dim too (else shared).
-    rules: which layers are binary (used when the site table is built).
   """
 
   method: str
   schedule: schedule.ScheduleConfig
-  sites: tuple[str, ...] = ()
+  sites: tuple[tuple[str, ...], ...] = ()
   frozen_grad: str = 'ste_clipped'
   refresh_every: int = 100
   per_example_activation_masks: bool = False
-  rules: BinaryRules = BinaryRules()
 
   def __post_init__(self):
     check_choice('binary.method', self.method, METHODS)
@@ -81,11 +88,16 @@ class BinarizationConfig:
   def num_sites(self) -> int:
     return len(self.sites)
 
-  def site_index(self, path: str) -> int:
-    try:
-      return self.sites.index(path)
-    except ValueError:
-      raise ValueError(f'{path!r} is not a binarized site of this model; the site table holds {self.sites}.') from None
+  @functools.cached_property
+  def _site_of_path(self) -> dict[tuple[str, ...], int]:
+    return {path: site for site, path in enumerate(self.sites)}
+
+  def site_index(self, module_path: Sequence[str]) -> Optional[int]:
+    """The site number of the layer at `module_path` (Flax's `module.path`), None when that
+    layer is not binary: the one answer to "is this layer binary?" at call time."""
+    if self.method == 'fp':
+      return None
+    return self._site_of_path.get(tuple(module_path))
 
 
 @jax.tree_util.register_dataclass
@@ -179,3 +191,10 @@ def binarize_site_tensor(x: jax.Array, ctx: BinarizationContext, site: int,
   frozen = site_frozen_mask(ctx, site, tensor, shape)
   frozen_grad = ctx.config.frozen_grad if method == 'stompp_ste' else 'none'
   return binarize.masked_sign(x, frozen, frozen_grad=frozen_grad)
+
+
+def binarize_site_kernel(kernel: jax.Array, ctx: BinarizationContext, site: int,
+                         dtype: Any) -> jax.Array:
+  """The kernel of `site` as a layer computes with it: the latent kernel (float32) binarized,
+  then cast to the compute `dtype` (the module docstring's rule for bfloat16)."""
+  return binarize_site_tensor(kernel, ctx, site, 'kernel').astype(dtype)

@@ -4,45 +4,26 @@
 (momentum must not keep moving them). Its masks come from `context.site_frozen_mask`, the same
 function the forward pass uses. It needs the step's `BinarizationContext` as an extra argument:
 
-    tx = optax.chain(optax.sgd(0.1, momentum=0.9), zero_frozen_updates(kernel_sites))
+    tx = optax.chain(optax.sgd(0.1, momentum=0.9), zero_frozen_updates(sites))
     updates, opt_state = tx.update(grads, opt_state, params, binarization_context=ctx)
 
 `clip_latent_kernels`: the STE baseline keeps latent kernels in [-1, 1] after every step.
 
-Both take `kernel_sites`: {param path (tuple of str): site index} of the binary kernels; other
-parameters pass through untouched. Put them last in a chain so they act on the final update.
+Both take `sites`, the run's site tree (binary/site_tree.py: params-shaped, the site index at
+each binary kernel, None elsewhere); other parameters pass through untouched, and updates of
+another structure raise ValueError. Put them last in a chain so they act on the final update.
 """
 
-from typing import Any, Callable, Mapping
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 import optax
 
 from stompp_jax.binary import context
-
-KernelSites = Mapping[tuple[str, ...], int]
-
-
-def _key_path(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+from stompp_jax.binary import site_tree
 
 
-def _map_kernels(fn: Callable[[jax.Array, int, Any], jax.Array], updates, kernel_sites: KernelSites,
-                 params=None):
-  """Applies fn(update, site, param) to binary-kernel leaves of `updates`."""
-  def visit(path, update, *param):
-    site = kernel_sites.get(_key_path(path))
-    if site is None:
-      return update
-    return fn(update, site, param[0] if param else None)
-
-  if params is None:
-    return jax.tree_util.tree_map_with_path(visit, updates)
-  return jax.tree_util.tree_map_with_path(visit, updates, params)
-
-
-def zero_frozen_updates(kernel_sites: KernelSites) -> optax.GradientTransformationExtraArgs:
+def zero_frozen_updates(sites: Any) -> optax.GradientTransformationExtraArgs:
   """Zeroes the updates of frozen kernel entries.
 
   Extra argument of `update`: `binarization_context` (a context.BinarizationContext of the step
@@ -50,27 +31,26 @@ def zero_frozen_updates(kernel_sites: KernelSites) -> optax.GradientTransformati
   """
 
   def init_fn(params):
-    del params
+    site_tree.check_structure(sites, params)
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None, *, binarization_context, **extra):
     del params, extra
 
-    def zero_frozen(update, site, param):
-      del param
+    def zero_frozen(update, site):
       frozen = context.site_frozen_mask(binarization_context, site, 'kernel', update.shape)
       return jnp.where(frozen, jnp.zeros_like(update), update)
 
-    return _map_kernels(zero_frozen, updates, kernel_sites), state
+    return site_tree.map_sites(zero_frozen, sites, updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def clip_latent_kernels(kernel_sites: KernelSites) -> optax.GradientTransformationExtraArgs:
+def clip_latent_kernels(sites: Any) -> optax.GradientTransformationExtraArgs:
   """Makes the update keep binary latent kernels inside [-1, 1] (BinaryConnect)."""
 
   def init_fn(params):
-    del params
+    site_tree.check_structure(sites, params)
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None, **extra):
@@ -82,6 +62,6 @@ def clip_latent_kernels(kernel_sites: KernelSites) -> optax.GradientTransformati
       del site
       return jnp.clip(param + update, -1, 1) - param
 
-    return _map_kernels(clip, updates, kernel_sites, params), state
+    return site_tree.map_sites(clip, sites, updates, params), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from stompp_jax.binary.choices import check_choice
+from stompp_jax.errors import SetupError
 
 ORDERS = ('layerwise', 'global', 'reverse')
 SHAPES = ('linear', 'quadratic', 'cubic', 'cosine', 'flipped_quadratic')
@@ -57,16 +58,16 @@ class ScheduleConfig:
     check_choice('binary.order', self.order, ORDERS)
     check_choice('binary.shape', self.shape, SHAPES)
     if self.total_steps < 1:
-      raise ValueError(f'total_steps must be >= 1, got {self.total_steps}: train for at least one step.')
+      raise SetupError(f'total_steps must be >= 1, got {self.total_steps}: train for at least one step.')
     if not 0.0 <= self.span_start <= self.span_end <= 1.0:
-      raise ValueError(
+      raise SetupError(
           f'Schedule span [{self.span_start}, {self.span_end}] is not inside [0, 1] with start <= end:'
           ' set binary.span_start and binary.span_end to fractions of training.')
     if not 0.0 <= self.window_overlap < 1.0:
-      raise ValueError(f'binary.window_overlap={self.window_overlap} is not in [0, 1): set it to'
+      raise SetupError(f'binary.window_overlap={self.window_overlap} is not in [0, 1): set it to'
                        ' the fraction of a layerwise window that neighbours overlap (0 = none).')
     if self.window_steps < 0:
-      raise ValueError(f'binary.window_steps={self.window_steps} is negative: set it to the steps'
+      raise SetupError(f'binary.window_steps={self.window_steps} is negative: set it to the steps'
                        ' per layerwise window, or 0 to derive the windows from the span.')
 
 
@@ -89,14 +90,14 @@ def apply_shape(shape: str, x: jax.Array) -> jax.Array:
 def span_steps(cfg: ScheduleConfig, num_sites: int) -> tuple[float, float]:
   """(first, last) step of the progression of `num_sites` sites (float64, static).
 
-  Raises ValueError when window_steps > 0 makes the span end after the run.
+  Raises SetupError when window_steps > 0 makes the span end after the run.
   """
   first = cfg.span_start * cfg.total_steps
   if not cfg.window_steps:
     return first, cfg.span_end * cfg.total_steps
   last = first + cfg.window_steps * (num_sites + cfg.window_overlap) / (1.0 + cfg.window_overlap)
   if math.ceil(last - _EPS) > cfg.total_steps:
-    raise ValueError(
+    raise SetupError(
         f'binary.window_steps={cfg.window_steps} for {num_sites} sites ends the freezing at step'
         f' {math.ceil(last - _EPS)}, after the run ({cfg.total_steps} steps): lower'
         ' binary.window_steps or binary.span_start, or train longer.')

@@ -5,7 +5,6 @@
     manifest = sources.export_variables('DIR', config=..., variables=..., ...)
 """
 
-import json
 import math
 from typing import Any, Optional
 
@@ -83,19 +82,18 @@ def export_workdir(workdir: str, out_dir: str, recalibrate_bn_batches: int = 0) 
   Raises:
     errors.SetupError: `workdir` is not a run directory with a config and a checkpoint.
   """
-  with errors.as_setup_errors():
-    check_at_least('--recalibrate_bn_batches', recalibrate_bn_batches, 0)
-  path = storage.path(workdir) / workdir_lib.CONFIG
+  check_at_least('--recalibrate_bn_batches', recalibrate_bn_batches, 0)
   if not storage.path(workdir).is_dir():
     raise errors.SetupError(f'--workdir={workdir} is not a directory: give the run directory'
                             ' of a trained run (the --workdir of its training command).')
-  text = storage.read_text(path)
-  if text is None:
+  config = workdir_lib.read_config(workdir)
+  if config is None:
     raise errors.SetupError(f'{workdir} has no {workdir_lib.CONFIG}: give the run directory of'
                             ' a trained run (the --workdir of its training command).')
-  config = ml_collections.ConfigDict(json.loads(text))
+  config = ml_collections.ConfigDict(config)
   step, variables, state_bytes = checkpoints.read_variables(workdir)
-  _, image_shape = pipeline.input_shape(config.data)
+  with errors.data_errors():
+    _, image_shape = pipeline.input_shape(config.data)
   num_classes = variables['params']['classifier']['kernel'].shape[-1]
   net = exportable_build(config, num_classes=num_classes, image_shape=image_shape)
   source = dict(workdir=str(storage.path(workdir)), step=int(step))
@@ -110,8 +108,9 @@ def export_workdir(workdir: str, out_dir: str, recalibrate_bn_batches: int = 0) 
 def _recalibrated(config, net: experiment.ModelBuild, variables, num_batches: int) -> dict:
   """The checkpoint's variables with the fully binary network's re-estimated BatchNorm stats."""
   from stompp_jax import recalibrate  # pylint: disable=g-import-not-at-top
-  total_steps, _ = experiment.total_train_steps(config.train,
-                                                pipeline.dataset_info(config.data).train_size)
+  with errors.data_errors():
+    train_size = pipeline.dataset_info(config.data).train_size
+  total_steps, _ = experiment.total_train_steps(config.train, train_size)
   binarization = experiment.binarization_config(config, net.sites, total_steps)
   return recalibrate.recalibrate_variables(config, net.model, binarization, variables,
                                            num_batches)
@@ -125,8 +124,8 @@ def export_config(config: ml_collections.ConfigDict, out_dir: str,
     errors.SetupError: a bad config field (nothing is written).
     NotImplementedError: a model the export does not support (before compiling its init).
   """
-  with errors.as_setup_errors():
-    experiment.check_config(config)
+  experiment.check_config(config)
+  with errors.data_errors():
     num_classes, image_shape = pipeline.input_shape(config.data)
   net = exportable_build(config, num_classes=num_classes, image_shape=image_shape)
   init = jax.jit(net.model.init, static_argnames='train')

@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from stompp_jax import errors
 from stompp_jax import layers
 from stompp_jax.binary import context as bctx
 from stompp_jax.binary.choices import check_choice
@@ -42,21 +43,21 @@ AUTO_CIFAR_STEM_MAX_SIZE = 64
 
 def check_model_config(model_config: Any) -> None:
   """Checks `config.model`'s name, stem, mode, dtype, width and bnn_shortcut (one-line
-  ValueErrors)."""
+  SetupErrors)."""
   check_choice('model.name', model_config.name, MODEL_NAMES)
   check_choice('model.stem', model_config.stem, ('auto', *resnet.STEMS))
   check_choice('model.mode', model_config.mode, resnet.MODES)
   check_choice('model.dtype', model_config.dtype, tuple(DTYPES))
   if model_config.name != 'mobilenet_v2' and model_config.width_multiplier != 1.0:
-    raise ValueError(f'model.width_multiplier applies to mobilenet_v2 only; '
+    raise errors.SetupError(f'model.width_multiplier applies to mobilenet_v2 only; '
                      f'set it to 1.0 for {model_config.name}.')
-  bnn_shortcut = model_config.get('bnn_shortcut', 'real')  # Runs made before the field: real.
+  bnn_shortcut = model_config.bnn_shortcut
   check_choice('model.bnn_shortcut', bnn_shortcut, resnet.BNN_SHORTCUTS)
   if model_config.name == 'mobilenet_v2' and bnn_shortcut != 'real':
-    raise ValueError(f'model.bnn_shortcut={bnn_shortcut!r} is defined for the ResNets only:'
+    raise errors.SetupError(f'model.bnn_shortcut={bnn_shortcut!r} is defined for the ResNets only:'
                      ' use model.bnn_shortcut=real with mobilenet_v2.')
   if not model_config.width_multiplier > 0:
-    raise ValueError(f'model.width_multiplier={model_config.width_multiplier} is not positive:'
+    raise errors.SetupError(f'model.width_multiplier={model_config.width_multiplier} is not positive:'
                      ' set it > 0 (1.0 = the standard width).')
 
 
@@ -83,7 +84,7 @@ def create_model(model_config: Any, *, num_classes: int,
   if model_config.name == 'mobilenet_v2':
     kwargs['width_multiplier'] = model_config.width_multiplier
   else:
-    kwargs['bnn_shortcut'] = model_config.get('bnn_shortcut', 'real')  # Older runs: real.
+    kwargs['bnn_shortcut'] = model_config.bnn_shortcut
   return _MODELS[model_config.name](**kwargs)
 
 
@@ -95,7 +96,7 @@ def from_module(module: nn.Module, mode: str) -> layers.ByRules:
   the model's own nonlinearities stay as written.
   """
   if not isinstance(module, nn.Module):
-    raise ValueError(f'model= must be a flax.linen.Module, not {type(module).__name__}: pass'
+    raise errors.SetupError(f'model= must be a flax.linen.Module, not {type(module).__name__}: pass'
                      ' your model instance, unbound.')
   check_choice('mode', mode, resnet.MODES)
   return layers.ByRules(module, binarize_input=(mode == 'bnn'))

@@ -25,7 +25,9 @@ class Call:
   """One `__call__` of a module.
 
   Attributes:
-    path: '/'-joined module path ('' for the model itself).
+    path: '/'-joined module path ('' for the model itself), as the binary-layer rules and the
+      tables show it.
+    module_path: the same path as a tuple of names (Flax's `module.path`; the params tree's keys).
     module: the module (read its attributes: strides, padding, epsilon, ...; not its variables).
     input_shape: the first argument's shape without the batch dim.
     output_shape: the output's shape without the batch dim.
@@ -34,6 +36,7 @@ class Call:
   """
 
   path: str
+  module_path: tuple[str, ...]
   module: nn.Module
   input_shape: tuple[int, ...]
   output_shape: tuple[int, ...]
@@ -87,7 +90,8 @@ def trace_model(model: nn.Module, image_shape: tuple[int, ...]) -> Trace:
   def record(next_fun, args, kwargs, call):
     if call.method_name != '__call__':
       return next_fun(*args, **kwargs)
-    entry = dict(path=layers.module_path(call.module), module=call.module,
+    entry = dict(path=layers.module_path(call.module), module_path=tuple(call.module.path),
+                 module=call.module,
                  input_shape=_shape(args[0]) if args else ())
     started.append(entry)
     out = next_fun(*args, **kwargs)

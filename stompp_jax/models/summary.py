@@ -215,11 +215,11 @@ def _main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
   config = _CONFIG.value
   try:
-    with errors.as_setup_errors():
-      models.check_model_config(config.model)
+    models.check_model_config(config.model)
+    rules = models.binary_rules(config.model)
+    with errors.data_errors():
       sources.check_data_config(config.data)
       num_classes, image_shape = pipeline.input_shape(config.data)
-      rules = models.binary_rules(config.model)
   except errors.SetupError as e:
     print(f'Error: {e}', file=sys.stderr, flush=True)
     sys.exit(errors.EXIT_BAD_INPUT)
