@@ -1,4 +1,4 @@
-"""CIFAR-10/100 experiments of the papers (docs/method.md), one family with arguments.
+"""CIFAR-10/100 experiments of the papers, one family with arguments (docs/reproducing.md).
 
     python -m stompp_jax.main --workdir=runs/c100_r50_bnn_stompp \
       --config=configs/cifar.py:dataset=cifar100,model=resnet50,mode=bnn,method=stompp
@@ -10,9 +10,11 @@ linear | quadratic | cosine | flipped_quadratic; refresh [100]; epochs [200].
 
 Recipe (2606.27759, "matched minimal recipe"): SGD momentum 0.9, constant lr 0.1, no weight
 decay, batch 256, standard CIFAR augmentation; epochs are not stated in the papers (200 is ours).
-Data: tfds by default; `--config.data.source=cifar_archive` reads/downloads the original archives.
+Data (data.source=auto): a tfds dataset prepared in data.dir is read when there; otherwise the
+original archive, downloaded into data.dir ($STOMPP_DATA_DIR, else ~/stompp_data) and
+md5-checked when missing. No TensorFlow needed; the run's `Data:` line says which source ran.
 
-Paper numbers each setting targets (top-1 %, docs/method.md):
+Paper numbers each setting targets (top-1 %, docs/reproducing.md):
   model=resnet50 mode=bnn  dataset=cifar10:  ste 51.5 | stompp 69.5 | stompp_ste 78.6
   model=resnet50 mode=bnn  dataset=cifar100: ste 26.7 | stompp 40.2 | stompp_ste 46.5
   model=resnet18 mode=bnn: stompp over ste +3.1 (cifar10), +4.7 (cifar100)
@@ -22,7 +24,8 @@ Paper numbers each setting targets (top-1 %, docs/method.md):
   lr ablation, resnet18 bnn cifar100: ste 48.9 vs stompp 53.8 at 0.1; 46.8 vs 54.2 at 0.05
                                        (--config.optim.learning_rate=0.05)
   model=mobilenet_v2 dataset=cifar100: ste 40.5 -> stompp_ste 48.0
-Runtime: about a day per run on one GPU for ResNet-50 at 200 epochs (not measured here).
+Cost: 39,000 steps at 200 epochs (195 per epoch); no accelerator time measured yet
+(docs/reproducing.md).
 """
 
 from configs import default

@@ -1,12 +1,14 @@
 """Every configurable field of stompp_jax, with its default and meaning.
 
 Other configs start from `get_config()` here and change fields; a field that is not
-defined here is an error (the ConfigDict is locked).
+defined here is an error (the ConfigDict is locked). docs/configuration.md is generated from
+this file's comments (python docs/make_configuration_md.py).
 
     python -m stompp_jax.main --config=configs/default.py --workdir=/tmp/run
 
-trains a CIFAR ResNet-20 BNN with StoMPP on CIFAR-10 (see configs/quickstart.py for a
-short CPU run). Any field can be overridden: `--config.binary.method=ste`.
+trains a CIFAR ResNet-20 BNN with StoMPP on CIFAR-10 for 100 epochs, downloading the CIFAR-10
+archive into ~/stompp_data when it is missing (configs/quickstart.py is a short CPU run). Any
+field can be overridden: `--config.binary.method=ste`.
 """
 
 import ml_collections
@@ -17,7 +19,7 @@ def get_config(arg=None):
   del arg
   c = ml_collections.ConfigDict()
 
-  c.seed = 0  # One seed for init, masks, dropout-free data order; per-step keys fold in the step.
+  c.seed = 0  # One seed for init, masks and data order; per-step keys fold in the step.
 
   # ---------------------------------------------------------------- model
   c.model = ml_collections.ConfigDict()
@@ -27,17 +29,18 @@ def get_config(arg=None):
   c.model.stem = 'auto'  # auto (from dataset image size) | cifar | imagenet.
   c.model.mode = 'bnn'  # fp | bwn (binary kernels) | bnn (binary kernels and inputs).
   c.model.width_multiplier = 1.0  # MobileNetV2 width.
-  # BNN block topology (models/resnet.py, issue 15): real (the shortcut carries the real block
-  # input) | binarized (the block input is binarized once, by conv1's site, for conv1 and the
-  # shortcut). ResNets only (mobilenet_v2: real). Default real: at ResNet-20 it trains the more
-  # accurate network for every method (issue-15 study, docs/results.md section 4); binarized is
-  # the reading in which a committed binary activation cuts the gradient upstream.
+  # BNN block topology (models/resnet.py; docs/concepts.md, "the two block readings"): real
+  # (the shortcut carries the real block input) | binarized (the block input is binarized once,
+  # by conv1's site, for conv1 and the shortcut). ResNets only (mobilenet_v2: real). Default
+  # real [ours]: it trained the more accurate network for every method, by 1.3-3.2 points at
+  # ResNet-20 and 15-17 at ResNet-56 (docs/results.md); binarized is the reading in which a
+  # committed binary activation cuts the gradient upstream.
   c.model.bnn_shortcut = 'real'
   # Regexes on module paths ('/'-joined, e.g. 'stage2_block1/conv1'). A conv/dense layer is
   # binary iff it matches a `binary_include` rule and no `binary_exclude` rule.
   # Default [ours, after 2606.27759]: stem, classifier and downsampling shortcuts stay float.
   c.model.binary_include = ('.*',)
-  c.model.binary_exclude = ('^stem', '^classifier', 'shortcut')
+  c.model.binary_exclude = ('^stem', '^classifier', 'shortcut')  # Float layers (see above).
   c.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (params and BN stats stay f32).
 
   # ---------------------------------------------------------------- binarization (docs/method.md)
@@ -54,21 +57,25 @@ def get_config(arg=None):
   # cubic [2606.27759] | linear | quadratic | cosine | flipped_quadratic.
   c.binary.shape = 'cubic'
   c.binary.span_start = 0.0  # Progression starts at this fraction of training [ours].
-  c.binary.span_end = 0.8  # ... and ends here; fully binary afterwards [ours].
+  c.binary.span_end = 0.8  # Progression ends at this fraction; fully binary afterwards [ours].
   c.binary.window_overlap = 0.0  # Layerwise windows overlap by this fraction of a window [ours].
   # Steps per layerwise window (> 0): the span starts at span_start and lasts as many windows
   # as the model has sites, whatever the depth (span_end unused); 0 = windows from the span.
   c.binary.window_steps = 0
   c.binary.refresh_every = 100  # Soft refresh period r in steps (2606.27759); 0 = never.
-  c.binary.per_example_activation_masks = False  # Else one mask shared by the batch [ours].
+  # One activation mask per example; False: one mask shared by the batch [ours].
+  c.binary.per_example_activation_masks = False
 
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()
   c.data.name = 'cifar10'  # cifar10 | cifar100 | imagenet2012 | digits (built in, npz).
   # tfds (array_record via tfds.data_source) | cifar_archive (the original archives) |
-  # npz (train.npz/test.npz with image, label) | synthetic.
+  # npz (train.npz/test.npz with image, label) | synthetic | auto (tfds when data.dir holds
+  # the dataset prepared by tfds, else cifar_archive; the CIFAR family configs use it).
   c.data.source = 'cifar_archive'
-  c.data.dir = ''  # Data directory or gs:// bucket; '' = $STOMPP_DATA_DIR, else ~/stompp_data.
+  # Local data directory (for tfds, its data_dir; a bucket through its gcsfuse mount, e.g.
+  # /mnt/stompp_data/tensorflow_datasets: docs/data.md); '' = $STOMPP_DATA_DIR, else ~/stompp_data.
+  c.data.dir = ''
   c.data.download = True  # cifar_archive: download the official archive if it is missing.
   c.data.cifar100_labels = 'fine'  # fine | coarse.
   c.data.augment = 'auto'  # auto (from dataset) | cifar | imagenet | none.
@@ -78,7 +85,7 @@ def get_config(arg=None):
   # synthetic source only: random images whose class sets their mean (learnable), standing in
   # for data.name; 0 classes / shape () = those of data.name (224x224x3 for imagenet2012).
   c.data.synthetic_num_classes = 0
-  c.data.synthetic_image_shape = ()
+  c.data.synthetic_image_shape = ()  # synthetic source only: (H, W, C), () = see above.
   c.data.synthetic_train_size = 1024  # synthetic source only.
   c.data.synthetic_eval_size = 256  # synthetic source only.
 
@@ -87,7 +94,7 @@ def get_config(arg=None):
   c.optim.name = 'sgd'  # sgd | adam | adamw.
   c.optim.learning_rate = 0.1  # Peak learning rate (2606.27759: constant 0.1).
   c.optim.schedule = 'constant'  # constant | cosine | warmup_cosine | warmup_constant.
-  c.optim.warmup_epochs = 0.0
+  c.optim.warmup_epochs = 0.0  # Linear warmup length of the warmup_* schedules.
   c.optim.momentum = 0.9  # sgd only.
   c.optim.nesterov = False  # sgd only.
   c.optim.b1 = 0.9  # adam/adamw.
@@ -110,7 +117,7 @@ def get_config(arg=None):
   # eval_fully_binary_recalibrated_loss/_accuracy too. 0 = off; binary methods only.
   c.train.recalibrate_bn_batches = 0
   c.train.checkpoint_every = 1000  # Steps between checkpoints (and at the end).
-  c.train.keep_checkpoints = 3
+  c.train.keep_checkpoints = 3  # Newest checkpoints kept; older ones are deleted.
   c.train.on_nonfinite = 'error'  # error: stop naming the step | skip: drop that update.
   c.train.diagnostics = False  # Per-site sign flips, in-clip fraction, gradient norms.
   c.train.override_workdir_config = False  # Allow resuming a workdir made with another config.

@@ -1,10 +1,13 @@
 """ResNet-50 BNN on ImageNet with StoMPP (the papers' headline setting).
 
+Needs ImageNet prepared with tfds in the array_record format first (docs/data.md); the data
+directory is the gcsfuse mount of the bucket (launch/tpu_vm.sh mount-data):
+
     python -m stompp_jax.main --config=configs/imagenet_r50.py --workdir=gs://BUCKET/runs/r50 \
-      --config.data.dir=gs://BUCKET/tensorflow_datasets
+      --config.data.dir=/mnt/stompp_data/tensorflow_datasets
 
 Targets (2606.27759, top-1): STE 30.8, StoMPP 3.8 points above STE; with
-`--config.binary.method=stompp_ste` 48.5. Runtime: not measured here (days on a v4-32 slice).
+`--config.binary.method=stompp_ste` 48.5. Cost: 450,360 steps (docs/reproducing.md).
 
 Argument `smoke`: the same network on synthetic 224x224 ImageNet-like data, 2 steps at batch 2,
 an 8-image eval, no dataset needed (a check of the ImageNet path on any machine):

@@ -11,9 +11,9 @@ Data (printed at start as `Data: ...`, and in the closing line):
      stompp_jax/data/builtin/README.md): no network and no download needed.
 `configs/quickstart.py:stompp,cifar10` asks for CIFAR-10 whatever is there (downloading the
 archive into ~/stompp_data when missing); `:stompp,digits` for the built-in digits.
-Budget: 400 steps at batch 128 (~1 CIFAR-10 epoch), the schedule compressed into the run,
-evaluated on the full test split: a few minutes on 2 CPU cores (CIFAR-10), about a minute
-(digits). Expect well above chance (10%) but far from converged.
+Budget: 400 steps at batch 128 (about one CIFAR-10 epoch), the schedule compressed into the run,
+evaluated on the full test split. Its measured time and last line: README.md, "Quickstart".
+Expect well above chance but far from converged on CIFAR-10.
 Argument: a method (stompp | ste | stompp_ste), optionally `,` and a dataset (auto | cifar10 |
 digits), e.g. `--config=configs/quickstart.py:ste`.
 """

@@ -1,12 +1,27 @@
-"""Every `python -m stompp_jax...` command that README.md, docs/*.md and the configs' docstrings
-show is covered: run by a test at a tiny budget, or parsed here (the config file, its
-argument and the overrides load, and the config passes validation) where it needs hardware or
-prepared data. A command added to the docs without an entry in COVERAGE fails
-`test_every_documented_command_is_covered`; an entry whose command left the docs fails it too.
+"""Every `python -m ...` command that README.md, docs/*.md, the configs' docstrings and the
+notebooks' text cells show works as shown, or says right beside it what it needs first.
+
+COVERAGE lists each command with how it is checked:
+- `run_by('FILE.py::NAME')`: a test runs it at a tiny budget; that test must exist, and its file
+  must name the command's module.
+- PARSE: no test runs it (it needs an accelerator, a dataset or hours).
+- USAGE: a usage line; it must hold a placeholder (DIR, RUN, <file>, [...], ...).
+
+Whatever its entry, every command of `stompp_jax.main` (and `stompp_jax.export --config=...`)
+is also parsed here as the module parses it (absl flags, ml_collections' config_flags: the
+config file, its argument, the `--config.*` overrides, the lock) and validated by the checks a
+run makes before it trains: `experiment.check_config` (every field, and whether the data source
+can read `data.dir`), the workdir check, and, on a fresh machine (no $STOMPP_DATA_DIR, an empty
+home directory, the command's own environment assignments), the data it needs
+(`sources.requirement`): a command whose data must be prepared first needs a link to
+docs/data.md or docs/reproducing.md in the text just before it or on its own line (or to be
+shown in docs/data.md itself).
+`test_known_bad_commands_fail` proves that the two commands the docs once showed wrongly fail.
 """
 
 import ast
 import glob
+import json
 import os
 import re
 import shlex
@@ -18,15 +33,22 @@ from absl import flags
 from ml_collections import config_flags
 
 from stompp_jax import experiment
+from stompp_jax import workdir as workdir_lib
+from stompp_jax.data import sources
 
 from helpers import REPO  # pylint: disable=g-bad-import-order
 
-_COMMAND = re.compile(r'python -m stompp_jax[\w.]*[^`\n|;]*')
+# A command: optional VAR=value assignments, `python -m module`, its arguments up to the end of
+# the line, a backtick, a table cell or a shell separator.
+_COMMAND = re.compile(r'(?:\b[A-Z][A-Z0-9_]*=\S+ +)*python -m [\w.]+[^`\n|;]*')
+_PREPARATION_LINK = re.compile(r'(?:docs/)?(?:data|reproducing)\.md')
+_DATA_PAGE = 'docs/data.md'  # The page that says how to prepare every dataset.
+_CONTEXT_CHARS = 300  # How far before a command the text may say what it needs.
+_PLACEHOLDER = re.compile(r'\b[A-Z][A-Z_]{2,}\b|<[\w-]+>|\[|\.\.\.')
 
-# Placeholders in a usage line, not a command to run.
 USAGE = 'usage'
-# Loaded and validated by `test_documented_command_parses`.
 PARSE = 'parse'
+_VALIDATED_MODULES = ('stompp_jax.main', 'stompp_jax.export')
 
 
 def run_by(test_id: str) -> str:
@@ -38,61 +60,83 @@ COVERAGE = {
     # README.md
     'python -m stompp_jax.main --config=configs/quickstart.py --workdir=/tmp/stompp_quickstart':
         run_by('test_cli_output.py::test_quickstart_runs_offline_on_the_builtin_digits'),
-    'python -m stompp_jax.main --config=configs/<file>.py[:args] --workdir=DIR [--config.a.b=v ...]':
-        USAGE,
-    'python -m stompp_jax.main --config=PATH/configs/<file>.py':
-        run_by('test_package.py::test_wheel_installs_and_runs_from_another_directory'),
-    'python -m stompp_jax.main --helpfull':
-        run_by('test_notebooks.py::test_install_cell_installs_the_package_from_a_git_repository'),
     'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar100,model=resnet50,method=ste'
     ' --workdir=runs/c100_r50_ste': PARSE,
-    'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar100,order=reverse,shape=linear'
-    ' --workdir=runs/rev': PARSE,
-    'python -m stompp_jax.main --config=configs/cifar.py --workdir=runs/r10'
-    ' --config.binary.refresh_every=10 --config.binary.span_end=1.0'
-    ' --config.optim.learning_rate=0.05': PARSE,
+    'python -m stompp_jax.main --config=configs/cifar10_r18.py --workdir=runs/c10_r18_stompp': PARSE,
+    'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar100,order=reverse'
+    ' --workdir=runs/c100_r18_reverse': PARSE,
+    'python -m stompp_jax.main --config=configs/imagenet_r50.py --workdir=gs://BUCKET/runs/r50'
+    ' --config.data.dir=/mnt/stompp_data/tensorflow_datasets': PARSE,
     'python -m stompp_jax.main --config=configs/imagenet_r50.py:smoke --workdir=/tmp/r50':
         run_by('test_train.py::test_cli_trains_imagenet_r50_on_synthetic_data'),
-    'python -m stompp_jax.models.summary --config=configs/imagenet_r50.py':
-        run_by('test_documented_commands.py::test_the_readme_summary_command_prints_resnet50'),
-    'python -m stompp_jax.analysis RUN_DIR...': USAGE,
-    'python -m stompp_jax.main --config=configs/quickstart.py --workdir=W1':
-        run_by('test_cli_output.py::test_quickstart_runs_offline_on_the_builtin_digits'),
-    'python -m stompp_jax.main --config=configs/quickstart.py:ste --workdir=W2': PARSE,
-    'python -m stompp_jax.main --config=configs/quickstart.py --workdir=W3':
-        run_by('test_cli_output.py::test_quickstart_runs_offline_on_the_builtin_digits'),
     'python -m stompp_jax.export --workdir=RUN --out=DIR':
         run_by('test_export.py::test_cli_export_of_trained_bnn_equals_fully_binary_eval'),
-    'python -m stompp_jax.evaluate --workdir=RUN [--split=test': USAGE,
-    'python -m stompp_jax.evaluate --workdir=RUN --recalibrate_bn_batches=20':
-        run_by('test_evaluate.py::test_recalibrated_line_uses_the_re_estimated_statistics'),
-    'python -m stompp_jax.export': USAGE,
-    # docs/
-    'python -m stompp_jax.export --workdir=RUN --out=DIR --recalibrate_bn_batches=20':
-        run_by('test_export.py::test_export_can_fold_recalibrated_batch_norm_statistics'),
-    'python -m stompp_jax.main --config=configs/default.py --workdir=/tmp/run'
-    ' --config.data.source=npz': PARSE,
-    'python -m stompp_jax.export --config=configs/imagenet.py:model=resnet18 --out=DIR': PARSE,
-    'python -m stompp_jax.export --config=configs/imagenet.py:model=resnet18 --out=/tmp/r18': PARSE,
-    'python -m stompp_jax.main --config=... --workdir=DIR': USAGE,
-    'python -m stompp_jax.main': USAGE,
-    'python -m stompp_jax.analysis runs/study300/resnet20_bnn_* --out=plots':
-        run_by('test_analysis.py::test_main_writes_pngs'),
+    'python -m stompp_jax.models.summary --config=configs/imagenet_r50.py':
+        run_by('test_documented_commands.py::test_the_docs_summary_command_prints_resnet50'),
     # configs/*.py docstrings
     'python -m stompp_jax.main --workdir=runs/c100_r50_bnn_stompp'
     ' --config=configs/cifar.py:dataset=cifar100,model=resnet50,mode=bnn,method=stompp': PARSE,
-    'python -m stompp_jax.main --config=configs/cifar10_r18.py --workdir=runs/c10_r18_stompp': PARSE,
     'python -m stompp_jax.main --config=configs/default.py --workdir=/tmp/run': PARSE,
+    'python -m stompp_jax.main --config=configs/tiny.py --workdir=DIR': USAGE,
     'python -m stompp_jax.main --workdir=gs://BUCKET/runs/in_r50_bnn_stompp'
     ' --config=configs/imagenet.py:model=resnet50,mode=bnn,method=stompp'
-    ' --config.data.dir=gs://BUCKET/tensorflow_datasets': PARSE,
-    'python -m stompp_jax.main --config=configs/imagenet_r50.py --workdir=gs://BUCKET/runs/r50'
-    ' --config.data.dir=gs://BUCKET/tensorflow_datasets': PARSE,
+    ' --config.data.dir=/mnt/stompp_data/tensorflow_datasets': PARSE,
+    # docs/
+    'STOMPP_DATA_DIR=/path/to/cifar10_jpeg python -m stompp_jax.main --config=configs/default.py'
+    ' --workdir=/tmp/run --config.data.source=npz': PARSE,
+    'python -m benchmarks.input_pipeline --data_dir=DIR': USAGE,
+    'python -m stompp_jax.export --config=configs/imagenet.py:model=resnet18 --out=DIR': PARSE,
+    'python -m stompp_jax.export --config=configs/imagenet.py:model=resnet18 --out=/tmp/r18': PARSE,
+    'python -m stompp_jax.export --workdir=RUN --out=DIR --recalibrate_bn_batches=20':
+        run_by('test_export.py::test_export_can_fold_recalibrated_batch_norm_statistics'),
+    'python -m stompp_jax.evaluate --workdir=RUN --recalibrate_bn_batches=20':
+        run_by('test_evaluate.py::test_recalibrated_line_uses_the_re_estimated_statistics'),
+    'python -m examples.own_model --workdir=/tmp/own_model':
+        run_by('test_own_model.py::test_the_example_trains_its_own_model'),
+    'python -m stompp_jax.main --config=configs/quickstart.py --workdir=DIR': USAGE,
+    'python -m stompp_jax.main --config=configs/quickstart.py --workdir=/tmp/qsmeasure/run':
+        run_by('test_cli_output.py::test_quickstart_runs_offline_on_the_builtin_digits'),
+    'python -m stompp_jax.main --config=... --workdir=DIR': USAGE,
+    'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar10,model=resnet50,'
+    'method=stompp --workdir=runs/c10_r50_stompp': PARSE,
+    'python -m stompp_jax.main --config=configs/imagenet.py:model=resnet50,method=stompp_ste'
+    ' --workdir=gs://BUCKET/runs/in_r50_stompp_ste'
+    ' --config.data.dir=/mnt/stompp_data/tensorflow_datasets': PARSE,
+    'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar100,model=resnet18,method=ste'
+    ' --workdir=runs/c100_r18_ste': PARSE,
+    'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar100,model=resnet50,'
+    'order=global --workdir=runs/c100_r50_global': PARSE,
+    'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar100,method=stompp'
+    ' --workdir=runs/c100_r18_lr005 --config.optim.learning_rate=0.05': PARSE,
+    'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar100,shape=linear,refresh=10'
+    ' --workdir=runs/c100_r18_linear_r10 --config.binary.span_end=1.0': PARSE,
+    'python -m launch.sweep r50_bnn_cifar --print':
+        run_by('test_launch.py::test_sweep_prints_every_row_of_a_table_with_three_seeds'),
+    'STOMPP_DATA_DIR=/path/to/cifar10_jpeg python -m stompp_jax.main'
+    ' --config=configs/quickstart.py --workdir=W1':
+        run_by('test_cli_output.py::test_quickstart_runs_offline_on_the_builtin_digits'),
+    'python -m stompp_jax.main --config=configs/<file>.py[:args] --workdir=DIR'
+    ' [--config.a.b=v ...]': USAGE,
+    'python -m stompp_jax.analysis RUN_DIR... --out=PLOT_DIR': USAGE,
+    'python -m stompp_jax.evaluate --workdir=RUN [--split=test': USAGE,
+    'python -m stompp_jax.main --config=CONFIG --workdir=DIR': USAGE,
+    # notebooks/
+    'python -m stompp_jax.main ... --workdir=DIR': USAGE,
+    'python -m stompp_jax.analysis RUN_DIR ...': USAGE,
+    'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar10,model=resnet20,'
+    'method=stompp --workdir=runs/r20_stompp': PARSE,
 }
 
 
+def _notebook_text(path: str) -> str:
+  with open(path, encoding='utf-8') as f:
+    cells = json.load(f)['cells']
+  return '\n\n'.join(''.join(c['source']) for c in cells if c['cell_type'] == 'markdown')
+
+
 def _documents() -> list[tuple[str, str]]:
-  """(path, text that shows commands): README.md, docs/*.md, the configs' module docstrings."""
+  """(path, text that shows commands): README.md, docs/*.md, the configs' module docstrings,
+  the notebooks' markdown cells."""
   documents = []
   for path in ['README.md', *sorted(glob.glob('docs/*.md', root_dir=REPO))]:
     with open(os.path.join(REPO, path), encoding='utf-8') as f:
@@ -100,59 +144,150 @@ def _documents() -> list[tuple[str, str]]:
   for path in sorted(glob.glob('configs/*.py', root_dir=REPO)):
     with open(os.path.join(REPO, path), encoding='utf-8') as f:
       documents.append((path, ast.get_docstring(ast.parse(f.read())) or ''))
+  for path in sorted(glob.glob('notebooks/*.ipynb', root_dir=REPO)):
+    documents.append((path, _notebook_text(os.path.join(REPO, path))))
   return documents
 
 
-def documented_commands() -> dict[str, str]:
-  """{command: where it is shown}, a command's lines joined where they end in a backslash."""
+def _clean(command: str) -> str:
+  return ' '.join(command.split(' #')[0].split())
+
+
+def documented_commands() -> dict[str, tuple[str, str]]:
+  """{command: (where it is shown, the text around it)}: a command's lines joined where they
+  end in a backslash; the text is what precedes it and the rest of its line."""
   found = {}
   for path, text in _documents():
     text = re.sub(r'\s*\\\n\s*', ' ', text)
     for match in _COMMAND.finditer(text):
-      command = ' '.join(match.group(0).split())
-      found.setdefault(command, path)
+      line_end = text.find('\n', match.end())
+      context = text[max(0, match.start() - _CONTEXT_CHARS):line_end if line_end >= 0 else None]
+      found.setdefault(_clean(match.group(0)), (path, context))
   return found
+
+
+def _split(command: str) -> tuple[dict[str, str], str, list[str]]:
+  """(environment assignments, module, arguments) of a command."""
+  words = shlex.split(command)
+  start = words.index('python')
+  env = dict(w.split('=', 1) for w in words[:start])
+  return env, words[start + 2], words[start + 3:]
+
+
+def parse_command(args: list[str]) -> flags.FlagValues:
+  """The flags parsed as stompp_jax.main (and the export) parse them: --config (file, argument,
+  overrides) loaded and locked, --workdir / --out as strings."""
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=values, lock_config=True,
+                                  sys_argv=['prog', *args])
+  for name in ('workdir', 'out', 'recalibrate_bn_batches'):
+    flags.DEFINE_string(name, None, name, flag_values=values)
+  values(['prog', *args])
+  return values
+
+
+def validate(command: str, context: str, where: str = '') -> None:
+  """Raises what a run of `command` would refuse before training, on a fresh machine, or an
+  AssertionError when it needs data prepared and neither `context` says where that is shown
+  nor the command is shown on that page (`where`, docs/data.md). Call with the working
+  directory at the repository root and a fresh environment."""
+  env, module, args = _split(command)
+  os.environ.update(env)
+  values = parse_command(args)
+  assert values.config is not None, f'{command}: no --config'
+  experiment.check_config(values.config)
+  if module == 'stompp_jax.export':
+    assert values.out, f'{command}: no --out'
+    return
+  assert values.workdir, f'{command}: no --workdir'
+  workdir_lib.check_workdir(values.workdir)
+  needed = sources.requirement(values.config.data)
+  assert not needed or where == _DATA_PAGE or _PREPARATION_LINK.search(context), (
+      f'{command} needs {needed} first, and nothing beside it says so: link docs/data.md or'
+      ' docs/reproducing.md just before it')
+
+
+@pytest.fixture
+def fresh_machine(tmp_path, monkeypatch):
+  """The repository as working directory, an empty home, no $STOMPP_DATA_DIR; restores the
+  environment afterwards (validate() applies a command's own assignments)."""
+  monkeypatch.chdir(REPO)
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  for name in ('STOMPP_DATA_DIR', 'XDG_CACHE_HOME'):
+    monkeypatch.delenv(name, raising=False)
+  saved = dict(os.environ)
+  yield
+  os.environ.clear()
+  os.environ.update(saved)
 
 
 def test_every_documented_command_is_covered():
   documented = documented_commands()
-  missing = {c: where for c, where in documented.items() if c not in COVERAGE}
+  missing = {c: where for c, (where, _) in documented.items() if c not in COVERAGE}
   assert not missing, f'commands no test runs or parses (add them to COVERAGE): {missing}'
   stale = sorted(set(COVERAGE) - set(documented))
   assert not stale, f'COVERAGE lists commands the docs no longer show: {stale}'
 
 
+def _validated(command: str) -> bool:
+  _, module, args = _split(command)
+  return (COVERAGE[command] != USAGE and module in _VALIDATED_MODULES
+          and (module == 'stompp_jax.main' or any(a.startswith('--config=') for a in args)))
+
+
+@pytest.mark.parametrize('command', sorted(c for c in COVERAGE if c in documented_commands()
+                                           and _validated(c)))
+def test_documented_command_parses_and_passes_the_checks_before_training(command, fresh_machine):
+  where, context = documented_commands()[command]
+  validate(command, context, where)
+
+
 @pytest.mark.parametrize('command', sorted(c for c, how in COVERAGE.items()
                                            if how not in (USAGE, PARSE)))
-def test_the_test_that_runs_a_command_exists(command):
+def test_the_test_that_runs_a_command_exists_and_names_its_module(command):
   file_name, test_name = COVERAGE[command].split('::')
   with open(os.path.join(REPO, 'tests', file_name), encoding='utf-8') as f:
-    assert re.search(rf'^def {test_name}\(', f.read(), re.M), COVERAGE[command]
-
-
-def parse_command(command: str) -> flags.FlagValues:
-  """The command's flags parsed as its module would: --config (file, argument, overrides)
-  loaded and locked; the other flags of the command kept as strings."""
-  argv = shlex.split(command)[3:]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'config', flag_values=values, lock_config=True,
-                                  sys_argv=['prog', *argv])
-  for name in ('workdir', 'out'):
-    flags.DEFINE_string(name, None, name, flag_values=values)
-  values(['prog', *argv])
-  return values
+    text = f.read()
+  assert re.search(rf'^def {test_name}\(', text, re.M), COVERAGE[command]
+  assert _split(command)[1] in text, f'{file_name} does not name {_split(command)[1]}'
 
 
 @pytest.mark.parametrize('command', sorted(c for c, how in COVERAGE.items() if how == PARSE))
-def test_documented_command_parses(command, monkeypatch):
-  monkeypatch.chdir(REPO)
-  values = parse_command(command)
-  assert values.config is not None
-  experiment.check_config(values.config)
-  assert values.workdir or values.out
+def test_a_parsed_command_is_validated_here(command):
+  assert _validated(command), f'{command}: no test runs it and nothing here validates it'
 
 
-def test_the_readme_summary_command_prints_resnet50():
+@pytest.mark.parametrize('command', sorted(c for c, how in COVERAGE.items() if how == USAGE))
+def test_a_usage_line_has_a_placeholder(command):
+  assert _PLACEHOLDER.search(command.split('python -m', 1)[1]), (
+      f'{command} is concrete: run it in a test or parse it (PARSE)')
+
+
+# Commands the docs once showed that failed as shown, with the text beside them then.
+KNOWN_BAD = {
+    # configs/imagenet.py's command: the tfds source cannot read a gs:// bucket.
+    'python -m stompp_jax.main --workdir=gs://BUCKET/runs/in_r50_bnn_stompp'
+    ' --config=configs/imagenet.py:model=resnet50,mode=bnn,method=stompp'
+    ' --config.data.dir=gs://BUCKET/tensorflow_datasets':
+        ('ImageNet (ILSVRC2012) experiments of the papers (docs/method.md), one family with'
+         ' arguments.', 'mount-data'),
+    # The README's first reproduction example, when configs/cifar.py read only tfds (the
+    # override restores that): CIFAR-100 prepared with TensorFlow, and nothing said so.
+    'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar100,model=resnet50,'
+    'method=ste --workdir=runs/c100_r50_ste --config.data.source=tfds':
+        ('# ResNet-50 BNN, CIFAR-100, STE baseline vs StoMPP vs StoMPP+STE (docs/method.md:'
+         ' 26.7 / 40.2 / 46.5)', 'prepared by tfds'),
+}
+
+
+@pytest.mark.parametrize('command', sorted(KNOWN_BAD))
+def test_known_bad_commands_fail(command, fresh_machine):
+  context, message = KNOWN_BAD[command]
+  with pytest.raises((ValueError, AssertionError), match=message):
+    validate(command, context)
+
+
+def test_the_docs_summary_command_prints_resnet50():
   command = 'python -m stompp_jax.models.summary --config=configs/imagenet_r50.py'
   assert command in COVERAGE
   result = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=REPO,
