@@ -93,7 +93,6 @@ COVERAGE = {
         run_by('test_evaluate.py::test_recalibrated_line_uses_the_re_estimated_statistics'),
     'python -m examples.own_model --workdir=/tmp/own_model':
         run_by('test_own_model.py::test_the_example_trains_its_own_model'),
-    'python -m stompp_jax.main --config=configs/quickstart.py --workdir=DIR': USAGE,
     'python -m stompp_jax.main --config=configs/quickstart.py --workdir=/tmp/qsmeasure/run':
         run_by('test_cli_output.py::test_quickstart_runs_offline_on_the_builtin_digits'),
     'python -m stompp_jax.main --config=... --workdir=DIR': USAGE,
