@@ -18,7 +18,8 @@ import tokenize
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from configs import cifar, cifar10_r18, default, imagenet, imagenet_r50  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import cifar, cifar10_r18, default, imagenet, imagenet_r50
 
 DEFAULT_PY = os.path.join(REPO, 'configs', 'default.py')
 OUTPUT = os.path.join(REPO, 'docs', 'configuration.md')

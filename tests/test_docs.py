@@ -113,5 +113,6 @@ def test_the_readme_own_model_example_runs_as_shown(tmp_path, monkeypatch):
   assert "'/tmp/own_model_readme'" in code
   monkeypatch.chdir(REPO)
   namespace = {}
-  exec(code.replace("'/tmp/own_model_readme'", repr(str(tmp_path))), namespace)  # pylint: disable=exec-used
+  code = code.replace("'/tmp/own_model_readme'", repr(str(tmp_path)))
+  exec(code, namespace)  # pylint: disable=exec-used
   assert (tmp_path / 'done.json').exists()

@@ -62,7 +62,8 @@ COVERAGE = {
         run_by('test_cli_output.py::test_quickstart_runs_offline_on_the_builtin_digits'),
     'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar100,model=resnet50,method=ste'
     ' --workdir=runs/c100_r50_ste': PARSE,
-    'python -m stompp_jax.main --config=configs/cifar10_r18.py --workdir=runs/c10_r18_stompp': PARSE,
+    'python -m stompp_jax.main --config=configs/cifar10_r18.py'
+    ' --workdir=runs/c10_r18_stompp': PARSE,
     'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar100,order=reverse'
     ' --workdir=runs/c100_r18_reverse': PARSE,
     'python -m stompp_jax.main --config=configs/imagenet_r50.py --workdir=gs://BUCKET/runs/r50'

@@ -235,23 +235,24 @@ class TfdsSource:
   """A prepared tfds dataset in array_record format, read with `tfds.data_source`.
 
   No TensorFlow is involved; a gs:// data_dir is refused before (`check_data_location`: the
-  pinned array-record reads buckets only through a gcsfuse mount). ImageNet images stay encoded JPEG bytes (decoded later by the
-  transforms in grain workers); CIFAR images come decoded, uint8 (32, 32, 3).
+  pinned array-record reads buckets only through a gcsfuse mount). ImageNet images stay encoded
+  JPEG bytes (decoded later by the transforms in grain workers); CIFAR images come decoded,
+  uint8 (32, 32, 3).
   """
 
-  def __init__(self, name: str, split: str, data_dir_or_bucket: str, label_key: str = 'label'):
+  def __init__(self, name: str, split: str, tfds_data_dir: str, label_key: str = 'label'):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     decoders = {'image': tfds.decode.SkipDecoding()} if name == 'imagenet2012' else None
     try:
-      self._source = tfds.data_source(name, split=split, data_dir=data_dir_or_bucket,
+      self._source = tfds.data_source(name, split=split, data_dir=tfds_data_dir,
                                       download=False, decoders=decoders)
     except (OSError, RuntimeError, ValueError, AssertionError) as err:
       raise FileNotFoundError(
           f'tfds dataset {name} split {split} in array_record format not found or not readable '
-          f'in {data_dir_or_bucket} ({type(err).__name__}): prepare it with '
+          f'in {tfds_data_dir} ({type(err).__name__}): prepare it with '
           f'file_format=array_record as docs/data.md shows and set data.dir to that tfds '
           f'data_dir (for a gs:// bucket, a gcsfuse mount of it)') from err
-    self._name, self._split, self._dir = name, split, data_dir_or_bucket
+    self._name, self._split, self._dir = name, split, tfds_data_dir
     self._label_key = label_key
 
   def __len__(self) -> int:
