@@ -116,3 +116,21 @@ def test_the_readme_own_model_example_runs_as_shown(tmp_path, monkeypatch):
   code = code.replace("'/tmp/own_model_readme'", repr(str(tmp_path)))
   exec(code, namespace)  # pylint: disable=exec-used
   assert (tmp_path / 'done.json').exists()
+
+
+def _slug(heading: str) -> str:
+  """GitHub's anchor of a markdown heading."""
+  text = re.sub(r'[^\w\- ]', '', heading.strip().lower())
+  return text.replace(' ', '-')
+
+
+def test_every_link_to_a_section_finds_its_heading():
+  broken = []
+  for path in ['README.md', *sorted(glob.glob('docs/*.md', root_dir=REPO))]:
+    text = (REPO / path).read_text()
+    for target, fragment in re.findall(r'\]\(([^)#\s]*)#([\w-]+)\)', text):
+      file = (REPO / path).parent / target if target else REPO / path
+      headings = re.findall(r'^#+ (.+)$', file.read_text(), re.M)
+      if fragment not in {_slug(h) for h in headings}:
+        broken.append(f'{path}: {target}#{fragment}')
+  assert not broken, broken
