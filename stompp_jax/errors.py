@@ -23,7 +23,8 @@ class SetupError(ValueError):
 
 
 class NonFiniteError(FloatingPointError):
-  """The loss, the gradients or the train state hold a NaN or an infinity."""
+  """The loss, the gradients, the new BatchNorm statistics or the train state hold a NaN or an
+  infinity."""
 
 
 class DiskFullError(OSError):

@@ -104,8 +104,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     errors.SetupError: a bad config field, missing or malformed data, a batch that does not split over
       the devices, or a workdir holding another run or only unreadable checkpoints.
-    errors.NonFiniteError: a non-finite loss or gradient under train.on_nonfinite=error (naming
-      the step; no checkpoint holds that update), or a non-finite state at a checkpoint.
+    errors.NonFiniteError: a non-finite loss, gradient or BatchNorm statistic under
+      train.on_nonfinite=error (naming the step; no checkpoint holds that update), or a
+      non-finite state at a checkpoint.
     errors.DiskFullError: a checkpoint did not fit on disk (older ones are intact).
   """
   with contextlib.ExitStack() as cleanup:
@@ -273,7 +274,8 @@ def _check_finite(flags: list, step: int, policy: str) -> None:
   first = step - len(flags) + int(bad[0]) + 1
   if policy == 'error':
     raise errors.NonFiniteError(
-        f'The loss or gradients are not finite at step {first}; that update was not applied and'
-        ' no checkpoint holds it: lower optim.learning_rate (or set'
-        ' optim.grad_clip_norm), or set train.on_nonfinite=skip to drop such updates.')
+        f'The loss, the gradients or the new BatchNorm statistics are not finite at step'
+        f' {first}; that update was not applied and no checkpoint holds it: lower'
+        ' optim.learning_rate (or set optim.grad_clip_norm), or set train.on_nonfinite=skip to'
+        ' drop such updates.')
   logging.warning('Skipped %d non-finite updates up to step %d.', bad.size, step)

@@ -84,7 +84,7 @@ def num_params(variables):
 def site_paths(name, rules):
   model = create(name)
   found = sites.discover_sites(inspect.trace_model(model, CIFAR), rules)
-  return [s.path for s in found]
+  return ['/'.join(s.path) for s in found]  # As the site table prints them.
 
 
 def summarize(name, image_shape, num_classes, mode='bnn', rules=None):

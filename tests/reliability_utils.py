@@ -18,12 +18,10 @@ from stompp_jax import compiler
 from stompp_jax import storage
 
 # A tiny run through the command line: 16x16 synthetic images, batch 8, frequent checkpoints.
+# The command-line runs: configs/tiny.py (the suite's one tiny config) with a longer, smaller-
+# batch schedule, so that a signal can land at many different steps.
+TINY_CONFIG = 'configs/tiny.py'
 TINY_FLAGS = {
-    'model.name': 'tiny_resnet',
-    'binary.refresh_every': 4,
-    'data.source': 'synthetic',
-    'data.synthetic_image_shape': '(16, 16, 3)',
-    'data.synthetic_num_classes': 4,
     'data.synthetic_train_size': 256,
     'data.synthetic_eval_size': 32,
     'train.batch_size': 8,
@@ -52,7 +50,7 @@ def copy_checkout(dest) -> pathlib.Path:
 
 def cli_command(workdir, **overrides) -> list[str]:
   flags = {**TINY_FLAGS, **overrides}
-  return [sys.executable, '-m', 'stompp_jax.main', '--config=configs/default.py',
+  return [sys.executable, '-m', 'stompp_jax.main', f'--config={TINY_CONFIG}',
           f'--workdir={workdir}', *(f'--config.{k}={v}' for k, v in flags.items())]
 
 

@@ -87,7 +87,7 @@ def _in_process(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
 def test_bad_field_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, overrides,
                                                   pattern):
   workdir = tmp_path / 'run'
-  status, output = _in_process(['--config=configs/default.py', f'--workdir={workdir}', *BASE,
+  status, output = _in_process([f'--config={ru.TINY_CONFIG}', f'--workdir={workdir}', *BASE,
                                 *overrides], capsys, monkeypatch)
   assert status == errors.EXIT_BAD_INPUT, output
   assert re.search(pattern, _one_error_line(output)), output
@@ -117,9 +117,9 @@ def test_cli_bad_path_or_argument_is_one_line_and_writes_nothing(tmp_path, case)
       'misspelled family argument': (
           ['--config=configs/cifar.py:datset=cifar100', f'--workdir={workdir}'],
           r"Bad config argument 'datset=cifar100': use key=value with keys dataset, model"),
-      'workdir is a file': (['--config=configs/default.py', f'--workdir={file}', *BASE],
+      'workdir is a file': ([f'--config={ru.TINY_CONFIG}', f'--workdir={file}', *BASE],
                             r'is a file, not a directory: give a directory path'),
-      'workdir under a file': (['--config=configs/default.py', f'--workdir={file}/run', *BASE],
+      'workdir under a file': ([f'--config={ru.TINY_CONFIG}', f'--workdir={file}/run', *BASE],
                                r'which is a file: give a directory path'),
   }[case]
   status, output = _subprocess('stompp_jax.main', *argv)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from stompp_jax import errors
+from stompp_jax import evaluate
 from stompp_jax import parallel
 from stompp_jax import recalibrate
 from stompp_jax import sites
@@ -111,21 +112,26 @@ def test_a_network_with_stale_statistics_gets_its_accuracy_back():
   assert before <= 0.5 and after >= 0.8, (before, after)
 
 
-def test_training_logs_recalibrated_eval_rows_sharded_without_changing_the_run(tmp_path):
-  results = {}
-  for batches in (0, 2):
-    config = tiny_config('stompp_ste', num_steps=6, eval_every=3, recalibrate_bn_batches=batches)
-    config.mesh.num_devices = 8
-    train.train_and_evaluate(config, str(tmp_path / str(batches)))
-    results[batches] = rows(tmp_path / str(batches), 'eval'), rows(tmp_path / str(batches), 'train')
-  (plain_eval, plain_train), (eval_rows, train_rows) = results[0], results[2]
-  assert [r['step'] for r in eval_rows] == [3, 6]
+def test_training_logs_recalibrated_eval_rows_sharded_without_changing_the_run(tmp_path,
+                                                                               tiny_run):
+  """The tiny run again with recalibrate_bn_batches=2, on 8 devices: the same training (the
+  session's tiny_run is the run without it), one more eval row per evaluation, and that row is
+  what `evaluate_run` computes from the final checkpoint on one device."""
+  train.train_and_evaluate(tiny_config('stompp', recalibrate_bn_batches=2), str(tmp_path))
+  eval_rows, train_rows = rows(tmp_path, 'eval'), rows(tmp_path, 'train')
+  plain_eval, plain_train = rows(tiny_run, 'eval'), rows(tiny_run, 'train')
+  assert [r['step'] for r in eval_rows] == [6, 12]
   for row, plain in zip(eval_rows, plain_eval):
-    assert 0 <= row['eval_fully_binary_recalibrated_accuracy'] <= 1
-    assert np.isfinite(row['eval_fully_binary_recalibrated_loss'])
     assert 'eval_fully_binary_recalibrated_accuracy' not in plain
     assert row['eval_fully_binary_accuracy'] == plain['eval_fully_binary_accuracy']
   assert [r['loss'] for r in train_rows] == [r['loss'] for r in plain_train]  # State unchanged.
+  one_device = evaluate.evaluate_run(str(tmp_path), recalibrate_bn_batches=2)
+  assert (one_device['eval_fully_binary_recalibrated_accuracy']
+          == eval_rows[-1]['eval_fully_binary_recalibrated_accuracy'])
+  assert one_device['eval_fully_binary_recalibrated_loss'] == pytest.approx(
+      eval_rows[-1]['eval_fully_binary_recalibrated_loss'], rel=1e-4)
+  assert one_device['eval_fully_binary_recalibrated_loss'] != pytest.approx(
+      one_device['eval_fully_binary_loss'], rel=1e-4)  # The statistics did change.
 
 
 def test_negative_batch_count_is_a_setup_error(tmp_path):

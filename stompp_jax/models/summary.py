@@ -35,6 +35,7 @@ from ml_collections import config_flags
 from stompp_jax import errors
 from stompp_jax import layers
 from stompp_jax import models
+from stompp_jax import sites
 from stompp_jax import tables
 from stompp_jax.binary import context as bctx
 from stompp_jax.data import pipeline
@@ -113,13 +114,12 @@ def _count(tree: Any) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def _layer_row(call: inspect.Call, mode: str, rules: bctx.BinaryRules) -> LayerRow:
+def _layer_row(call: inspect.Call, mode: str, binary: bool) -> LayerRow:
   params = call.variables.get('params', {})
   if isinstance(call.module, nn.BatchNorm):
     return LayerRow(call.path, 'batch_norm', 'float', call.output_shape,
                     float_params=_count(params),
                     float_stats=_count(call.variables.get('batch_stats', {})))
-  binary = mode != 'fp' and rules.is_binary(call.path)
   precision = ('binary' if mode == 'bnn' else 'binary_weight') if binary else 'float'
   kernel_size = math.prod(call.kernel_shape())
   binary_params = kernel_size if binary else 0
@@ -146,7 +146,9 @@ def summarize_trace(trace: inspect.Trace, *, model_name: str, mode: str,
     ValueError: the rows do not account for every variable of the model (a layer type this
       summary does not know holds variables).
   """
-  rows = [_layer_row(call, mode, rules) for call in trace.layer_calls()]
+  # The site table a binary run of this model would have: the one answer to "is it binary".
+  site_paths = {s.path for s in sites.discover_sites(trace, rules)} if mode != 'fp' else set()
+  rows = [_layer_row(call, mode, call.module_path in site_paths) for call in trace.layer_calls()]
   counted = sum(r.binary_params + r.float_params + r.float_stats for r in rows)
   if counted != _count(trace.variables):
     raise ValueError(f'The summary rows hold {counted} of the {_count(trace.variables)} variables'
