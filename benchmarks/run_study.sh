@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The issue-15 study (benchmarks/study.py) on an idle machine: resumable run by run, niced,
-# under nohup, one process per run.
+# The equal-epochs study (benchmarks/study.py, protocol in docs/study.md): niced, under nohup,
+# run by run, each run in chunks of at most STUDY_CHUNK_S seconds (default 1800).
 #
-#   export STOMPP_DATA_DIR=/path/to/cifar10_jpeg       # the npz copy of CIFAR-10
-#   bash benchmarks/run_study.sh [--commit] [study.py flags...]    # starts in the background
-#   tail -f runs/study15/run_study.log
+#   python benchmarks/prepare_cifar16.py --out=~/stompp_data/cifar10_16
+#   bash benchmarks/run_study.sh [--commit] --data_dir=~/stompp_data/cifar10_16 [study.py flags]
+#   tail -f runs/study/run_study.log
 #
-# Every run of `study.py FLAGS --names` is trained by `study.py FLAGS --only=NAME`; a run whose
-# summary exists is skipped, an interrupted one resumes from its checkpoint, so the same command
-# continues a study. Then `study.py FLAGS --analyze` writes results.md and plots/.
+# A chunk ends with a SIGTERM: the run saves a checkpoint and exits with 75, and the next chunk
+# resumes it (the summary's wall time sums the chunks). The plan is read again after every run,
+# so the rule's extra seeds join when a decision calls for them; the same command continues a
+# study after any stop. Then `study.py --analyze` writes results.md and plots/.
 # --commit: `git add` + `git commit` each new summary as its run finishes (and the analysis at
 # the end), in the repository that holds the summaries directory; only those files.
 # --foreground: run here instead of under nohup (used by the tests).
@@ -16,7 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 commit=0
 foreground=0
-summaries=docs/results/study
+summaries=docs/results/equal_epochs
+chunk="${STUDY_CHUNK_S:-1800}"
 args=()
 for a in "$@"; do
   case "$a" in
@@ -27,11 +29,11 @@ for a in "$@"; do
   esac
 done
 if [[ $foreground == 0 ]]; then
-  mkdir -p runs/study15
+  mkdir -p runs/study
   flags=(--foreground)
   [[ $commit == 1 ]] && flags+=(--commit)
-  nohup nice -n 10 bash "$0" "${flags[@]}" "${args[@]}" > runs/study15/run_study.log 2>&1 &
-  echo "started (pid $!): tail -f runs/study15/run_study.log"
+  nohup nice -n 10 bash "$0" "${flags[@]}" "${args[@]}" > runs/study/run_study.log 2>&1 &
+  echo "started (pid $!): tail -f runs/study/run_study.log"
   exit 0
 fi
 
@@ -45,20 +47,29 @@ commit_paths() {  # message, paths...: commits those paths if they changed.
   fi
 }
 
-names=$(python benchmarks/study.py "${args[@]}" --names)
-failed=0
-for name in $names; do
-  if ! python benchmarks/study.py "${args[@]}" --only="$name"; then
-    echo "failed: $name (the next command resumes it)"
-    failed=1
+failed=()
+while true; do
+  name=""
+  for candidate in $(python benchmarks/study.py "${args[@]}" --names); do
+    if [[ " ${failed[*]} " != *" $candidate "* ]]; then name=$candidate; break; fi
+  done
+  [[ -n $name ]] || break
+  status=75
+  while [[ $status == 75 ]]; do
+    set +e
+    timeout --preserve-status -k 600 -s TERM "$chunk" python benchmarks/study.py "${args[@]}" --only="$name"
+    status=$?
+    set -e
+  done
+  if [[ $status != 0 || ! -f "$summaries/$name.json" ]]; then
+    echo "failed: $name (status $status; the next command resumes it)"
+    failed+=("$name")
     continue
   fi
-  if [[ -f "$summaries/$name.json" ]]; then
-    commit_paths "Study (issue 15): $name" "$(realpath "$summaries/$name.json")"
-  fi
+  commit_paths "Study: $name" "$(realpath "$summaries/$name.json")"
 done
 python benchmarks/study.py "${args[@]}" --analyze > /dev/null
-commit_paths "Study (issue 15): tables, plots and verdicts" "$(realpath "$summaries/results.md")" \
+commit_paths "Study: decisions, tables and curves" "$(realpath "$summaries/results.md")" \
   "$(realpath "$summaries/plots")"
-echo "study finished (failed runs: $failed); results: $summaries/results.md"
-exit $failed
+echo "study finished (failed runs: ${failed[*]:-none}); results: $summaries/results.md"
+[[ ${#failed[@]} == 0 ]]

@@ -1,43 +1,42 @@
-"""The papers' findings at a CPU budget (issue 15): both BNN block readings, fixed steps per site.
+"""The equal-epochs study: does StoMPP's gain over STE grow with depth, and does reverse order
+collapse? Decided by rules fixed before the runs (docs/study.md).
 
-    python benchmarks/study.py --plan                         # the runs and their time estimate
-    STOMPP_DATA_DIR=/path/to/cifar10_jpeg python benchmarks/study.py    # run (resumable)
-    python benchmarks/study.py --analyze                      # tables, plots, verdicts
-    python benchmarks/study.py --analyze --doc=docs/results.md    # and the block in the docs
-    bash benchmarks/run_study.sh [--commit]                   # the whole study, nohup + nice
+    python benchmarks/prepare_cifar16.py --out=~/stompp_data/cifar10_16   # 16x16 CIFAR-10
+    python benchmarks/study.py --data_dir=~/stompp_data/cifar10_16 --plan  # runs, time estimate
+    python benchmarks/study.py --data_dir=~/stompp_data/cifar10_16         # run (resumable)
+    python benchmarks/study.py --analyze [--doc=docs/results.md]           # decisions, tables
+    bash benchmarks/run_study.sh --commit --data_dir=...                   # nohup + nice, chunks
 
-Cells (CIFAR-10 JPEG copy; every accuracy is the deployed, fully binary network's):
-  main   --models x {ste, stompp, stompp_ste} (models after the first: --deep_methods) x
-         model.bnn_shortcut {real, binarized}, BNN, layerwise;
-  order  the first model, BNN STE-free StoMPP, global and reverse order, both readings
-         (layerwise is the main group's run);
-  floor  every model and reading: every kernel and input frozen from step 0 (StoMPP with an
-         empty span at 0): what the float stem, BatchNorms, shortcuts and classifier learn alone;
-  bwn    the first model, BWN StoMPP, layerwise and reverse (order insensitivity; the block
-         reading does not apply to BWN: its block inputs are never binarized).
-Seeds: --seeds per model (default resnet20:3,resnet56:3), --ablation_seeds for order/bwn,
---floor_seeds for the floor; runs go seed-major, so a study cut short has every cell's seed 0.
+Every run: CIFAR-10 (JPEG copy) pooled to 16x16, BNN, --epochs epochs at --batch (equal epochs
+at every depth), SGD 0.1 momentum 0.9 (configs/default.py); StoMPP's progression fills the first
+--span of the run in one window per site, so window steps per site = floor(span x steps / sites)
+(the `window` group instead gives ResNet-20 ResNet-56's window steps). --evals evaluations, each
+of the fully binary network as trained and with BatchNorm statistics re-estimated on
+--recalibrate training batches.
 
-Budget: every binary site gets --steps_per_site window steps (binary.window_steps) whatever
-the depth, the progression starts at step 0 and fills 1 - --tail of the run; the rest trains the
-fully binary network. So a run of L sites has ceil(L W / (1 - tail)) steps. Every eval logs the
-accuracy as trained (running BatchNorm statistics) and recalibrated (statistics re-estimated on
---recalibrate training batches, stompp_jax/recalibrate.py).
+Groups (each x --readings x seeds; `reading` = model.bnn_shortcut):
+  core     {resnet20, resnet56} x {ste, stompp layerwise}
+  reverse  resnet56 stompp reverse
+  floor    {resnet20, resnet56}: every site frozen from step 0 (the gates' reference)
+  window   resnet20 stompp layerwise at resnet56's window steps (descriptive)
+Seeds: --seeds (3), plus the extra seeds of the rule in `extra_seed_cells`. Runs go seed-major.
 
 Resume: a run whose summary (--summaries/NAME.json, committed) exists is skipped; an unfinished
-run resumes from its checkpoint under --out (git-ignored). `--only=NAME,...` runs those runs in that order;
-`--names` prints the plan's run names (run_study.sh loops over them).
+run resumes from its checkpoint under --out. A SIGTERM saves a checkpoint and exits with 75
+(run_study.sh sends one every --chunk seconds); the summary's wall time sums every chunk.
 
 --data=synthetic with --models=tiny_resnet is a seconds-long smoke test (tests/test_study.py).
 """
 
 import argparse
 import collections
+import dataclasses
 import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -46,152 +45,209 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # noqa: E402
 
-READINGS = ('real', 'binarized')  # models/resnet.py BNN_SHORTCUTS (imported lazily with JAX).
-MAIN_METHODS = ('ste', 'stompp', 'stompp_ste')
-ORDERS = ('layerwise', 'global', 'reverse')
-GROUPS = ('main', 'order', 'floor', 'bwn')
+READINGS = ('binarized', 'real')  # models/resnet.py BNN_SHORTCUTS, binarized first.
+# The readings run by default: the pilot's cut (docs/study.md) keeps `binarized` only.
+DEFAULT_READINGS = ('binarized',)
+GROUPS = ('core', 'reverse', 'floor', 'window')
+EXIT_PREEMPTED = 75  # stompp_jax.errors.EXIT_PREEMPTED (imported lazily with JAX).
+TRAIN_SIZE = {'npz': 50_000, 'synthetic': 256}
 EVAL_SIZE = {'npz': 10_000, 'synthetic': 64}
-NUM_CLASSES = {'npz': 10, 'synthetic': 4}  # CIFAR-10; the smoke test's synthetic classes.
-# For --plan when no run of a model has finished (else the median wall time of the finished runs
-# of that model and budget): seconds per train step at batch 64 and compile seconds, measured by
-# this study on the idle 2-core VM (the train rows' images_per_second, medians: ResNet-20 72-83
-# images/s, ResNet-56 20.5; the ResNet-56 train step compiled in 194 s).
-STEP_SECONDS = {'resnet20': 0.85, 'resnet56': 3.1, 'tiny_resnet': 0.01}
-COMPILE_SECONDS = {'resnet20': 60.0, 'resnet56': 200.0, 'tiny_resnet': 10.0}
+NUM_CLASSES = {'npz': 10, 'synthetic': 4}
+IMAGE_SHAPE = (16, 16, 3)
+# --plan's fallback when no run of a model has finished: seconds per train step at batch 128 on
+# 16x16 images and compile seconds, from the pilot (docs/study.md): ResNet-20 measured (689 img/s),
+# ResNet-56 three times that (its three times as many blocks; the pilot's own ResNet-56 figure was
+# taken on an overloaded machine).
+STEP_SECONDS = {'resnet20': 0.19, 'resnet56': 0.56, 'tiny_resnet': 0.01}
+COMPILE_SECONDS = {'resnet20': 35.0, 'resnet56': 100.0, 'tiny_resnet': 10.0}
 DOC_BEGIN = '<!-- study: begin (written by python benchmarks/study.py --analyze --doc=FILE) -->'
 DOC_END = '<!-- study: end -->'
 
+# ------------------------------------------------------------------ the pre-registered rules
+# Written before the first run (docs/study.md states the same); changing one after the runs
+# turns every decision it touches into a descriptive result.
+PRIMARY, CHECK = 'recalibrated', 'as_trained'  # The decisions' metric; it must agree with CHECK.
+GATE_ABOVE_FLOOR = 0.15  # Layerwise at least 15 points above the floor (mean over seeds)...
+GATE_TRAIN_LOSS = 1.6  # ...and its final train loss at most 1.6, else "undertrained".
+GROWTH_MIN = 0.03  # "Grows": lower bound of the growth > 0 and growth >= 3 points.
+COLLAPSE_BELOW, HOLDS_ABOVE = 1 / 3, 1 / 2  # Reverse: r's upper bound < 1/3; lower bound > 1/2.
+SEEDS, EXTRA_SEEDS = 3, 2  # +2 seeds once, for a decision still "cannot tell" with gates passed.
+# One-sided 95% quantiles of Student's t by degrees of freedom; df above 20 uses df 20's
+# (conservative); a fractional Welch df is rounded down.
+T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860,
+       9: 1.833, 10: 1.812, 11: 1.796, 12: 1.782, 13: 1.771, 14: 1.761, 15: 1.753, 16: 1.746,
+       17: 1.740, 18: 1.734, 19: 1.729, 20: 1.725}
+DECISIONS = ('depth', 'reverse')
+VERDICTS = {'depth': ('grows', 'does not grow'), 'reverse': ('collapses', 'does not collapse')}
 
-def num_sites(model: str, data: str) -> int:
+
+def t95(df: float) -> float:
+  return T95[min(max(int(df + 1e-9), 1), 20)]  # + 1e-9: a df of 4 computed as 3.9999...
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """A mean with its one-sided 95% bounds (each bound alone at 95%) over `n` values."""
+  mean: float
+  lower: float
+  upper: float
+  n: int
+
+  def text(self, scale: float = 100, unit: str = ' points') -> str:
+    return (f'{scale * self.mean:+.2f}{unit} (one-sided 95%: > {scale * self.lower:+.2f},'
+            f' < {scale * self.upper:+.2f}; n={self.n})')
+
+
+def one_sample(values: list[float]) -> Estimate | None:
+  """Mean and one-sided 95% t bounds of per-seed values (paired differences, ratios)."""
+  if len(values) < 2:
+    return None
+  mean, half = statistics.mean(values), t95(len(values) - 1) * statistics.stdev(values)
+  return Estimate(mean, mean - half / math.sqrt(len(values)), mean + half / math.sqrt(len(values)),
+                  len(values))
+
+
+def welch(a: list[float], b: list[float]) -> Estimate | None:
+  """mean(a) - mean(b) with one-sided 95% Welch bounds (independent samples: other models)."""
+  if len(a) < 2 or len(b) < 2:
+    return None
+  va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+  se = math.sqrt(va + vb)
+  df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se else 1
+  diff = statistics.mean(a) - statistics.mean(b)
+  return Estimate(diff, diff - t95(df) * se, diff + t95(df) * se, min(len(a), len(b)))
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> list[float]:
+  """a - b over the common seeds (same seed: same init and data order)."""
+  return [a[s] - b[s] for s in sorted(set(a) & set(b))]
+
+
+# ------------------------------------------------------------------------------- the plan
+
+
+def num_sites(model: str) -> int:
   """Binary sites of `model` under the default rules (traced, as train.py does)."""
   from stompp_jax import models, sites  # pylint: disable=g-import-not-at-top  (JAX)
   from stompp_jax.models import inspect  # pylint: disable=g-import-not-at-top
   config = default.get_config().model
   config.name = model
-  shape = (16, 16, 3) if data == 'synthetic' else (32, 32, 3)
-  net = models.create_model(config, num_classes=10, image_shape=shape)
-  return len(sites.discover_sites(inspect.trace_model(net, shape), models.binary_rules(config)))
+  net = models.create_model(config, num_classes=10, image_shape=IMAGE_SHAPE)
+  return len(sites.discover_sites(inspect.trace_model(net, IMAGE_SHAPE),
+                                  models.binary_rules(config)))
 
 
 def run_name(run: dict) -> str:
-  return (f"{run['model']}_{run['mode']}_{run['bnn_shortcut']}_{run['method']}_{run['order']}"
+  window = '_w' if run['group'] == 'window' else ''
+  return (f"{run['model']}_{run['reading']}_{run['method']}_{run['order']}{window}"
           f"_s{run['seed']}")
 
 
-def plan_runs(args: argparse.Namespace) -> list[dict]:
-  """The study's runs, seed-major: dicts with name, group, model, mode, bnn_shortcut, method,
-  order, seed (method 'floor' = every site frozen from step 0)."""
-  first = args.models[0]
-  max_seed = max([*args.seeds.values(), args.ablation_seeds, args.floor_seeds])
+def cells(args) -> list[tuple]:
+  """(group, model, method, order) of every planned cell, in the order runs go within a seed."""
+  shallow, deep = args.models[0], args.models[-1]
+  out = []
+  for group in args.groups:
+    if group == 'core':
+      out += [('core', m, method, 'layerwise') for m in (deep, shallow)
+              for method in ('stompp', 'ste')]
+    elif group == 'reverse':
+      out.append(('reverse', deep, 'stompp', 'reverse'))
+    elif group == 'floor':
+      out += [('floor', m, 'floor', 'layerwise') for m in (deep, shallow)]
+    elif group == 'window' and shallow != deep:
+      out.append(('window', shallow, 'stompp', 'layerwise'))
+  return list(dict.fromkeys(out))
+
+
+def plan_runs(args, summaries: list[dict] | None = None) -> list[dict]:
+  """The study's runs, seed-major, readings in --readings order: dicts with name, group,
+  model, reading, method, order, seed; with the rule's extra seeds where `summaries` call
+  for them."""
+  extra = extra_seed_cells(summaries or [], args)
   runs = []
-  for seed in range(max_seed):
-    specs = []
-    if 'main' in args.groups:
-      for model in args.models:
-        if seed < args.seeds[model]:
-          methods = args.methods if model == first else args.deep_methods
-          specs += [('main', model, 'bnn', r, m, 'layerwise') for r in READINGS for m in methods]
-    if 'order' in args.groups and seed < args.ablation_seeds:
-      specs += [('order', first, 'bnn', r, 'stompp', o) for r in READINGS for o in ORDERS[1:]]
-    if 'floor' in args.groups and seed < args.floor_seeds:
-      specs += [('floor', model, 'bnn', r, 'floor', 'layerwise') for model in args.models
-                for r in READINGS]
-    if 'bwn' in args.groups and seed < args.ablation_seeds:
-      specs += [('bwn', first, 'bwn', 'real', 'stompp', o) for o in ('layerwise', 'reverse')]
-    for group, model, mode, reading, method, order in specs:
-      run = dict(group=group, model=model, mode=mode, bnn_shortcut=reading, method=method,
-                 order=order, seed=seed)
-      runs.append({'name': run_name(run), **run})
+  for seed in range(args.seeds + EXTRA_SEEDS):
+    for reading in args.readings:
+      for group, model, method, order in cells(args):
+        if seed >= args.seeds and (group, model, method, order, reading) not in extra:
+          continue
+        run = dict(group=group, model=model, reading=reading, method=method, order=order,
+                   seed=seed)
+        runs.append({'name': run_name(run), **run})
   return runs
 
 
-def total_steps(sites: int, args: argparse.Namespace) -> int:
-  return math.ceil(sites * args.steps_per_site / (1.0 - args.tail))
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  steps: int
+  window_steps: int  # 0 for the floor.
 
 
-def make_config(run: dict, sites: int, args: argparse.Namespace):
-  """The config of one run: the study's recipe with the run's cell and seed."""
+def budget(run: dict, sites: dict[str, int], args) -> Budget:
+  """Equal epochs at every depth; the progression fills --span of the run, one window a site."""
+  steps = max(1, math.ceil(args.epochs * (TRAIN_SIZE[args.data] // args.batch)))
+  if run['method'] == 'floor':
+    return Budget(steps, 0)
+  model = args.models[-1] if run['group'] == 'window' else run['model']
+  return Budget(steps, max(1, int(args.span * steps / sites[model])))
+
+
+def make_config(run: dict, sites: dict[str, int], args):
+  """The config of one run: configs/default.py with the study's recipe, cell and seed."""
   config = default.get_config()
+  plan = budget(run, sites, args)
   config.seed = run['seed']
   config.model.name = run['model']
-  config.model.mode = run['mode']
-  config.model.bnn_shortcut = run['bnn_shortcut']
+  config.model.mode = 'bnn'
+  config.model.bnn_shortcut = run['reading']
   floor = run['method'] == 'floor'
   config.binary.method = 'stompp' if floor else run['method']
   config.binary.order = run['order']
-  config.binary.refresh_every = args.refresh
   config.binary.span_start = 0.0
-  config.binary.span_end = 0.0 if floor else 1.0 - args.tail  # Unused under window_steps.
-  config.binary.window_steps = 0 if floor else args.steps_per_site
+  config.binary.span_end = 0.0 if floor else args.span  # Windows come from window_steps.
+  config.binary.window_steps = plan.window_steps
   config.data.name = 'cifar10'
   if args.data == 'synthetic':
     config.data.source = 'synthetic'
-    config.data.synthetic_image_shape = (16, 16, 3)
+    config.data.synthetic_image_shape = IMAGE_SHAPE
     config.data.synthetic_num_classes = NUM_CLASSES['synthetic']
-    config.data.synthetic_train_size = 256
+    config.data.synthetic_train_size = TRAIN_SIZE['synthetic']
     config.data.synthetic_eval_size = EVAL_SIZE['synthetic']
   else:
     config.data.source = 'npz'
-    config.data.dir = args.data_dir  # '' = $STOMPP_DATA_DIR.
-  steps = total_steps(sites, args)
+    config.data.dir = os.path.expanduser(args.data_dir)  # '' = $STOMPP_DATA_DIR.
   config.train.batch_size = args.batch
   config.train.eval_batch_size = args.eval_batch
-  config.train.num_steps = steps
-  config.train.log_every = max(1, steps // 60)
-  config.train.eval_every = max(1, steps // max(args.evals, 1))
-  config.train.checkpoint_every = max(1, steps // 4)
+  config.train.num_steps = plan.steps
+  config.train.log_every = max(1, plan.steps // 100)
+  config.train.eval_every = max(1, plan.steps // max(args.evals, 1))
+  config.train.checkpoint_every = max(1, plan.steps // 10)
   config.train.recalibrate_bn_batches = args.recalibrate
   config.mesh.num_devices = 1
   return config
 
 
-def estimate_seconds(run: dict, sites: int, args: argparse.Namespace,
-                     finished: list[dict]) -> tuple[float, str]:
-  """Wall seconds of one run and where the number comes from: --step_seconds if it names the
-  model, else the median wall time of the `finished` summaries of the same model, steps and
-  batch, else STEP_SECONDS. From step times: train steps, compile, and every eval (3 forward
-  passes over the eval split, each about a third of a train step per image) with its
-  recalibration."""
-  steps = total_steps(sites, args)
-  if run['model'] not in args.step_seconds:
-    walls = [s['wall_seconds'] for s in finished
-             if (s['model'], s['steps'], s['batch']) == (run['model'], steps, args.batch)]
-    if walls:
-      return statistics.median(walls), f'median of {len(walls)} finished'
-  step = args.step_seconds.get(run['model'], STEP_SECONDS.get(run['model'], 1.0))
-  step *= args.batch / 64
-  per_image_forward = step / args.batch / 3
+def estimate_seconds(run: dict, sites: dict, args, finished: list[dict]) -> tuple[float, str]:
+  """Wall seconds of one run: the median of finished runs of the model and budget, else
+  STEP_SECONDS (--step_seconds) x steps, plus compile and the evals (3 forward passes of the
+  eval split per eval, a third of a train step per image, and the recalibration batches)."""
+  plan = budget(run, sites, args)
+  walls = [s['wall_seconds'] for s in finished
+           if (s['model'], s['steps'], s['batch']) == (run['model'], plan.steps, args.batch)]
+  if walls and run['model'] not in args.step_seconds:
+    return statistics.median(walls), f'median of {len(walls)} finished'
+  step = args.step_seconds.get(run['model'], STEP_SECONDS.get(run['model'], 1.0)) * args.batch / 128
   evals = max(args.evals, 1) * (3 * EVAL_SIZE[args.data] + args.recalibrate * args.batch)
   source = '--step_seconds' if run['model'] in args.step_seconds else 'STEP_SECONDS'
-  return (steps * step + COMPILE_SECONDS.get(run['model'], 60.0)
-          + evals * per_image_forward), source
+  return (plan.steps * step + COMPILE_SECONDS.get(run['model'], 60.0)
+          + evals * step / args.batch / 3), source
+
+
+# ------------------------------------------------------------------------------ running
 
 
 def summary_path(args, name: str) -> str:
   return os.path.join(args.summaries, f'{name}.json')
-
-
-def summarize_run(run: dict, sites: int, workdir: str, args, wall: float) -> dict:
-  """The small JSON summary of a finished run: its cell, config, accuracies and curves."""
-  from stompp_jax import analysis  # pylint: disable=g-import-not-at-top
-  loaded = analysis.load_run(workdir)
-  train_rows, eval_rows = analysis.split_rows(loaded, 'train'), analysis.split_rows(loaded, 'eval')
-  final = eval_rows[-1]
-  pick = lambda row, keys: {k: round(row[k], 6) for k in keys if k in row}
-  eval_keys = ('eval_fully_binary_accuracy', 'eval_fully_binary_recalibrated_accuracy',
-               'eval_accuracy', 'eval_fully_binary_loss', 'eval_fully_binary_recalibrated_loss')
-  return {
-      **run, 'sites': sites, 'steps_per_site': 0 if run['method'] == 'floor' else args.steps_per_site,
-      'steps': loaded['config']['train']['num_steps'], 'batch': args.batch, 'data': args.data,
-      'as_trained': final.get('eval_fully_binary_accuracy'),
-      'recalibrated': final.get('eval_fully_binary_recalibrated_accuracy'),
-      'final': pick(final, eval_keys),
-      'curves': {'train': [pick(r, ('step', 'loss', 'accuracy')) for r in train_rows],
-                 'eval': [pick(r, ('step', *eval_keys)) for r in eval_rows]},
-      'config': {'binary': loaded['config']['binary'], 'train': loaded['config']['train'],
-                 'model': loaded['config']['model']},
-      'wall_seconds': round(wall, 1), 'machine': args.machine or describe_machine(),
-  }
 
 
 def describe_machine() -> str:
@@ -206,40 +262,99 @@ def describe_machine() -> str:
   return f'{platform.platform()}, {cpu}, {os.cpu_count()} cores'
 
 
-def execute(runs: list[dict], sites: dict, args: argparse.Namespace) -> list[str]:
-  """Trains every run without a summary (resuming it) and writes its summary; returns the
-  names of the runs that failed."""
+def summarize_run(run: dict, sites: dict, workdir: str, args, wall: dict) -> dict:
+  """The small JSON summary of a finished run: cell, budget, accuracies, train loss, curves."""
+  from stompp_jax import analysis  # pylint: disable=g-import-not-at-top
+  loaded = analysis.load_run(workdir)
+  train_rows, eval_rows = analysis.split_rows(loaded, 'train'), analysis.split_rows(loaded, 'eval')
+  final = eval_rows[-1]
+  pick = lambda row, keys: {k: round(row[k], 6) for k in keys if k in row}
+  eval_keys = ('eval_fully_binary_accuracy', 'eval_fully_binary_recalibrated_accuracy',
+               'eval_accuracy', 'eval_fully_binary_loss', 'eval_fully_binary_recalibrated_loss')
+  tail = train_rows[-max(1, len(train_rows) // 20):]  # The last 5% of the logged steps.
+  plan = budget(run, sites, args)
+  return {
+      **run, 'sites': sites[run['model']], 'window_steps': plan.window_steps,
+      'steps': plan.steps, 'epochs': args.epochs, 'batch': args.batch, 'data': args.data,
+      'image_shape': list(IMAGE_SHAPE),
+      'as_trained': final.get('eval_fully_binary_accuracy'),
+      'recalibrated': final.get('eval_fully_binary_recalibrated_accuracy'),
+      'final_train_loss': round(statistics.mean(r['loss'] for r in tail), 6),
+      'final': pick(final, eval_keys),
+      'curves': {'train': [pick(r, ('step', 'loss', 'accuracy')) for r in train_rows],
+                 'eval': [pick(r, ('step', *eval_keys)) for r in eval_rows]},
+      'config': {'binary': loaded['config']['binary'], 'train': loaded['config']['train'],
+                 'model': loaded['config']['model']},
+      'wall_seconds': round(wall['seconds'], 1), 'chunks': wall['chunks'],
+      'machine': args.machine or describe_machine(), 'code_commit': code_commit(),
+  }
+
+
+def code_commit() -> str:
+  """The git commit of the code this runs ('' outside a git checkout)."""
+  try:
+    return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=os.path.dirname(os.path.abspath(__file__)),
+                          capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return ''
+
+
+def _wall_file(workdir: str) -> str:
+  return os.path.join(workdir, 'study_wall.json')
+
+
+def add_wall(workdir: str, seconds: float) -> dict:
+  """Adds one chunk's wall seconds to the run's running total (kept beside its checkpoints)."""
+  try:
+    with open(_wall_file(workdir), encoding='utf-8') as f:
+      wall = json.load(f)
+  except FileNotFoundError:
+    wall = {'seconds': 0.0, 'chunks': 0}
+  wall = {'seconds': wall['seconds'] + seconds, 'chunks': wall['chunks'] + 1}
+  with open(_wall_file(workdir) + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump(wall, f)
+  os.replace(_wall_file(workdir) + '.tmp', _wall_file(workdir))
+  return wall
+
+
+def execute(runs: list[dict], sites: dict, args) -> int:
+  """Trains every run without a summary (resuming it) and writes its summary. Returns 0, 1 if
+  a run failed, or EXIT_PREEMPTED when a SIGTERM stopped a run (its checkpoint is saved)."""
   from stompp_jax import main as cli  # pylint: disable=g-import-not-at-top
   if cli.cpu_only():
-    cli.keep_freed_memory()  # As the CLI does, before JAX starts its threads (docs/results.md).
+    cli.keep_freed_memory()  # As the CLI does, before JAX starts its threads.
   from stompp_jax import train  # pylint: disable=g-import-not-at-top  (JAX starts here)
   os.makedirs(args.summaries, exist_ok=True)
-  failed = []
+  status = 0
   for i, run in enumerate(runs):
     tag = f'[{i + 1}/{len(runs)}] {run["name"]}'
     if os.path.exists(summary_path(args, run['name'])):
       print(f'{tag}: done, skipped', flush=True)
       continue
     workdir = os.path.join(args.out, run['name'])
-    config = make_config(run, sites[run['model']], args)
-    print(f'{tag}: training ({config.train.num_steps} steps)', flush=True)
+    config = make_config(run, sites, args)
+    print(f'{tag}: training ({config.train.num_steps} steps, window steps per site'
+          f' {config.binary.window_steps})', flush=True)
     start = time.time()
     try:
       final = train.train_and_evaluate(config, workdir)
     except Exception:  # pylint: disable=broad-except  (one failed run must not stop the study)
       traceback.print_exc()
-      failed.append(run['name'])
+      status = 1
       continue
+    wall = add_wall(workdir, time.time() - start)
     if final.get('preempted'):
-      print(f'{tag}: stopped at step {final["step"]} (SIGTERM); the same command resumes it',
-            flush=True)
-      break
-    summary = summarize_run(run, sites[run['model']], workdir, args, time.time() - start)
-    with open(summary_path(args, run['name']), 'w', encoding='utf-8') as f:
+      print(f'{tag}: stopped at step {final["step"]} (SIGTERM) after {wall["seconds"]:.0f} s in'
+            f' {wall["chunks"]} chunks; the same command resumes it', flush=True)
+      return EXIT_PREEMPTED
+    summary = summarize_run(run, sites, workdir, args, wall)
+    with open(summary_path(args, run['name']) + '.tmp', 'w', encoding='utf-8') as f:
       json.dump(summary, f, indent=1)
+    os.replace(summary_path(args, run['name']) + '.tmp', summary_path(args, run['name']))
     print(f'{tag}: as trained {_pct(summary["as_trained"])}%, recalibrated '
-          f'{_pct(summary["recalibrated"])}% ({time.time() - start:.0f} s)', flush=True)
-  return failed
+          f'{_pct(summary["recalibrated"])}%, train loss {summary["final_train_loss"]:.3f}'
+          f' ({wall["seconds"]:.0f} s)', flush=True)
+  return status
 
 
 # ------------------------------------------------------------------------------- analysis
@@ -258,259 +373,240 @@ def _pct(value) -> str:
   return '-' if value is None else f'{100 * value:.2f}'
 
 
-def cell_key(s: dict) -> tuple:
-  return (s['group'], s['model'], s['mode'], s['bnn_shortcut'], s['method'], s['order'])
-
-
 def by_seed(summaries: list[dict], metric: str, **cell) -> dict[int, float]:
-  """{seed: accuracy} of the runs matching `cell` (model, mode, bnn_shortcut, method, order)."""
+  """{seed: value} of the runs matching `cell` (group, model, reading, method, order)."""
   return {s['seed']: s[metric] for s in summaries
           if s.get(metric) is not None and all(s[k] == v for k, v in cell.items())}
 
 
-def mean_spread(values) -> str:
-  values = list(values)
-  if not values:
-    return '-'
-  if len(values) == 1:
-    return f'{100 * values[0]:.2f}'  # One seed has no spread: printing ± 0.00 would claim one.
-  return f'{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}'
+def _layerwise(model, reading):
+  return dict(group='core', model=model, reading=reading, method='stompp', order='layerwise')
 
 
-def compare(a: dict[int, float], b: dict[int, float]) -> tuple[str, str]:
-  """Whether a > b: 'reproduces' if a beats b in every common seed (2 or more seeds), 'does
-  not' if b beats a in every one, else 'cannot tell at this budget'; and the evidence."""
-  seeds = sorted(set(a) & set(b))
-  if not seeds:
-    return 'not run', 'no common seed'
-  diffs = [100 * (a[s] - b[s]) for s in seeds]
-  evidence = (f'{statistics.mean(diffs):+.2f} points (seeds: '
-              + ', '.join(f'{d:+.2f}' for d in diffs) + ')')
-  if len(seeds) >= 2 and all(d > 0 for d in diffs):
-    return 'reproduces', evidence
-  if len(seeds) >= 2 and all(d < 0 for d in diffs):
-    return 'does not', evidence
-  return 'cannot tell at this budget', evidence
+def _cell(group, model, reading, method, order='layerwise'):
+  return dict(group=group, model=model, reading=reading, method=method, order=order)
 
 
-def grows(shallow: dict[int, float], deep: dict[int, float]) -> tuple[str, str]:
-  """Whether per-seed gains grow from the shallow to the deep model: every deep gain above
-  every shallow one (2+ seeds each) reproduces, every one below does not."""
-  if len(shallow) < 1 or len(deep) < 1:
-    return 'not run', 'missing gains'
-  evidence = (f'gain {statistics.mean(shallow.values()) * 100:+.2f} -> '
-              f'{statistics.mean(deep.values()) * 100:+.2f} points')
-  if min(len(shallow), len(deep)) >= 2:
-    if min(deep.values()) > max(shallow.values()):
-      return 'reproduces', evidence
-    if max(deep.values()) < min(shallow.values()):
-      return 'does not', evidence
-  return 'cannot tell at this budget', evidence
+def gate(summaries: list[dict], model: str, reading: str, metric: str) -> tuple[bool, str]:
+  """Whether layerwise StoMPP at `model` trained: >= 15 points above the floor (mean over
+  seeds) and final train loss <= 1.6 (mean); and the values."""
+  above = one_sample(paired(by_seed(summaries, metric, **_layerwise(model, reading)),
+                            by_seed(summaries, metric, **_cell('floor', model, reading, 'floor'))))
+  losses = list(by_seed(summaries, 'final_train_loss', **_layerwise(model, reading)).values())
+  if above is None or not losses:
+    return False, f'{model}: not enough runs for the gate'
+  loss = statistics.mean(losses)
+  passed = above.mean >= GATE_ABOVE_FLOOR and loss <= GATE_TRAIN_LOSS
+  return passed, (f'{model} layerwise - floor {100 * above.mean:+.2f} points (gate >= '
+                  f'{100 * GATE_ABOVE_FLOOR:.0f}), train loss {loss:.3f} (gate <= {GATE_TRAIN_LOSS})')
 
 
-def insensitive(a: dict[int, float], b: dict[int, float], tolerance: float) -> tuple[str, str]:
-  """Whether a and b are equal within `tolerance` (fraction): 'reproduces' if they are in every
-  common seed (2 or more), 'does not' if a - b is beyond it with one sign in every seed, else
-  'cannot tell at this budget'; and the evidence."""
-  seeds = sorted(set(a) & set(b))
-  if not seeds:
-    return 'not run', 'no common seed'
-  diffs = [a[s] - b[s] for s in seeds]
-  evidence = (f'{100 * statistics.mean(diffs):+.2f} points (seeds: '
-              + ', '.join(f'{100 * d:+.2f}' for d in diffs) + ')')
-  if len(seeds) >= 2 and all(abs(d) <= tolerance for d in diffs):
-    return 'reproduces', evidence
-  if (len(seeds) >= 2 and all(abs(d) > tolerance for d in diffs)
-      and len({d > 0 for d in diffs}) == 1):
-    return 'does not', evidence
-  return 'cannot tell at this budget', evidence
+def depth_estimate(summaries, args, reading, metric) -> Estimate | None:
+  """Gain = layerwise - STE per seed (paired); growth = mean gain at the deep model minus at
+  the shallow one (Welch)."""
+  gains = [paired(by_seed(summaries, metric, **_layerwise(m, reading)),
+                  by_seed(summaries, metric, **_cell('core', m, reading, 'ste')))
+           for m in (args.models[-1], args.models[0])]
+  return welch(*gains)
 
 
-def findings(summaries: list[dict], metric: str,
-             planned: list[dict] | None = None) -> list[tuple[str, str | None, tuple[str, str]]]:
-  """(finding, reading or None where the reading does not apply, (verdict, evidence)) for each
-  of the papers' findings whose cells are all `planned` (runs or summaries; default: the
-  summaries), models shallow first as planned."""
-  planned = summaries if planned is None else planned
-  models = list(dict.fromkeys(r['model'] for r in planned if r['group'] == 'main'))
-  kinds = {(r['model'], r['mode'], r['bnn_shortcut'], r['method'], r['order']) for r in planned}
-  found = []
-
-  def cell(model, reading, method, order='layerwise', mode='bnn'):
-    # (model, mode, reading, method, order) names one cell: no two groups share one.
-    return by_seed(summaries, metric, model=model, mode=mode, bnn_shortcut=reading,
-                   method=method, order=order)
-
-  def add(finding, reading, cells, judge):
-    """Judges the cells ((model, reading, method, order, mode) tuples) if all are planned."""
-    if all((m, mode, r, method, order) in kinds for m, r, method, order, mode in cells):
-      found.append((finding, reading, judge(*(cell(*c) for c in cells))))
-
-  for reading in READINGS:
-    bnn = lambda model, method, order='layerwise': (model, reading, method, order, 'bnn')  # pylint: disable=cell-var-from-loop
-    for model in models:
-      add(f'StoMPP beats STE, {model}', reading,
-          [bnn(model, 'stompp'), bnn(model, 'ste')], compare)
-      add(f'StoMPP+STE beats StoMPP, {model}', reading,
-          [bnn(model, 'stompp_ste'), bnn(model, 'stompp')], compare)
-      add(f'STE is above the floor, {model}', reading,
-          [bnn(model, 'ste'), bnn(model, 'floor')], compare)
-    if len(models) > 1:
-      shallow, deep = models[0], models[-1]
-      add(f"StoMPP's gain over STE grows with depth, {shallow} -> {deep}", reading,
-          [bnn(m, method) for m in (shallow, deep) for method in ('stompp', 'ste')],
-          lambda a, b, c, d: grows(_differences(a, b), _differences(c, d)))
-      add(f'STE falls with depth, {shallow} -> {deep}', reading,
-          [bnn(shallow, 'ste'), bnn(deep, 'ste')], compare)
-    if models:
-      first = models[0]
-      add(f'layerwise beats reverse, {first}', reading,
-          [bnn(first, 'stompp'), bnn(first, 'stompp', 'reverse')], compare)
-      add(f'reverse collapses (the floor beats it), {first}', reading,
-          [bnn(first, 'floor'), bnn(first, 'stompp', 'reverse')], compare)
-      add(f'layerwise beats global, {first}', reading,
-          [bnn(first, 'stompp'), bnn(first, 'stompp', 'global')], compare)
-  for model in dict.fromkeys(r['model'] for r in planned if r['group'] == 'bwn'):
-    add(f'BWN is order-insensitive (layerwise = reverse within 1 point), {model}', None,
-        [(model, 'real', 'stompp', order, 'bwn') for order in ('layerwise', 'reverse')],
-        lambda a, b: insensitive(a, b, 0.01))
-  return found
+def reverse_estimate(summaries, args, reading, metric) -> Estimate | None:
+  """r = (reverse - floor) / (layerwise - floor) per seed at the deep model."""
+  deep = args.models[-1]
+  rev, floor, lw = (by_seed(summaries, metric, **c) for c in (
+      _cell('reverse', deep, reading, 'stompp', 'reverse'), _cell('floor', deep, reading, 'floor'),
+      _layerwise(deep, reading)))
+  ratios = [(rev[s] - floor[s]) / (lw[s] - floor[s]) for s in sorted(set(rev) & set(floor) & set(lw))
+            if lw[s] != floor[s]]
+  return one_sample(ratios)
 
 
-def _differences(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
-  """{seed: a - b} over the common seeds."""
-  return {seed: a[seed] - b[seed] for seed in set(a) & set(b)}
+def rule(decision: str, estimate: Estimate | None) -> str:
+  """The pre-registered verdict of one estimate: VERDICTS[decision] or 'cannot tell'."""
+  positive, negative = VERDICTS[decision]
+  if estimate is None:
+    return 'cannot tell'
+  if decision == 'depth':
+    if estimate.lower > 0 and estimate.mean >= GROWTH_MIN:
+      return positive
+    return negative if estimate.upper < GROWTH_MIN else 'cannot tell'
+  if estimate.upper < COLLAPSE_BELOW:
+    return positive
+  return negative if estimate.lower > HOLDS_ABOVE else 'cannot tell'
 
 
-def verdicts(summaries: list[dict], metric: str, planned: list[dict] | None = None) -> list[str]:
-  """One line per finding and reading: '- finding [reading]: **verdict** (evidence)'."""
-  return [f'- {finding}{f" [{reading}]" if reading else ""}: **{verdict}** ({evidence})'
-          for finding, reading, (verdict, evidence) in findings(summaries, metric, planned)]
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  decision: str  # 'depth' or 'reverse'.
+  reading: str
+  verdict: str  # VERDICTS[decision], 'cannot tell', 'undertrained' or 'not run'.
+  estimates: dict  # {metric: Estimate or None}.
+  gates: list  # The gate lines.
+  gates_passed: bool
 
 
-def results_markdown(summaries: list[dict], planned: list[dict] | None = None) -> str:
-  """The cell table (mean ± std over seeds) and the verdicts, as trained and recalibrated."""
-  cells = collections.defaultdict(list)
+def decide(summaries: list[dict], args, decision: str, reading: str) -> Decision:
+  """One confirmatory decision: gates first, then the rule on PRIMARY, agreeing with CHECK."""
+  estimator = depth_estimate if decision == 'depth' else reverse_estimate
+  estimates = {m: estimator(summaries, args, reading, m) for m in (PRIMARY, CHECK)}
+  models = args.models if decision == 'depth' else args.models[-1:]
+  gates = [gate(summaries, m, reading, PRIMARY) for m in dict.fromkeys(models)]
+  passed = all(ok for ok, _ in gates)
+  if estimates[PRIMARY] is None:
+    verdict = 'not run'
+  elif not passed:
+    verdict = 'undertrained'
+  else:
+    primary, check = (rule(decision, estimates[m]) for m in (PRIMARY, CHECK))
+    verdict = primary if primary == check else 'cannot tell'
+  return Decision(decision, reading, verdict, estimates, [text for _, text in gates], passed)
+
+
+def decision_cells(decision: str, args) -> list[tuple]:
+  """(group, model, method, order) of the cells a decision reads."""
+  shallow, deep = args.models[0], args.models[-1]
+  if decision == 'depth':
+    return [('core', m, method, 'layerwise') for m in (deep, shallow) for method in ('stompp', 'ste')
+            ] + [('floor', m, 'floor', 'layerwise') for m in (deep, shallow)]
+  return [('core', deep, 'stompp', 'layerwise'), ('reverse', deep, 'stompp', 'reverse'),
+          ('floor', deep, 'floor', 'layerwise')]
+
+
+def extra_seed_cells(summaries: list[dict], args) -> set[tuple]:
+  """The rule for more seeds, applied once: a decision whose SEEDS seeds are all in, whose
+  gates pass and whose verdict is 'cannot tell' gets EXTRA_SEEDS more seeds on its cells.
+  Returns (group, model, method, order, reading) of those cells."""
+  out = set()
+  for decision in DECISIONS:
+    for reading in args.readings:
+      wanted = [(c, reading) for c in decision_cells(decision, args) if c in cells(args)]
+      if len(wanted) < len(decision_cells(decision, args)):
+        continue  # A group of this decision is not planned.
+      complete = all(len(by_seed([s for s in summaries if s['seed'] < args.seeds], PRIMARY,
+                                 **_cell(g, m, reading, method, order))) == args.seeds
+                     for (g, m, method, order), reading in wanted)
+      if complete and decide([s for s in summaries if s['seed'] < args.seeds], args, decision,
+                             reading).verdict == 'cannot tell':
+        out |= {(*c, reading) for c, reading in wanted}
+  return out
+
+
+def decisions_markdown(summaries: list[dict], args) -> list[str]:
+  """The table of the confirmatory decisions."""
+  lines = ['| decision | reading | verdict | estimate (recalibrated) | as trained | gates |',
+           '|---|---|---|---|---|---|']
+  for decision in DECISIONS:
+    for reading in args.readings:
+      d = decide(summaries, args, decision, reading)
+      scale, unit = (100, ' points') if decision == 'depth' else (1, '')
+      est = {m: (e.text(scale, unit) if e else '-') for m, e in d.estimates.items()}
+      what = ("StoMPP's gain over STE grows with depth" if decision == 'depth' else
+              f'reverse order collapses at {args.models[-1]} (r = (reverse - floor) /'
+              ' (layerwise - floor))')
+      lines.append(f'| {what} | {reading} | **{d.verdict}** | {est[PRIMARY]} | {est[CHECK]} |'
+                   f' {"; ".join(d.gates)} |')
+  return lines
+
+
+def cell_table(summaries: list[dict]) -> list[str]:
+  """Every cell: mean ± std over seeds, as trained and recalibrated, train loss, wall."""
+  groups = collections.defaultdict(list)
   for s in summaries:
-    cells[cell_key(s)].append(s)
-  lines = ['Fully binary test accuracy, %: mean ± sample standard deviation over seeds (a cell'
-           ' of one seed: its value, no spread), as trained (running BatchNorm statistics) and'
-           ' recalibrated (re-estimated on the fully binary network). `steps/site` = window'
-           ' steps per binary site (0: the floor, frozen from step 0).', '',
-           '| group | model | mode | bnn_shortcut | method | order | sites | steps/site | steps |'
-           ' seeds | as trained | recalibrated | wall s (median) |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
-  for key in sorted(cells, key=lambda k: (GROUPS.index(k[0]), *k[1:])):
-    runs = cells[key]
-    group, model, mode, reading, method, order = key
-    lines.append(
-        f'| {group} | {model} | {mode} | {reading} | {method} | {order} | {runs[0]["sites"]} |'
-        f' {runs[0]["steps_per_site"]} | {runs[0]["steps"]} | {len(runs)} |'
-        f' {mean_spread(r["as_trained"] for r in runs if r["as_trained"] is not None)} |'
-        f' {mean_spread(r["recalibrated"] for r in runs if r["recalibrated"] is not None)} |'
-        f' {statistics.median(r["wall_seconds"] for r in runs):.0f} |')
-  for metric, title in (('as_trained', 'as trained'), ('recalibrated', 'recalibrated')):
-    lines += ['', f'Verdicts, accuracies {title} ("reproduces" = in every seed, 2 or more):', '']
-    lines += verdicts(summaries, metric, planned)
-  return '\n'.join(lines) + '\n'
+    groups[(GROUPS.index(s['group']), s['model'], s['reading'], s['method'], s['order'])].append(s)
+  lines = ['| group | model | reading | method | order | window steps | steps | seeds |'
+           ' as trained | recalibrated | train loss | wall s (median) |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
+  spread = lambda v: (f'{100 * statistics.mean(v):.2f} ± {100 * statistics.stdev(v):.2f}'
+                      if len(v) > 1 else (f'{100 * v[0]:.2f}' if v else '-'))
+  for key in sorted(groups):
+    runs = groups[key]
+    get = lambda m: [r[m] for r in runs if r[m] is not None]  # pylint: disable=cell-var-from-loop
+    lines.append(f'| {GROUPS[key[0]]} | {" | ".join(key[1:])} | {runs[0]["window_steps"]} |'
+                 f' {runs[0]["steps"]} | {len(runs)} | {spread(get("as_trained"))} |'
+                 f' {spread(get("recalibrated"))} |'
+                 f' {statistics.mean(get("final_train_loss")):.3f} |'
+                 f' {statistics.median(get("wall_seconds")):.0f} |')
+  return lines
 
 
-DOC_ROWS = (  # (label, mode, method, order): the rows of the docs' table, per model.
-    ('floor (every site frozen from step 0)', 'bnn', 'floor', 'layerwise'),
-    ('STE', 'bnn', 'ste', 'layerwise'),
-    ('StoMPP layerwise', 'bnn', 'stompp', 'layerwise'),
-    ('StoMPP+STE', 'bnn', 'stompp_ste', 'layerwise'),
-    ('StoMPP global', 'bnn', 'stompp', 'global'),
-    ('StoMPP reverse', 'bnn', 'stompp', 'reverse'),
-)
-
-
-def _cell_text(summaries: list[dict], planned: list[dict], **cell) -> str:
-  """'as trained (recalibrated)' of one cell, mean ± std over its seeds, and how many of the
-  planned seeds it has when not all."""
-  match = lambda r: all(r[k] == v for k, v in cell.items())
-  runs = [s for s in summaries if match(s) and s['as_trained'] is not None]
-  wanted = sum(map(match, planned))
-  if not runs:
-    return 'not run yet' if wanted else 'not planned'
-  text = (f'{mean_spread(r["as_trained"] for r in runs)}'
-          f' ({mean_spread(r["recalibrated"] for r in runs if r["recalibrated"] is not None)})')
-  return text + (f', {len(runs)} of {wanted} seeds' if len(runs) < wanted else '')
-
-
-def _finding_text(as_trained: tuple[str, str], recalibrated: tuple[str, str]) -> str:
-  (verdict, evidence), (verdict_r, evidence_r) = as_trained, recalibrated
-  if verdict == 'not run':
-    return 'not run yet'
-  if verdict == verdict_r:
-    return f'{verdict}: {evidence}; recalibrated {evidence_r}'
-  return f'{verdict} as trained: {evidence}; {verdict_r} recalibrated: {evidence_r}'
-
-
-def doc_block(summaries: list[dict], planned: list[dict]) -> str:
-  """The block of docs/results.md: the status, a table per model (readings as columns,
-  'as trained (recalibrated)') and the findings table (a verdict per finding and reading)."""
-  names = {r['name'] for r in planned}
-  summaries = [s for s in summaries if s['name'] in names]
-  left = [r['name'] for r in planned if r['name'] not in {s['name'] for s in summaries}]
-  hours = sum(s['wall_seconds'] for s in summaries) / 3600
-  lines = [f'**Status: {len(summaries)} of {len(planned)} runs done** ({hours:.1f} hours: the'
-           " finished runs' wall times summed)."
-           + (f' Not yet run: {", ".join(left)}.' if left else ''), '']
-  order = {r['model']: i for i, r in reversed(list(enumerate(planned)))}
-  for model in sorted({r['model'] for r in planned}, key=order.get):
-    ran = [s for s in summaries if s['model'] == model and s['method'] != 'floor']
-    title = (f'{model} ({ran[0]["sites"]} sites, {ran[0]["steps_per_site"]} steps/site,'
-             f' {ran[0]["steps"]} steps x {ran[0]["batch"]})' if ran else model)
-    lines += [f'| {title} | `bnn_shortcut=real` | `bnn_shortcut=binarized` |', '|---|---|---|']
-    for label, mode, method, kind in DOC_ROWS:
-      cells = [_cell_text(summaries, planned, model=model, mode=mode, bnn_shortcut=reading,
-                          method=method, order=kind) for reading in READINGS]
-      if cells != ['not planned'] * len(READINGS):
-        lines.append(f'| {label} | {" | ".join(cells)} |')
-    bwn = [_cell_text(summaries, planned, model=model, mode='bwn', method='stompp', order=kind)
-           for kind in ('layerwise', 'reverse')]
-    if bwn != ['not planned'] * 2:
-      lines.append(f'| BWN StoMPP layerwise / reverse | {" / ".join(bwn)} | (not applicable) |')
-    lines.append('')
-  trained = findings(summaries, 'as_trained', planned)
-  recalibrated = findings(summaries, 'recalibrated', planned)
-  rows = collections.OrderedDict()
-  for (finding, reading, result), (_, _, result_r) in zip(trained, recalibrated):
-    rows.setdefault(finding, {})[reading] = _finding_text(result, result_r)
-  lines += ['| finding | `real` | `binarized` |', '|---|---|---|']
-  for finding, by_reading in rows.items():
-    cells = ([by_reading[None], '(not applicable)'] if None in by_reading
-             else [by_reading.get(reading, '-') for reading in READINGS])
-    lines.append(f'| {finding} | {" | ".join(cells)} |')
-  return '\n'.join(lines + ['', *_recalibration_lines(summaries), '',
-                             *_reading_lines(summaries, planned)]) + '\n'
-
-
-def _recalibration_lines(summaries: list[dict]) -> list[str]:
-  """What re-estimating the BatchNorm statistics changed, per mode and method (the export's
-  --recalibrate_bn_batches default is decided from it)."""
+def descriptive_lines(summaries: list[dict], args) -> list[str]:
+  """Estimates that decide nothing: StoMPP - STE per model, the window check, real minus
+  binarized, recalibrated minus as trained."""
+  lines = []
+  for reading in args.readings:
+    for model in args.models:
+      e = one_sample(paired(by_seed(summaries, PRIMARY, **_layerwise(model, reading)),
+                            by_seed(summaries, PRIMARY, **_cell('core', model, reading, 'ste'))))
+      if e:
+        lines.append(f'- StoMPP - STE, {model}, {reading}: {e.text()}')
+    shallow = args.models[0]
+    e = one_sample(paired(by_seed(summaries, PRIMARY, **_cell('window', shallow, reading, 'stompp')),
+                          by_seed(summaries, PRIMARY, **_layerwise(shallow, reading))))
+    if e:
+      lines.append(f"- {shallow} at {args.models[-1]}'s window steps - at its own, {reading}:"
+                   f' {e.text()}')
+  if len(args.readings) > 1:
+    for model in args.models:
+      for method in ('stompp', 'ste'):
+        e = one_sample(paired(*(by_seed(summaries, PRIMARY, **_cell('core', model, r, method))
+                                for r in ('real', 'binarized'))))
+        if e:
+          lines.append(f'- real - binarized, {model} {method}: {e.text()}')
   changes = collections.defaultdict(list)
   for s in summaries:
     if s['as_trained'] is not None and s['recalibrated'] is not None:
-      changes[(s['mode'], s['method'])].append(100 * (s['recalibrated'] - s['as_trained']))
-  return ['Recalibrated minus as trained, points, over the finished runs: ' + '; '.join(
-      f'{mode.upper()} {method} {statistics.mean(d):+.2f} ({len(d)} runs, {min(d):+.2f} to'
-      f' {max(d):+.2f})' for (mode, method), d in sorted(changes.items())) + '.']
+      changes[s['method']].append(s['recalibrated'] - s['as_trained'])
+  for method, values in sorted(changes.items()):
+    e = one_sample(values)
+    if e:
+      lines.append(f'- recalibrated - as trained, {method} (all cells): {e.text()}')
+  return lines
 
 
-def _reading_lines(summaries: list[dict], planned: list[dict]) -> list[str]:
-  """`real` minus `binarized` per model and main-group method, as trained (the
-  model.bnn_shortcut default is decided from it)."""
-  parts = []
-  for model, method in dict.fromkeys((r['model'], r['method']) for r in planned
-                                     if r['group'] in ('main', 'floor')):
-    real, binarized = (by_seed(summaries, 'as_trained', model=model, mode='bnn', bnn_shortcut=r,
-                               method=method, order='layerwise') for r in READINGS)
-    if set(real) & set(binarized):
-      parts.append(f'{model} {method} {compare(real, binarized)[1]}')
-  return ['`bnn_shortcut=real` minus `binarized`, as trained: '
-          + ('; '.join(parts) if parts else 'no common seed yet') + '.']
+def results_markdown(summaries: list[dict], args) -> str:
+  planned = plan_runs(args, summaries)
+  done = {s['name'] for s in summaries}
+  hours = sum(s['wall_seconds'] for s in summaries) / 3600
+  lines = [f'**{len(done & {r["name"] for r in planned})} of {len(planned)} runs done**'
+           f' ({hours:.1f} hours of wall time summed).', '',
+           'Confirmatory decisions (rules: docs/study.md):', '', *decisions_markdown(summaries, args),
+           '', 'Cells: fully binary test accuracy, %, mean ± sample std over seeds:', '',
+           *cell_table(summaries), '', 'Descriptive (no decision rests on these):', '',
+           *descriptive_lines(summaries, args)]
+  return '\n'.join(lines) + '\n'
+
+
+def write_curves(summaries: list[dict], out: str) -> str:
+  """curves.png: recalibrated test accuracy over training per cell (mean over seeds)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  os.makedirs(out, exist_ok=True)
+  models = sorted({s['model'] for s in summaries}, key=lambda m: min(
+      s['sites'] for s in summaries if s['model'] == m))
+  fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+  for ax, model in zip(axes[0], models):
+    series = collections.defaultdict(lambda: collections.defaultdict(list))
+    for s in summaries:
+      if s['model'] == model:
+        label = f"{s['group']} {s['method']} {s['order']} {s['reading']}"
+        for row in s['curves']['eval']:
+          value = row.get('eval_fully_binary_recalibrated_accuracy')
+          if value is not None:
+            series[label][row['step']].append(100 * value)
+    for label, points in sorted(series.items()):
+      steps = sorted(points)
+      ax.plot(steps, [statistics.mean(points[t]) for t in steps], marker='o', label=label)
+    ax.axhline(100 / NUM_CLASSES[summaries[0]['data']], color='gray', linestyle=':',
+               label='chance')
+    ax.set_title(model)
+    ax.set_xlabel('step')
+    ax.legend(fontsize=6)
+  axes[0][0].set_ylabel('fully binary test accuracy, % (recalibrated)')
+  path = os.path.join(out, 'curves.png')
+  fig.savefig(path, dpi=100, bbox_inches='tight')
+  plt.close(fig)
+  return path
 
 
 def read_doc(path: str) -> tuple[str, str]:
@@ -526,82 +622,22 @@ def read_doc(path: str) -> tuple[str, str]:
   return text[:begin + len(DOC_BEGIN)] + '\n', text[end:]
 
 
-def write_doc_block(path: str, block: str):
-  """Replaces the text between DOC_BEGIN and DOC_END in `path` (atomically)."""
-  head, tail = read_doc(path)
-  temporary = f'{path}.tmp'
-  with open(temporary, 'w', encoding='utf-8') as f:
-    f.write(head + block + tail)
-  os.replace(temporary, path)
-
-
-def write_plots(summaries: list[dict], out: str) -> list[str]:
-  """accuracy_vs_depth.png (per reading, methods and floor, both metrics) and order.png, each
-  with a line at chance."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  os.makedirs(out, exist_ok=True)
-  chance = 100 / NUM_CLASSES[summaries[0]['data']]
-  written = []
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-  for ax, reading in zip(axes, READINGS):
-    for method in (*MAIN_METHODS, 'floor'):
-      for metric, style in (('as_trained', '-'), ('recalibrated', '--')):
-        points = collections.defaultdict(list)
-        for s in summaries:
-          if (s['bnn_shortcut'] == reading and s['method'] == method and s['mode'] == 'bnn'
-              and s['order'] == 'layerwise' and s[metric] is not None):
-            points[s['sites']].append(100 * s[metric])
-        if points:
-          x = sorted(points)
-          ax.errorbar(x, [statistics.mean(points[k]) for k in x],
-                      yerr=[statistics.stdev(points[k]) if len(points[k]) > 1 else 0 for k in x],
-                      linestyle=style, marker='o', capsize=3, label=f'{method} ({metric})')
-    ax.axhline(chance, color='gray', linestyle=':', label='chance')
-    ax.set_title(f'BNN, bnn_shortcut={reading}')
-    ax.set_xlabel('binary sites')
-    ax.legend(fontsize=6)
-  axes[0].set_ylabel('fully binary test accuracy, %')
-  written.append(os.path.join(out, 'accuracy_vs_depth.png'))
-  fig.savefig(written[-1], dpi=100, bbox_inches='tight')
-  plt.close(fig)
-  first = min(summaries, key=lambda s: s['sites'])['model']  # The ablations' model.
-  labels = collections.defaultdict(list)
-  for s in summaries:
-    if s['model'] == first and s['method'] in ('stompp', 'floor') and s['as_trained'] is not None:
-      method = 'floor' if s['method'] == 'floor' else s['order']
-      labels[f"{s['mode']} {s['bnn_shortcut']}\n{method}"].append(100 * s['as_trained'])
-  if labels:
-    fig, ax = plt.subplots(figsize=(max(6, len(labels)), 4))
-    names = sorted(labels)
-    ax.bar(range(len(names)), [statistics.mean(labels[n]) for n in names],
-           yerr=[statistics.stdev(labels[n]) if len(labels[n]) > 1 else 0 for n in names],
-           capsize=3)
-    ax.axhline(chance, color='gray', linestyle=':', label='chance')
-    ax.legend(fontsize=7)
-    ax.set_xticks(range(len(names)), names, fontsize=7)
-    ax.set_ylabel('fully binary test accuracy, % (as trained)')
-    ax.set_title(f'{first}: order ablation, BWN and the floor (StoMPP)')
-    written.append(os.path.join(out, 'order.png'))
-    fig.savefig(written[-1], dpi=100, bbox_inches='tight')
-    plt.close(fig)
-  return written
-
-
 def analyze(args) -> str:
-  """Writes --summaries/results.md and --summaries/plots/; returns the markdown."""
+  """Writes --summaries/results.md and plots/curves.png (and the --doc block); returns the
+  markdown."""
   if args.doc:
-    read_doc(args.doc)  # A bad --doc fails before anything is written.
-  summaries, planned = load_summaries(args.summaries), plan_runs(args)
-  text = results_markdown(summaries, planned)
+    head, tail = read_doc(args.doc)  # A bad --doc fails before anything is written.
+  summaries = load_summaries(args.summaries)
+  text = results_markdown(summaries, args)
   os.makedirs(args.summaries, exist_ok=True)
   with open(os.path.join(args.summaries, 'results.md'), 'w', encoding='utf-8') as f:
     f.write(text)
   if summaries:
-    write_plots(summaries, os.path.join(args.summaries, 'plots'))
+    write_curves(summaries, os.path.join(args.summaries, 'plots'))
   if args.doc:
-    write_doc_block(args.doc, doc_block(summaries, planned))
+    with open(f'{args.doc}.tmp', 'w', encoding='utf-8') as f:
+      f.write(head + text + tail)
+    os.replace(f'{args.doc}.tmp', args.doc)
   return text
 
 
@@ -623,88 +659,78 @@ def _mapping(text: str, what: str, cast) -> dict:
         raise ValueError
       out[key] = cast(value)
     except ValueError:
-      _fail(f'{what} {item!r} is not NAME:NUMBER: write e.g. resnet20:3,resnet56:2')
+      _fail(f'{what} {item!r} is not NAME:NUMBER: write e.g. resnet20:0.5,resnet56:1.6')
   return out
+
+
+def _names(text: str) -> list[str]:
+  return [n for n in text.split(',') if n]
 
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--out', default='runs/study15', help='Run directories (git-ignored).')
-  parser.add_argument('--summaries', default='docs/results/study',
+  parser.add_argument('--out', default='runs/study', help='Run directories (git-ignored).')
+  parser.add_argument('--summaries', default='docs/results/equal_epochs',
                       help='One JSON summary per finished run (committed), results.md, plots/.')
-  parser.add_argument('--models', default='resnet20,resnet56',
-                      help='Comma-separated, shallow first; the first also gets the ablations.')
-  parser.add_argument('--seeds', default='resnet20:3,resnet56:3',
-                      help='Seeds of the main group per model, NAME:N,...')
-  parser.add_argument('--methods', default=','.join(MAIN_METHODS),
-                      help='Main-group methods of the first model.')
-  parser.add_argument('--deep_methods', default='ste,stompp',
-                      help='Main-group methods of the other models (cut to fit the budget).')
-  parser.add_argument('--ablation_seeds', type=int, default=3, help='Seeds of order and bwn.')
-  parser.add_argument('--floor_seeds', type=int, default=3, help='Seeds of the floor.')
+  parser.add_argument('--models', default='resnet20,resnet56', help='Shallow, deep.')
+  parser.add_argument('--readings', default=','.join(DEFAULT_READINGS),
+                      help=f'model.bnn_shortcut readings of {READINGS}, in the order runs go.')
   parser.add_argument('--groups', default=','.join(GROUPS), help=f'Comma-separated of {GROUPS}.')
-  parser.add_argument('--steps_per_site', type=int, default=6,
-                      help='binary.window_steps (6: the CPU study; the GPU script uses 40).')
-  parser.add_argument('--tail', type=float, default=0.2,
-                      help='Fraction of the run after the progression (fully binary training).')
-  parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--seeds', type=int, default=SEEDS, help='Seeds before the extra-seed rule.')
+  parser.add_argument('--epochs', type=float, default=10.0, help='Epochs of every run.')
+  parser.add_argument('--span', type=float, default=0.8,
+                      help='Fraction of the run the progression fills (the rest: fully binary).')
+  parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--eval_batch', type=int, default=500)
-  parser.add_argument('--evals', type=int, default=1, help='Evaluations per run (last at the end).')
+  parser.add_argument('--evals', type=int, default=5, help='Evaluations per run (last at the end).')
   parser.add_argument('--recalibrate', type=int, default=20,
                       help='train.recalibrate_bn_batches of every run.')
-  parser.add_argument('--refresh', type=int, default=10, help='Soft refresh period in steps.')
   parser.add_argument('--data', default='npz', choices=('npz', 'synthetic'))
-  parser.add_argument('--data_dir', default='', help="npz directory; '' = $STOMPP_DATA_DIR.")
+  parser.add_argument('--data_dir', default='',
+                      help="16x16 npz directory (prepare_cifar16.py); '' = $STOMPP_DATA_DIR.")
   parser.add_argument('--machine', default='', help='Machine description for the summaries.')
   parser.add_argument('--step_seconds', default='',
-                      help='Measured s/step at batch 64 for --plan, NAME:S,... (else STEP_SECONDS).')
+                      help='Measured s/step at batch 128 for --plan, NAME:S,... (else STEP_SECONDS).')
   parser.add_argument('--compile_cache', default=os.path.join('~', '.cache', 'stompp_jax', 'jax_cache'),
                       help="Persistent JAX compilation cache ('' = none); seeds share compiles.")
-  parser.add_argument('--only', default='', help='Run only these runs, in this order (comma-separated names).')
+  parser.add_argument('--only', default='', help='Run only these runs, in this order.')
   parser.add_argument('--plan', action='store_true', help='Print the runs and the time estimate.')
-  parser.add_argument('--names', action='store_true', help='Print the run names, one a line.')
+  parser.add_argument('--names', action='store_true', help='Print the unfinished runs\' names.')
   parser.add_argument('--analyze', action='store_true', help='Only write results.md and plots.')
   parser.add_argument('--doc', default='',
                       help='With --analyze: also rewrite the block of this file between the'
-                      ' study markers (docs/results.md): status, tables, findings.')
+                      ' study markers.')
   args = parser.parse_args(argv)
-  args.models = [m for m in args.models.split(',') if m]
-  args.groups = [g for g in args.groups.split(',') if g]
-  args.methods = [m for m in args.methods.split(',') if m]
-  args.deep_methods = [m for m in args.deep_methods.split(',') if m]
-  args.seeds = _mapping(args.seeds, '--seeds', int)
+  args.models, args.groups = _names(args.models), _names(args.groups)
+  args.readings, args.only = _names(args.readings), _names(args.only)
   args.step_seconds = _mapping(args.step_seconds, '--step_seconds', float)
-  args.only = [n for n in args.only.split(',') if n]
-  if not args.models:
-    _fail('--models is empty: name at least one model, e.g. --models=resnet20')
-  unknown = set(args.groups) - set(GROUPS)
-  if unknown:
-    _fail(f'unknown --groups {sorted(unknown)}: choose from {", ".join(GROUPS)}')
-  bad = set(args.methods + args.deep_methods) - set(MAIN_METHODS)
-  if bad:
-    _fail(f'unknown methods {sorted(bad)}: choose from {", ".join(MAIN_METHODS)}')
-  for model in args.models:
-    args.seeds.setdefault(model, 1)
-  if args.steps_per_site < 1 or not 0.0 <= args.tail < 1.0:
-    _fail(f'--steps_per_site={args.steps_per_site} and --tail={args.tail}: use >= 1 and [0, 1)')
+  if not 1 <= len(args.models) <= 2:
+    _fail(f'--models={",".join(args.models)}: name one or two models, shallow first')
+  for flag, given, allowed in (('--groups', args.groups, GROUPS),
+                               ('--readings', args.readings, READINGS)):
+    if not given or set(given) - set(allowed):
+      _fail(f'{flag}={",".join(given)}: choose from {", ".join(allowed)}')
+  if args.seeds < 1 or args.epochs <= 0 or not 0.0 < args.span <= 1.0 or args.batch < 1:
+    _fail(f'--seeds={args.seeds}, --epochs={args.epochs}, --span={args.span},'
+          f' --batch={args.batch}: use seeds >= 1, epochs > 0, span in (0, 1], batch >= 1')
   return args
 
 
-def print_plan(runs: list[dict], sites: dict, args: argparse.Namespace):
-  """One line per run (steps, sites, estimate, done or not) and the hours still to run."""
+def print_plan(runs: list[dict], sites: dict, args):
+  """One line per run (budget, estimate, done or not) and the hours still to run."""
   finished = load_summaries(args.summaries)
   done = {s['name'] for s in finished}
   total = 0.0
   for run in runs:
-    seconds, source = estimate_seconds(run, sites[run['model']], args, finished)
+    seconds, source = estimate_seconds(run, sites, args, finished)
     total += 0.0 if run['name'] in done else seconds
-    print(f"{run['name']} ({run['group']}{', done' if run['name'] in done else ''}): "
-          f"{total_steps(sites[run['model']], args)} steps x {args.batch}, "
-          f"{sites[run['model']]} sites x {args.steps_per_site} steps, ~{seconds / 60:.0f} min"
-          f" ({source})")
+    plan = budget(run, sites, args)
+    print(f"{run['name']} ({run['group']}{', done' if run['name'] in done else ''}):"
+          f" {plan.steps} steps x {args.batch}, {sites[run['model']]} sites,"
+          f" {plan.window_steps} window steps per site, ~{seconds / 60:.0f} min ({source})")
   print(f'{len(runs)} runs, {len(done & {r["name"] for r in runs})} done, ~{total / 3600:.1f}'
-        ' hours of this machine still to run (2 cores in use by one process)')
+        ' hours of this machine still to run (one process on every core)')
 
 
 def main(argv=None) -> int:
@@ -712,18 +738,19 @@ def main(argv=None) -> int:
   if args.analyze:
     print(analyze(args), flush=True)
     return 0
-  runs = plan_runs(args)
-  names = {r['name'] for r in runs}
-  missing = [n for n in args.only if n not in names]
+  summaries = load_summaries(args.summaries)
+  runs = plan_runs(args, summaries)
+  by_name = {r['name']: r for r in runs}
+  missing = [n for n in args.only if n not in by_name]
   if missing:
     _fail(f'--only names {missing} are not runs of this plan: list them with --names')
   if args.only:
-    by_name = {r['name']: r for r in runs}
     runs = [by_name[name] for name in dict.fromkeys(args.only)]  # In the order given.
   if args.names:
-    print('\n'.join(r['name'] for r in runs))
+    done = {s['name'] for s in summaries}
+    print('\n'.join(r['name'] for r in runs if r['name'] not in done))
     return 0
-  sites = {model: num_sites(model, args.data) for model in args.models}
+  sites = {model: num_sites(model) for model in args.models}
   if args.plan:
     print_plan(runs, sites, args)
     return 0
@@ -731,10 +758,7 @@ def main(argv=None) -> int:
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(args.compile_cache))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  failed = execute(runs, sites, args)
-  if failed:
-    print(f'Failed runs: {", ".join(failed)}', file=sys.stderr)
-  return 1 if failed else 0
+  return execute(runs, sites, args)
 
 
 if __name__ == '__main__':
