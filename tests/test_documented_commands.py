@@ -41,6 +41,8 @@ from helpers import REPO  # pylint: disable=g-bad-import-order
 # A command: optional VAR=value assignments, `python -m module`, its arguments up to the end of
 # the line, a backtick, a table cell or a shell separator.
 _COMMAND = re.compile(r'(?:\b[A-Z][A-Z0-9_]*=\S+ +)*python -m [\w.]+[^`\n|;]*')
+# Inline code (single backticks) that a paragraph wraps over up to four lines.
+_INLINE_CODE_OVER_LINES = re.compile(r'(?<!`)`[^`\n]+(?:\n[^`\n]+){1,3}`(?!`)')
 _PREPARATION_LINK = re.compile(r'(?:docs/)?(?:data|reproducing)\.md')
 _DATA_PAGE = 'docs/data.md'  # The page that says how to prepare every dataset.
 _CONTEXT_CHARS = 300  # How far before a command the text may say what it needs.
@@ -120,9 +122,13 @@ COVERAGE = {
     'python -m stompp_jax.analysis RUN_DIR... --out=PLOT_DIR': USAGE,
     'python -m stompp_jax.evaluate --workdir=RUN [--split=test': USAGE,
     'python -m stompp_jax.main --config=CONFIG --workdir=DIR': USAGE,
+    'python -m stompp_jax.main --config=configs/default.py --config.model.name=MODEL'
+    ' --config.model.mode=bnn --config.binary.method=METHOD --config.data.source=npz'
+    ' --config.data.dir=DIR16 --config.train.batch_size=128 --config.train.num_steps=60'
+    ' --config.mesh.num_devices=1': USAGE,
     # notebooks/
     'python -m stompp_jax.main ... --workdir=DIR': USAGE,
-    'python -m stompp_jax.analysis RUN_DIR ...': USAGE,
+    'python -m stompp_jax.analysis RUN_DIR ... --out=PLOT_DIR': USAGE,
     'python -m stompp_jax.main --config=configs/cifar.py:dataset=cifar10,model=resnet20,'
     'method=stompp --workdir=runs/r20_stompp': PARSE,
 }
@@ -155,10 +161,12 @@ def _clean(command: str) -> str:
 
 def documented_commands() -> dict[str, tuple[str, str]]:
   """{command: (where it is shown, the text around it)}: a command's lines joined where they
-  end in a backslash; the text is what precedes it and the rest of its line."""
+  end in a backslash or where a paragraph wraps its inline code; the text is what precedes it
+  and the rest of its line."""
   found = {}
   for path, text in _documents():
     text = re.sub(r'\s*\\\n\s*', ' ', text)
+    text = _INLINE_CODE_OVER_LINES.sub(lambda m: ' '.join(m.group(0).split()), text)
     for match in _COMMAND.finditer(text):
       line_end = text.find('\n', match.end())
       context = text[max(0, match.start() - _CONTEXT_CHARS):line_end if line_end >= 0 else None]
