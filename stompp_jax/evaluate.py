@@ -19,7 +19,7 @@ checkpoint, or an unfinished run (no done.json) unless --allow_unfinished.
 import dataclasses
 import functools
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from absl import app
 from absl import flags

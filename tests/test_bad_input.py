@@ -55,6 +55,10 @@ FIELD_CASES = [
     (['--config.train.batch_size=abc'], r"config\.train\.batch_size=abc: invalid literal .*"
                                         r"--helpshort lists the flags"),
     (['--bogus=1'], r"Unknown command line flag 'bogus'"),
+    (['--config.train.batchsize=8'], r"^Error: --config\.train\.batchsize: the config has no field"
+                                     r" 'batchsize' \(did you mean 'batch_size'\?\):"
+                                     r" configs/default\.py lists every field\.$"),
+    (['--config.model.name=resnet9'], r"^Error: Unknown model\.name 'resnet9': use one of resnet18"),
 ]
 
 

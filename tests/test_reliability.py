@@ -17,12 +17,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import REPO, tiny_config
+from helpers import tiny_config
 import reliability_utils as ru
 from stompp_jax import checkpoints
 from stompp_jax import errors
 from stompp_jax import train
 from stompp_jax.data import pipeline
+from stompp_jax.data import sources
 
 DEVICES = 2  # CPU devices of the command-line runs: the batch is sharded, as on real hardware.
 
@@ -178,6 +179,20 @@ def test_bad_config_is_one_line_error_and_writes_nothing(tmp_path, field, value,
   assert not workdir.exists()
 
 
+def test_only_the_data_packages_own_checks_become_setup_errors():
+  """errors.data_errors: a ValueError raised by stompp_jax/data's own check is bad input; one
+  raised anywhere else (a bug in a model, in a library) passes through as it was."""
+  with pytest.raises(errors.SetupError, match="unknown data.name='cifar11'") as raised:
+    with errors.data_errors():
+      sources.check_data_config(_set(tiny_config(), 'data.name', 'cifar11').data)
+  assert isinstance(raised.value.__cause__, ValueError)
+  bug = ValueError('not a data check')
+  with pytest.raises(ValueError) as raised:
+    with errors.data_errors():
+      raise bug
+  assert raised.value is bug
+
+
 def _npz_config(data_dir):
   config = tiny_config()
   config.data.source = 'npz'
@@ -199,30 +214,6 @@ def test_malformed_data_is_one_line_error_and_writes_nothing(tmp_path):
   with pytest.raises(errors.SetupError, match=r'train.npz is not a readable npz') as error:
     train.train_and_evaluate(_npz_config(tmp_path / 'data'), str(tmp_path / 'run'))
   assert '\n' not in str(error.value)
-  assert not (tmp_path / 'run').exists()
-
-
-def _cli_errors(tmp_path, *flags):
-  result = subprocess.run(ru.cli_command(tmp_path / 'run', **dict(f.split('=', 1) for f in flags)),
-                          cwd=REPO, env=ru.cli_env(1), capture_output=True, text=True,
-                          timeout=300)
-  return result.returncode, result.stdout + result.stderr
-
-
-def test_cli_unknown_config_field_is_one_line_error(tmp_path):
-  status, output = _cli_errors(tmp_path, 'train.batchsize=8')
-  assert status == 2
-  assert output.strip() == ("Error: --config.train.batchsize: the config has no field 'batchsize'"
-                            " (did you mean 'batch_size'?): configs/default.py lists every field.")
-  assert not (tmp_path / 'run').exists()
-
-
-def test_cli_bad_value_is_one_line_error(tmp_path):
-  status, output = _cli_errors(tmp_path, 'model.name=resnet9')
-  assert status == 2
-  errors = [line for line in output.splitlines() if 'Traceback' in line or line.startswith('Error')]
-  assert errors == [output.strip().splitlines()[-1]], output
-  assert errors[0].startswith("Error: Unknown model.name 'resnet9': use one of resnet18")
   assert not (tmp_path / 'run').exists()
 
 

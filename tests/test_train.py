@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from stompp_jax import errors
+from stompp_jax import evaluate
 from stompp_jax import experiment
 from stompp_jax import parallel
 from stompp_jax import train
+from stompp_jax import workdir as workdir_lib
 
 from helpers import REPO, rows, tiny_config  # pylint: disable=g-bad-import-order
 
@@ -113,6 +115,24 @@ def test_other_config_in_workdir_is_refused(tmp_path, tiny_run):
   with pytest.raises(errors.SetupError, match='different config: binary.method'):
     train.train_and_evaluate(tiny_config('ste'), str(workdir))
   assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob('*')) == before
+
+
+def test_a_run_made_before_a_field_existed_is_read_with_the_value_it_used(tmp_path, tiny_run):
+  """config.json of a run made before binary.window_steps and model.bnn_shortcut existed: every
+  reader sees the values that run used (0, 'real'; workdir.upgrade_config), so the same command
+  resumes it, and a run asking for the other shortcut is refused."""
+  workdir = shutil.copytree(tiny_run, tmp_path / 'run')
+  old = json.loads((workdir / 'config.json').read_text())
+  del old['binary']['window_steps'], old['model']['bnn_shortcut']
+  (workdir / 'config.json').write_text(json.dumps(old))
+  read = workdir_lib.read_config(str(workdir))
+  assert (read['binary']['window_steps'], read['model']['bnn_shortcut']) == (0, 'real')
+  workdir_lib.check_config(str(workdir), tiny_config())  # The same run: accepted.
+  other = tiny_config()
+  other.model.bnn_shortcut = 'binarized'
+  with pytest.raises(errors.SetupError, match=r"model.bnn_shortcut \('real' -> 'binarized'\)"):
+    workdir_lib.check_config(str(workdir), other)
+  assert evaluate.load_run(str(workdir)).config.model.bnn_shortcut == 'real'
 
 
 @pytest.mark.slow
