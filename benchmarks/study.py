@@ -320,10 +320,16 @@ def add_wall(workdir: str, seconds: float) -> dict:
 def execute(runs: list[dict], sites: dict, args) -> int:
   """Trains every run without a summary (resuming it) and writes its summary. Returns 0, 1 if
   a run failed, or EXIT_PREEMPTED when a SIGTERM stopped a run (its checkpoint is saved)."""
-  from stompp_jax import main as cli  # pylint: disable=g-import-not-at-top
-  if cli.cpu_only():
-    cli.keep_freed_memory()  # As the CLI does, before JAX starts its threads.
+  from stompp_jax import allocator  # pylint: disable=g-import-not-at-top
+  if allocator.cpu_only():
+    allocator.keep_freed_memory()  # As the CLI does, before JAX starts its threads.
+  import logging as python_logging  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from stompp_jax import train  # pylint: disable=g-import-not-at-top  (JAX starts here)
+  logging.set_verbosity(logging.INFO)  # The trainer's progress lines (step, img/s, evals)...
+  package = os.path.dirname(os.path.abspath(train.__file__))
+  logging.get_absl_handler().addFilter(  # ...and no other library's INFO, as the CLI shows.
+      lambda record: record.levelno >= python_logging.WARNING or record.pathname.startswith(package))
   os.makedirs(args.summaries, exist_ok=True)
   status = 0
   for i, run in enumerate(runs):

@@ -11,7 +11,8 @@ writes to PLOT_DIR:
                           method (mean over seeds, error bars = min..max).
 
 The functions also work from a notebook: `run = load_run(d)`, `plot_curves([run])`, ...; each
-returns the matplotlib Figure and saves it when given `path`.
+returns the matplotlib Figure and saves it when given `path`. Reading runs needs no matplotlib
+(it is imported by the plots only), so a machine without it can still summarize runs.
 """
 
 import argparse
@@ -22,7 +23,6 @@ import re
 import sys
 from typing import Any, Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from stompp_jax import metrics as metrics_lib
@@ -103,6 +103,11 @@ def depth_of(run: dict[str, Any]) -> int | None:
   return fractions.shape[1] + 2 if fractions.size else None
 
 
+def _pyplot():
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top  (plots only)
+  return plt
+
+
 def _save(fig, path: str | None):
   if path:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -116,7 +121,7 @@ def plot_curves(runs: Sequence[dict[str, Any]], path: str | None = None, title: 
   The freezing starts come from the first run of the list that has a progressive schedule
   (StoMPP / StoMPP+STE); runs that share a config but not the seed share these steps.
   """
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (ax_loss, ax_acc) = _pyplot().subplots(1, 2, figsize=(11, 4))
   for i, run in enumerate(runs):
     color = f'C{i % 10}'
     train_rows = split_rows(run, 'train')
@@ -155,7 +160,7 @@ def plot_curves(runs: Sequence[dict[str, Any]], path: str | None = None, title: 
 def plot_frozen_heatmap(run: dict[str, Any], path: str | None = None):
   """Heatmap of each site's frozen fraction (rows: sites, input at the top) over logged steps."""
   steps, fractions = frozen_fractions(run)
-  fig, ax = plt.subplots(figsize=(7, 0.12 * max(fractions.shape[1], 8) + 1.5))
+  fig, ax = _pyplot().subplots(figsize=(7, 0.12 * max(fractions.shape[1], 8) + 1.5))
   if fractions.size:
     extent = (steps[0], steps[-1], fractions.shape[1] - 0.5, -0.5)
     image = ax.imshow(fractions.T, aspect='auto', interpolation='nearest', cmap='viridis',
@@ -179,7 +184,7 @@ def accuracy_by_depth(runs: Sequence[dict[str, Any]]) -> dict[str, dict[int, lis
 
 def plot_accuracy_vs_depth(runs: Sequence[dict[str, Any]], path: str | None = None):
   """Final fully binary accuracy vs depth per method: mean over runs, bars = min..max."""
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _pyplot().subplots(figsize=(6, 4))
   table = accuracy_by_depth(runs)
   ax.set_xticks(sorted({d for by_depth in table.values() for d in by_depth}))
   for i, (method, by_depth) in enumerate(sorted(table.items())):
@@ -207,7 +212,7 @@ def write_plots(run_dirs: Sequence[str], out: str) -> list[str]:
   def save(fig, name):
     written.append(os.path.join(out, name))
     _save(fig, written[-1])
-    plt.close(fig)
+    _pyplot().close(fig)
 
   save(plot_curves(runs), 'curves.png')
   for run in runs:
