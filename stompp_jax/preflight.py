@@ -183,6 +183,8 @@ def _compile(what: Callable[[], Any], names: tuple[str, ...], per_chip: dict[str
   """{name: figures} of the programs `what()` compiles ({name: compiled}, or one compiled for one
   name), each with its compile seconds; {name: {'fits': False, ...}} when the compiler refuses
   them for lack of HBM."""
+  global _compile_times
+  _compile_times = _compile_times or _CompileTimes()
   start = len(_compile_times.seconds)
   began = time.perf_counter()
   try:
@@ -333,8 +335,6 @@ def preflight(config: ml_collections.ConfigDict, topology: str, methods: list[st
   if per_chip_batch < 0:
     raise errors.SetupError(f'--per_chip_batch={per_chip_batch}: use a positive number, or 0'
                             ' for the config\'s batch.')
-  global _compile_times
-  _compile_times = _compile_times or _CompileTimes()
   devices = tpu_devices(slice_)
   chips = len(devices)
   if not per_chip_batch and config.train.batch_size % chips:
