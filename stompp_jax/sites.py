@@ -45,9 +45,9 @@ def discover_sites(trace: inspect.Trace, rules: bctx.BinaryRules,
   """
   found: dict[tuple[str, ...], Site] = {}
   for call in trace.calls_of(*layer_types):
-    if rules.is_binary(call.path) and call.module_path not in found:
-      found[call.module_path] = Site(
-          path=call.module_path,
+    if rules.is_binary(call.name) and call.path not in found:
+      found[call.path] = Site(
+          path=call.path,
           kind='conv' if isinstance(call.module, (layers.BinaryConv, nn.Conv)) else 'dense',
           kernel_shape=call.kernel_shape(),
           input_shape=call.input_shape)

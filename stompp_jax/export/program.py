@@ -52,7 +52,7 @@ class ProgramBuilder:
     self._variables = {collection: flax.traverse_util.flatten_dict(tree, sep='/')
                        for collection, tree in variables.items()}
     self._unused = {(c, k) for c, tree in self._variables.items() for k in tree}
-    self._modules = {c.path: c.module for c in trace.layer_calls()}
+    self._modules = {c.name: c.module for c in trace.layer_calls()}
     self._precisions = precisions
     self._mode = mode
     self._signs: dict[str, str] = {}
@@ -152,8 +152,8 @@ class ProgramBuilder:
 
 def _layers_under(trace: inspect.Trace, prefix: str) -> list[str]:
   """Paths of the conv, dense and BatchNorm calls under `prefix` (top level for ''), in order."""
-  return [c.path for c in trace.layer_calls()
-          if (c.path.startswith(f'{prefix}/') if prefix else '/' not in c.path)]
+  return [c.name for c in trace.layer_calls()
+          if (c.name.startswith(f'{prefix}/') if prefix else '/' not in c.name)]
 
 
 def resnet_program(builder: ProgramBuilder, trace: inspect.Trace) -> None:
@@ -171,7 +171,7 @@ def resnet_program(builder: ProgramBuilder, trace: inspect.Trace) -> None:
   if model.stem == 'imagenet':
     x = builder.max_pool(x, (3, 3), (2, 2), 'SAME')
   for block in trace.calls_of(resnet.Block):
-    paths = _layers_under(trace, block.path)
+    paths = _layers_under(trace, block.name)
     main = [p for p in paths if not p.rsplit('/', 1)[1].startswith('shortcut_')]
     projection = [p for p in paths if p not in main]
     if block.module.bnn_shortcut == 'binarized' and builder.precision(main[0]) == 'binary':

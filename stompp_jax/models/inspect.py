@@ -1,7 +1,7 @@
 """One abstract trace of a model: every module call, in call order, with shapes and variables.
 
     trace = inspect.trace_model(model, image_shape=(32, 32, 3))
-    [c.path for c in trace.calls_of(layers.BinaryConv)]     # ['stem_conv', 'stage1_block0/conv1', ...]
+    [c.name for c in trace.calls_of(layers.BinaryConv)]     # ['stem_conv', 'stage1_block0/conv1', ...]
 
 `jax.eval_shape` of `model.init` runs the model once without computing anything; Flax's
 `nn.intercept_methods` records each module's `__call__` on the way. The site table (sites.py),
@@ -25,9 +25,9 @@ class Call:
   """One `__call__` of a module.
 
   Attributes:
-    path: '/'-joined module path ('' for the model itself), as the binary-layer rules and the
-      tables show it.
-    module_path: the same path as a tuple of names (Flax's `module.path`; the params tree's keys).
+    path: the module path, a tuple of names (Flax's `module.path`; the params tree's keys; ()
+      for the model itself).
+    name: the same path '/'-joined, as the binary-layer rules match it and the tables show it.
     module: the module (read its attributes: strides, padding, epsilon, ...; not its variables).
     input_shape: the first argument's shape without the batch dim.
     output_shape: the output's shape without the batch dim.
@@ -35,8 +35,8 @@ class Call:
       children, as bound at this call.
   """
 
-  path: str
-  module_path: tuple[str, ...]
+  path: tuple[str, ...]
+  name: str
   module: nn.Module
   input_shape: tuple[int, ...]
   output_shape: tuple[int, ...]
@@ -90,7 +90,7 @@ def trace_model(model: nn.Module, image_shape: tuple[int, ...]) -> Trace:
   def record(next_fun, args, kwargs, call):
     if call.method_name != '__call__':
       return next_fun(*args, **kwargs)
-    entry = dict(path=layers.module_path(call.module), module_path=tuple(call.module.path),
+    entry = dict(path=tuple(call.module.path), name=layers.module_path(call.module),
                  module=call.module,
                  input_shape=_shape(args[0]) if args else ())
     started.append(entry)

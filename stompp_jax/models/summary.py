@@ -117,14 +117,14 @@ def _count(tree: Any) -> int:
 def _layer_row(call: inspect.Call, mode: str, binary: bool) -> LayerRow:
   params = call.variables.get('params', {})
   if isinstance(call.module, nn.BatchNorm):
-    return LayerRow(call.path, 'batch_norm', 'float', call.output_shape,
+    return LayerRow(call.name, 'batch_norm', 'float', call.output_shape,
                     float_params=_count(params),
                     float_stats=_count(call.variables.get('batch_stats', {})))
   precision = ('binary' if mode == 'bnn' else 'binary_weight') if binary else 'float'
   kernel_size = math.prod(call.kernel_shape())
   binary_params = kernel_size if binary else 0
   macs = math.prod(call.output_shape[:-1]) * kernel_size
-  return LayerRow(call.path, 'conv' if isinstance(call.module, layers.BinaryConv) else 'dense',
+  return LayerRow(call.name, 'conv' if isinstance(call.module, layers.BinaryConv) else 'dense',
                   precision, call.output_shape, binary_params=binary_params,
                   float_params=_count(params) - binary_params,
                   **{f'{precision}_macs': macs})
@@ -148,7 +148,7 @@ def summarize_trace(trace: inspect.Trace, *, model_name: str, mode: str,
   """
   # The site table a binary run of this model would have: the one answer to "is it binary".
   site_paths = {s.path for s in sites.discover_sites(trace, rules)} if mode != 'fp' else set()
-  rows = [_layer_row(call, mode, call.module_path in site_paths) for call in trace.layer_calls()]
+  rows = [_layer_row(call, mode, call.path in site_paths) for call in trace.layer_calls()]
   counted = sum(r.binary_params + r.float_params + r.float_stats for r in rows)
   if counted != _count(trace.variables):
     raise ValueError(f'The summary rows hold {counted} of the {_count(trace.variables)} variables'
