@@ -9,6 +9,11 @@ usage() {
 usage: launch/tpu_vm.sh [--setting=VALUE ...] COMMAND [ARGS]
 
 Commands:
+  preflight -- ARGS                on this machine, before creating anything: compile the run for
+                                   ACCELERATOR_TYPE with the TPU compiler (no TPU needed; pip
+                                   install ".[tpu]"): `python -m stompp_jax.preflight
+                                   --topology=ACCELERATOR_TYPE ARGS` prints HBM per chip, fits or
+                                   not, FLOPs and a roofline estimate (docs/preflight.md)
   create [-- GCLOUD_FLAGS]         create the TPU VM (e.g. -- --spot)
   create-queued [-- GCLOUD_FLAGS]  request it as a queued resource (e.g. -- --spot)
   install                          on every worker: the code (git clone of REPO at BRANCH, or a
@@ -39,8 +44,10 @@ Settings, as --setting=VALUE before COMMAND or as environment variables:
   --python-version   PYTHON_VERSION    Python of the workers' venv (default 3.11)
   --bucket           BUCKET            bucket that holds runs/ (fetch)
   --data-bucket      DATA_BUCKET       bucket that holds tensorflow_datasets/ (mount-data)
+  --python           PYTHON            the local Python of preflight (default python3)
 
 Example:
+  launch/tpu_vm.sh --accelerator-type=v4-32 preflight -- --config=configs/imagenet_r50.py
   launch/tpu_vm.sh --name=stompp --zone=us-central2-b --accelerator-type=v4-32 create
   launch/tpu_vm.sh --name=stompp --zone=us-central2-b train -- \
       --config=configs/imagenet_r50.py --workdir=gs://BUCKET/runs/r50_bnn
@@ -64,7 +71,7 @@ set_setting() {  # --some-setting=VALUE -> SOME_SETTING=VALUE
   local var
   var=$(printf %s "${1%%=*}" | sed 's/^--//' | tr 'a-z-' 'A-Z_')
   case $var in
-    NAME | ZONE | PROJECT | ACCELERATOR_TYPE | RUNTIME_VERSION | REPO | BRANCH | PYTHON_VERSION | BUCKET | DATA_BUCKET)
+    NAME | ZONE | PROJECT | ACCELERATOR_TYPE | RUNTIME_VERSION | REPO | BRANCH | PYTHON_VERSION | BUCKET | DATA_BUCKET | PYTHON)
       printf -v "$var" %s "${1#*=}" ;;
     *) die "unknown setting ${1%%=*} (see launch/tpu_vm.sh --help)" ;;
   esac
@@ -96,6 +103,13 @@ start_on_workers() {  # MODULE ARGS: `python -m MODULE ARGS` on all workers, det
   command+="$(printf ' %q' "$@") > $LOG 2>&1 < /dev/null & }"
   on_workers all "$command"
   echo "started on every worker of $NAME; follow with: launch/tpu_vm.sh logs -f"
+}
+
+cmd_preflight() {  # Runs here, not on a worker: the slice need not exist yet.
+  require ACCELERATOR_TYPE
+  (($#)) || die "preflight needs the run's config: preflight -- --config=configs/imagenet_r50.py"
+  cd "$ROOT"
+  exec "${PYTHON:-python3}" -m stompp_jax.preflight --topology="$ACCELERATOR_TYPE" "$@"
 }
 
 cmd_create() {
@@ -221,7 +235,7 @@ main() {
   shift
   if [[ ${1:-} == -- ]]; then shift; fi
   case $command in
-    create | create-queued | install | mount-data | train | sweep | status | logs | fetch | delete | delete-queued)
+    preflight | create | create-queued | install | mount-data | train | sweep | status | logs | fetch | delete | delete-queued)
       "cmd_$(printf %s "$command" | tr - _)" "$@" ;;
     *) die "unknown command '$command'; settings go before it as --name=VALUE (see --help)" ;;
   esac

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -266,12 +267,39 @@ def test_tpu_status_reports_each_worker(fakes, tmp_path):
   home = tmp_path / 'home'
   (home / 'stompp_jax').mkdir(parents=True)
   (home / 'stompp_jax' / 'train.log').write_text('step 10\nstep 20 loss 1.5\n')
-  # The status command must not find itself: on a host where no training runs it says idle.
-  host_trains = subprocess.run(['pgrep', '-f', '[s]tompp_jax[.]main|[l]aunch[.]sweep'],
-                               capture_output=True).returncode == 0
-  result = run_remote(remote_command(ssh), home, fakes)
-  state = 'training' if host_trains else 'idle'
-  assert result.stdout.split(': ', 1)[1] == f'{state} | step 20 loss 1.5\n'
+  # A fake pgrep answers for the worker: found (exit 0) or not (FAKE_FAIL makes it exit 1).
+  fakes.add('pgrep')
+  command = remote_command(ssh)
+  for env, state in (({}, 'training'), ({'FAKE_FAIL': 'pgrep'}, 'idle')):
+    result = subprocess.run(['bash', '-c', command], cwd=home, capture_output=True, text=True,
+                            env=fakes.env(HOME=str(home), **env), timeout=60)
+    assert result.stdout.split(': ', 1)[1] == f'{state} | step 20 loss 1.5\n'
+  [pattern] = {tuple(c['argv']) for c in fakes.calls() if c['argv'][0] == 'pgrep'}
+  assert pattern == ('pgrep', '-f', '[s]tompp_jax[.]main|[l]aunch[.]sweep')
+  # The status command must not find itself: its own command line does not match the pattern.
+  assert re.search(pattern[2], command) is None
+  assert re.search(pattern[2], 'python -m stompp_jax.main --config=x')
+
+
+def test_tpu_preflight_compiles_here_for_the_accelerator_type(fakes):
+  fakes.add('python3')
+  args = ['--config=configs/imagenet_r50.py', '--methods=fp,stompp']
+  result = tpu_vm(fakes, '--accelerator-type=v5litepod-256', 'preflight', '--', *args)
+  assert result.returncode == 0, result.stderr
+  [call] = fakes.calls()  # No gcloud: nothing is created.
+  assert call['argv'] == ['python3', '-m', 'stompp_jax.preflight', '--topology=v5litepod-256',
+                          *args]
+  assert call['cwd'] == str(ROOT)
+
+
+@pytest.mark.parametrize('settings, args, error', [
+    ([], ['--config=configs/imagenet_r50.py'], 'ACCELERATOR_TYPE is not set'),
+    (['--accelerator-type=v4-32'], [], "preflight needs the run's config"),
+])
+def test_tpu_preflight_needs_a_type_and_a_config(fakes, settings, args, error):
+  result = tpu_vm(fakes, *settings, 'preflight', '--', *args)
+  assert result.returncode == 2 and error in result.stderr
+  assert fakes.calls() == []
 
 
 def test_tpu_status_of_a_queued_resource(fakes):
