@@ -1,0 +1,74 @@
+"""The preflight table of docs/preflight.md, from the committed JSON beside this script.
+
+    python benchmarks/preflight/table.py            # markdown on stdout
+
+One row per (model, slice, method, per-chip batch): the train step's HBM per chip, fits or not,
+the largest per-chip batch that fits (from the *_max_batch files), FLOPs and bytes per step per
+chip, the roofline images/s per chip, each ratio to the fp row of the same model, slice and
+batch, and the compile times.
+"""
+
+import glob
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rows() -> list[dict]:
+  rows = []
+  for path in sorted(glob.glob(os.path.join(HERE, '*.json'))):
+    with open(path) as f:
+      result = json.load(f)
+    for method, figures in result.get('methods', {}).items():
+      rows.append({'file': os.path.basename(path), 'slice': result['topology'],
+                   'model': figures['model'], 'method': method, 'result': result, **figures})
+  return rows
+
+
+def _key(row: dict) -> tuple:
+  return (row['model'], row['slice'], row['per_chip_batch'], row['shard_params'],
+          row['per_example_activation_masks'])
+
+
+def _ratio(a, b) -> str:
+  return f'{a / b:.3f}' if a is not None and b else '-'
+
+
+def table() -> str:
+  rows = _rows()
+  max_batch = {(r['model'], r['slice'], r['method']): r['max_batch']['max_per_chip_batch']
+               for r in rows if 'max_batch' in r}
+  fp = {_key(r): r for r in rows if r['method'] == 'fp' and 'train' in r['steps']}
+  lines = ['| model | slice | method | batch/chip | train HBM/chip GiB | fits | max batch/chip'
+           ' | TFLOP/step/chip | GB/step/chip | roofline img/s/chip | HBM / fp | FLOPs / fp'
+           ' | bytes / fp | compile s (train, other steps) | file |',
+           '|' + '---|' * 15]
+  for r in rows:
+    train = r['steps'].get('train')
+    if train is None or r['file'].endswith('_max_batch.json'):  # Only their max batch.
+      continue
+    base = fp.get(_key(r), {}).get('steps', {}).get('train', {})
+    fits = train['fits']
+    hbm = train['hbm_bytes']['total'] if fits else None
+    others = [s['compile_s'] for n, s in r['steps'].items() if n != 'train' and s.get('compile_s')]
+    name = r['method'] + (' shard_params' if r['shard_params'] else '') + (
+        ' per-example masks' if r['per_example_activation_masks'] else '')
+    cells = [r['model'], r['slice'], name, str(r['per_chip_batch']),
+             f'{hbm / 2**30:.2f}' if fits else '-',
+             'yes' if fits else f'no ({train["message"]})',
+             str(max_batch.get((r['model'], r['slice'], r['method']), '-')),
+             f'{train["flops"] / 1e12:.3f}' if fits else '-',
+             f'{train["bytes_accessed"] / 1e9:.2f}' if fits else '-',
+             f'{train["roofline"]["images_per_s_per_chip"]:.0f}' if fits else '-',
+             _ratio(hbm, base.get('hbm_bytes', {}).get('total')) if fits else '-',
+             _ratio(train.get('flops'), base.get('flops')),
+             _ratio(train.get('bytes_accessed'), base.get('bytes_accessed')),
+             f'{train["compile_s"]:.0f}, ' + ' / '.join(f'{s:.0f}' for s in others),
+             r['file']]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  print(table())
