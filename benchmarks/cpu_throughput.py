@@ -28,10 +28,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBS = '/usr/lib/x86_64-linux-gnu'
 # name: (environment changes, what it is). Any malloc variable of the user's own makes the CLI
-# leave malloc alone (stompp_jax/main.py, keep_freed_memory): 'plain' sets glibc's own default.
+# leave malloc alone (stompp_jax/allocator.py, keep_freed_memory): 'plain' sets glibc's own default.
 VARIANTS = {
     'plain': ({'MALLOC_MMAP_MAX_': '65536'}, 'the CLI with glibc malloc as glibc sets it (the old default)'),
-    'cli': ({}, 'the CLI as shipped: on CPU, malloc keeps freed memory (main.keep_freed_memory)'),
+    'cli': ({}, 'the CLI as shipped: on CPU, malloc keeps freed memory (allocator.keep_freed_memory)'),
+    'xla_cpu_defaults': ({'STOMPP_JAX_CPU_COMPILER_OPTIONS': 'xla'},
+                         "the CLI with XLA's default CPU options (convolutions in YNNPACK),"
+                         ' instead of stompp_jax/compiler.py\'s'),
     'jemalloc': ({'LD_PRELOAD': f'{LIBS}/libjemalloc.so.2'},
                  'jemalloc through LD_PRELOAD (Debian libjemalloc2)'),
     'tcmalloc': ({'LD_PRELOAD': f'{LIBS}/libtcmalloc_minimal.so.4'},

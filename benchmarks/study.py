@@ -328,7 +328,7 @@ def execute(runs: list[dict], sites: dict, args) -> int:
   from stompp_jax import train  # pylint: disable=g-import-not-at-top  (JAX starts here)
   logging.set_verbosity(logging.INFO)  # The trainer's progress lines (step, img/s, evals)...
   package = os.path.dirname(os.path.abspath(train.__file__))
-  logging.get_absl_handler().addFilter(  # ...and no other library's INFO, as the CLI shows.
+  python_logging.getLogger('absl').addFilter(  # ...and no other library's INFO, as the CLI.
       lambda record: record.levelno >= python_logging.WARNING or record.pathname.startswith(package))
   os.makedirs(args.summaries, exist_ok=True)
   status = 0

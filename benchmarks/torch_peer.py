@@ -1,24 +1,36 @@
-"""Train-step throughput of the CIFAR ResNet-20 BNN (STE) here and in PyTorch, side by side (CPU).
+"""Train-step throughput of the CIFAR ResNet-20 BNN here and in PyTorch, side by side (CPU),
+for STE and STE-free StoMPP.
 
     pip install -r benchmarks/requirements-peer.txt      # torch, for this benchmark only
-    python benchmarks/torch_peer.py --batch=128 --reps=5 --steps=3 --breakdown
+    python benchmarks/torch_peer.py --batch=128 --reps=5 --steps=3 [--xla_defaults] [--breakdown]
 
 The same network in both: the project's `resnet20` in bnn mode (configs/default.py rules: stem,
-shortcuts and classifier full precision; every other conv binarizes its kernel, identity STE,
-and its input, clipped STE; no ReLU; BatchNorm momentum 0.9 (PyTorch 0.1), eps 1e-5), the STE
-method's optimizer (SGD 0.1, momentum 0.9, latent binary kernels clipped to [-1, 1] after each
-step), the same batch and shapes (B, 32, 32, 3) / NCHW, synthetic data, float32, one process
-using every CPU core. JAX runs the project's jitted `steps.train_step` (benchmarks/step_time.py
-builds it); PyTorch runs eager mode (its default; no torch.compile). Repetitions interleave the
-two so machine noise hits both alike; the ratio printed is the median of per-repetition ratios.
+shortcuts and classifier full precision; every other conv binarizes its kernel and its input; no
+ReLU; BatchNorm momentum 0.9 (PyTorch 0.1), eps 1e-5), SGD 0.1 with momentum 0.9, the same batch
+and shapes (B, 32, 32, 3) / NCHW, synthetic data, float32, one process using every CPU core.
+- STE: kernels identity STE, inputs clipped STE; latent binary kernels clipped to [-1, 1] after
+  each step.
+- StoMPP: u' = sign(u) on frozen entries, clip(u, -1, 1) elsewhere; frozen entries pass no
+  gradient and frozen kernel entries keep their value through the optimizer step. Both sides at
+  step 400 of a 1000-step layerwise schedule (the fractions come from the project's schedule: about
+  half the sites fully frozen, one freezing, the rest float). PyTorch, written the obvious way:
+  per element scores drawn once, 1/100 of them re-drawn each step (soft refresh), mask =
+  score < p, `torch.where` for the forward (autograd gives the gradient), and sites with p = 0 or 1
+  skip the mask.
+JAX runs the project's jitted `steps.train_step` (benchmarks/step_time.py builds it); PyTorch
+runs eager mode (its default; no torch.compile). Repetitions interleave every bench so machine
+noise hits all alike; each ratio printed is the median of per-repetition ratios.
+--xla_defaults: also JAX compiled with XLA's default CPU options (STOMPP_JAX_CPU_COMPILER_OPTIONS=xla,
+convolutions in YNNPACK), the step before stompp_jax/compiler.py's options, in the same run.
 
 Where the time goes (`--breakdown`, same interleaving): the forward + backward of one 3x3 conv
 of each stage's shape at the same batch, float32, jitted in JAX and eager in PyTorch (the conv
-kernels alone), and the whole train step at batch 2 (the fixed per-step cost: dispatch, the
+kernels alone), and the STE train step at batch 2 (the fixed per-step cost: dispatch, the
 optimizer and the small ops).
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -34,6 +46,8 @@ from torch import nn  # noqa: E402
 
 import step_time  # noqa: E402  (benchmarks/step_time.py)
 from stompp_jax import compiler  # noqa: E402
+from stompp_jax import experiment  # noqa: E402
+from stompp_jax.binary import schedule  # noqa: E402
 
 
 class _SignSTE(torch.autograd.Function):
@@ -54,17 +68,56 @@ class _SignSTE(torch.autograd.Function):
     return grad, None
 
 
+def _ste_input(x):
+  return _SignSTE.apply(x, True)
+
+
+def _ste_kernel(w):
+  return _SignSTE.apply(w, False)
+
+
 class BinaryConv(nn.Conv2d):
-  """3x3 conv, 'SAME' padding, binary kernel (identity STE) and input (clipped STE)."""
+  """3x3 conv, 'SAME' padding, binary kernel and input: STE by default (kernel identity STE,
+  input clipped STE); `StoMPPSite` replaces the two binarizers."""
 
   def __init__(self, cin, cout, stride):
     super().__init__(cin, cout, 3, stride=stride, padding=0, bias=False)
+    self.binarize_input, self.binarize_kernel = _ste_input, _ste_kernel
 
   def forward(self, x):
-    x = _SignSTE.apply(x, True)
+    x = self.binarize_input(x)
     # 'SAME' as XLA pads it: stride 2 pads (0, 1) on each spatial dim, stride 1 pads (1, 1).
     pad = (1, 1, 1, 1) if self.stride[0] == 1 else (0, 1, 0, 1)
-    return self._conv_forward(nn.functional.pad(x, pad), _SignSTE.apply(self.weight, False), None)
+    return self._conv_forward(nn.functional.pad(x, pad), self.binarize_kernel(self.weight), None)
+
+
+def masked_sign(u, frozen, p):
+  """sign(u) where frozen, clip(u, -1, 1) elsewhere; p = 0 or 1 needs no mask."""
+  if p == 0:
+    return u.clamp(-1, 1)
+  signs = torch.where(u >= 0, 1.0, -1.0).to(u.dtype)
+  return signs if p == 1 else torch.where(frozen, signs, u.clamp(-1, 1))
+
+
+class StoMPPSite:
+  """One binary conv's StoMPP state: frozen fraction p, per element scores of its kernel and of
+  its input (shared by the batch), soft-refreshed each step."""
+
+  def __init__(self, conv: BinaryConv, p: float, input_shape, refresh_every=100):
+    self.conv, self.p, self.refresh = conv, p, 1.0 / refresh_every
+    self.scores = {'kernel': torch.rand(conv.weight.shape), 'input': torch.rand(input_shape)}
+    conv.binarize_kernel = lambda w: masked_sign(w, self.frozen['kernel'], self.p)
+    conv.binarize_input = lambda x: masked_sign(x, self.frozen['input'], self.p)
+    self.frozen = {}
+    self.step()
+
+  def step(self):
+    """Re-draws about 1/refresh_every of the scores and recomputes the masks."""
+    for name, scores in self.scores.items():
+      if 0 < self.p < 1:
+        redraw = torch.rand(scores.shape) < self.refresh
+        self.scores[name] = torch.where(redraw, torch.rand(scores.shape), scores)
+      self.frozen[name] = self.scores[name] < self.p
 
 
 def _norm(channels):
@@ -105,29 +158,57 @@ class ResNet20BNN(nn.Module):
     return self.classifier(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
 
-class TorchBench:
-  """The PyTorch train step (forward, backward, SGD momentum, latent clip) on a fixed batch."""
+def site_fractions(method: str) -> list[float]:
+  """The frozen fraction of each ResNet-20 site at the JAX bench's step (the project's schedule)."""
+  exp = experiment.build(step_time.make_config('resnet20', method, 'float32'))
+  step = int(step_time.START_FRACTION * step_time.TOTAL_STEPS)
+  num_sites = len(exp.net.sites)
+  return [float(schedule.frozen_fraction(step, i, num_sites, exp.binarization.schedule))
+          for i in range(num_sites)]
 
-  def __init__(self, batch_size, seed=0):
+
+class TorchBench:
+  """The PyTorch train step (forward, backward, SGD momentum; STE: latent clip; StoMPP: masks
+  and frozen kernel entries kept) on a fixed batch."""
+
+  def __init__(self, batch_size, method='ste', seed=0):
     torch.manual_seed(seed)
     self.model = ResNet20BNN().train()
-    self.binary = [m.weight for m in self.model.modules() if isinstance(m, BinaryConv)]
+    self.convs = [m for m in self.model.modules() if isinstance(m, BinaryConv)]
     self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
     rng = np.random.default_rng(seed)
     self.images = torch.from_numpy(rng.standard_normal((batch_size, 3, 32, 32), np.float32))
     self.labels = torch.from_numpy(rng.integers(0, 10, batch_size))
     self.loss_fn = nn.CrossEntropyLoss()
+    self.sites = []
+    if method == 'stompp':
+      shapes = {}
+      def record(module, inputs):  # Returns None: the inputs stay as they are.
+        shapes[module] = inputs[0].shape[1:]
+      hooks = [c.register_forward_pre_hook(record) for c in self.convs]
+      self.model(self.images[:1])
+      for hook in hooks:
+        hook.remove()
+      self.sites = [StoMPPSite(c, p, shapes[c]) for c, p in zip(self.convs, site_fractions(method))]
 
   def run(self, num_steps):
     start = time.perf_counter()
     for _ in range(num_steps):
+      for site in self.sites:
+        site.step()
       self.optimizer.zero_grad(set_to_none=True)
       loss = self.loss_fn(self.model(self.images), self.labels)
       loss.backward()
+      before = [s.conv.weight.detach().clone() for s in self.sites if s.p > 0]
       self.optimizer.step()
       with torch.no_grad():
-        for w in self.binary:
-          w.clamp_(-1, 1)
+        if self.sites:
+          for site, old in zip([s for s in self.sites if s.p > 0], before):
+            site.conv.weight.copy_(torch.where(site.frozen['kernel'], old, site.conv.weight)
+                                   if site.p < 1 else old)
+        else:
+          for conv in self.convs:
+            conv.weight.clamp_(-1, 1)
     return (time.perf_counter() - start) / num_steps
 
 
@@ -170,23 +251,42 @@ class TorchConv:
 
 
 def paired(benches, reps, steps):
-  """{name: [seconds per step, one per repetition]}, the two benches interleaved."""
+  """{name: [seconds per step, one per repetition]}, every bench in each repetition, the order
+  rotating between repetitions."""
   for bench in benches.values():
     bench.run(1)  # warm-up
   times = {name: [] for name in benches}
   names = list(benches)
   for rep in range(reps):
-    for name in (names if rep % 2 == 0 else names[::-1]):
+    for name in names[rep % len(names):] + names[:rep % len(names)]:
       times[name].append(benches[name].run(steps))
   return times
 
 
-def report(label, times, batch):
-  """One line: both img/s (medians) and the paired jax / torch time ratio."""
-  ratio = statistics.median(j / p for j, p in zip(times['jax'], times['torch']))
-  jax_ms, torch_ms = (1e3 * statistics.median(times[n]) for n in ('jax', 'torch'))
-  return (f'| {label} | {jax_ms:.1f} | {torch_ms:.1f} | {batch / jax_ms * 1e3:.0f} |'
-          f' {batch / torch_ms * 1e3:.0f} | {ratio:.2f} |')
+def ratio(times, a, b) -> float:
+  """Median over repetitions of a's step time / b's."""
+  return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def report(label, times, batch, a='jax', b='torch'):
+  """One line: both img/s (medians) and the paired a / b time ratio."""
+  a_ms, b_ms = (1e3 * statistics.median(times[n]) for n in (a, b))
+  return (f'| {label} | {a_ms:.1f} | {b_ms:.1f} | {batch / a_ms * 1e3:.0f} |'
+          f' {batch / b_ms * 1e3:.0f} | {ratio(times, a, b):.2f} |')
+
+
+@contextlib.contextmanager
+def xla_cpu_defaults():
+  """Compiles inside run with XLA's default CPU options (not stompp_jax/compiler.py's)."""
+  previous = os.environ.get(compiler.SETTING)
+  os.environ[compiler.SETTING] = 'xla'
+  try:
+    yield
+  finally:
+    if previous is None:
+      del os.environ[compiler.SETTING]
+    else:
+      os.environ[compiler.SETTING] = previous
 
 
 def breakdown(args):
@@ -197,8 +297,8 @@ def breakdown(args):
                     'torch': TorchConv(args.batch, size, channels)}, args.reps, args.steps)
     rows.append(report(f'one 3x3 conv {size}x{size}x{channels}, fwd+bwd, batch {args.batch}',
                        times, args.batch))
-  times = paired({'jax': step_time.Bench('resnet20', 'ste', 2, 'float32'), 'torch': TorchBench(2)},
-                 args.reps, args.steps)
+  times = paired({'jax': step_time.Bench('resnet20', 'ste', 2, 'float32'),
+                  'torch': TorchBench(2, 'ste')}, args.reps, args.steps)
   rows.append(report('train step, batch 2 (fixed cost)', times, 2))
   return rows
 
@@ -208,24 +308,42 @@ def main(argv=None):
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--reps', type=int, default=5)
   parser.add_argument('--steps', type=int, default=3, help='Consecutive steps per repetition.')
+  parser.add_argument('--methods', default='ste,stompp', help='Comma-separated of ste, stompp.')
+  parser.add_argument('--xla_defaults', action='store_true',
+                      help="Also JAX with XLA's default CPU options (before compiler.py's).")
   parser.add_argument('--breakdown', action='store_true',
-                      help='Also time one conv per stage and the step at batch 2.')
+                      help='Also time one conv per stage and the STE step at batch 2.')
   args = parser.parse_args(argv)
+  methods = [m for m in args.methods.split(',') if m]
+  if not methods or set(methods) - {'ste', 'stompp'}:
+    parser.error(f'--methods={args.methods}: choose from ste, stompp')
   torch.set_num_threads(os.cpu_count())
   print(f'{os.cpu_count()} CPUs, load average {os.getloadavg()}, torch {torch.__version__}'
         f' ({torch.get_num_threads()} threads), batch {args.batch}', flush=True)
-  benches = {'jax': step_time.Bench('resnet20', 'ste', args.batch, 'float32'),
-             'torch': TorchBench(args.batch)}
+  benches = {}
+  for method in methods:
+    benches[f'jax {method}'] = step_time.Bench('resnet20', method, args.batch, 'float32')
+    benches[f'torch {method}'] = TorchBench(args.batch, method)
+    if args.xla_defaults:
+      with xla_cpu_defaults():
+        benches[f'jax {method} xla defaults'] = step_time.Bench('resnet20', method, args.batch,
+                                                                'float32')
   times = paired(benches, args.reps, args.steps)
+  print('| bench | img/s (median) | median step ms | min | max | compile s |\n|---|---|---|---|---|---|')
   for name, t in times.items():
-    print(f'{name:>5}: {args.batch / statistics.median(t):7.1f} img/s (median step'
-          f' {1e3 * statistics.median(t):.0f} ms, min {1e3 * min(t):.0f}, max {1e3 * max(t):.0f})')
-  ratio = statistics.median(j / p for j, p in zip(times['jax'], times['torch']))
-  print(f'jax / torch step time = {ratio:.3f} (paired median; > 1: JAX slower); jax compile'
-        f' {benches["jax"].compile_seconds:.1f} s', flush=True)
+    compile_seconds = getattr(benches[name], 'compile_seconds', None)
+    print(f'| {name} | {args.batch / statistics.median(t):.1f} | {1e3 * statistics.median(t):.0f} |'
+          f' {1e3 * min(t):.0f} | {1e3 * max(t):.0f} |'
+          f' {"-" if compile_seconds is None else f"{compile_seconds:.1f}"} |')
+  for method in methods:
+    print(f'{method}: jax / torch step time = {ratio(times, f"jax {method}", f"torch {method}"):.3f}'
+          ' (paired median; > 1: JAX slower)', flush=True)
+    if args.xla_defaults:
+      print(f'{method}: jax with compiler.py options / with XLA defaults = '
+            f'{ratio(times, f"jax {method}", f"jax {method} xla defaults"):.3f}', flush=True)
   if args.breakdown:
     print('| what | jax ms | torch ms | jax img/s | torch img/s | jax / torch (paired) |\n'
-          '|---|---|---|---|---|---|\n' + report(f'train step, batch {args.batch}', times, args.batch))
+          '|---|---|---|---|---|---|')
     for row in breakdown(args):
       print(row, flush=True)
   print(f'load average after {os.getloadavg()}')

@@ -84,11 +84,30 @@ def test_torch_peer_is_the_same_network_and_trains():
   bench = torch_peer.TorchBench(batch_size=4)
   torch_sizes = sorted(p.numel() for p in bench.model.parameters())
   assert torch_sizes == jax_sizes
-  assert len(bench.binary) == 18  # every 3x3 conv of the blocks; stem, shortcuts, head are float
-  before = [w.detach().clone() for w in bench.binary]
+  assert len(bench.convs) == 18  # every 3x3 conv of the blocks; stem, shortcuts, head are float
+  before = [c.weight.detach().clone() for c in bench.convs]
   assert bench.run(1) > 0
-  assert all(float(w.detach().abs().max()) <= 1 for w in bench.binary)
-  assert any(not bool((w == b).all()) for w, b in zip(bench.binary, before))
+  assert all(float(c.weight.detach().abs().max()) <= 1 for c in bench.convs)
+  assert any(not bool((c.weight == b).all()) for c, b in zip(bench.convs, before))
+
+
+def test_torch_peer_stompp_freezes_as_the_schedule_says():
+  torch = pytest.importorskip('torch')
+  from benchmarks import torch_peer  # pylint: disable=import-outside-toplevel
+  # Step 420 of 1000, span 0.8 over 18 sites: 44.4 steps a site, so sites 0-8 are frozen, site 9
+  # is 20 / 44.4 = 0.45 into its window (cubic: 0.091), sites 10-17 are float.
+  fractions = torch_peer.site_fractions('stompp')
+  assert fractions[:9] == [1.0] * 9 and fractions[10:] == [0.0] * 8
+  assert fractions[9] == pytest.approx(0.45 ** 3, abs=1e-6)
+  bench = torch_peer.TorchBench(batch_size=4, method='stompp')
+  frozen_site, float_site = bench.sites[0], bench.sites[-1]
+  x = torch.linspace(-2, 2, 9)
+  assert torch.equal(torch_peer.masked_sign(x, None, 1.0), torch.where(x >= 0, 1.0, -1.0))
+  assert torch.equal(torch_peer.masked_sign(x, None, 0.0), x.clamp(-1, 1))
+  before = {s: s.conv.weight.detach().clone() for s in (frozen_site, float_site)}
+  assert bench.run(2) > 0
+  assert torch.equal(frozen_site.conv.weight, before[frozen_site])  # Frozen: never updated.
+  assert not torch.equal(float_site.conv.weight, before[float_site])
 
 
 def test_cpu_throughput_parses_the_cli_log():
