@@ -220,3 +220,13 @@ def test_a_doc_without_the_markers_is_a_one_line_error_and_is_left_alone(tmp_pat
     study.main([f'--summaries={tmp_path / "none"}', '--analyze', f'--doc={doc}'])
   assert exit_info.value.code == 2
   assert doc.read_text() == 'no markers\n' and os.listdir(tmp_path) == ['results.md']
+
+
+def test_the_docs_block_is_the_committed_summaries():
+  """docs/results.md shows what `study.py --analyze --doc=docs/results.md` writes from the
+  committed summaries (rerun it after merging finished runs)."""
+  args = args_of()
+  head, tail = study.read_doc(os.path.join(REPO, 'docs', 'results.md'))
+  text = open(os.path.join(REPO, 'docs', 'results.md'), encoding='utf-8').read()
+  block = study.results_markdown(study.load_summaries(os.path.join(REPO, args.summaries)), args)
+  assert text == head + block + tail
