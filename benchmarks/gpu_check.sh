@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# GPU step-time check (issue 16): fp / ste / stompp train steps of CIFAR ResNet-18 (batch 256)
-# and ImageNet-shape ResNet-50 (batch 128) in bfloat16 on one accelerator, and a markdown report.
+# GPU step-time check: fp / ste / stompp train steps of CIFAR ResNet-18 (batch 256) and
+# ImageNet-shape ResNet-50 (batch 128) in bfloat16 on one accelerator, and a markdown report.
 #
+#   bash benchmarks/gpu_prepare.sh                      # here, with PyPI: the wheels it lacks
 #   bash benchmarks/gpu_check.sh [--tiny] [OUT_DIR]     # OUT_DIR: $OUT if set, else gpu_check_out
 #
+# On the lent GPU machine (device run, carry .gpu_carry) it first sources benchmarks/gpu_env.sh:
+# the carried wheels installed with --no-index into a fresh target, the machine's own jax.
 # At most about 8 minutes: each model runs in its own process (so the device's peak memory is
 # that model's) under a timeout; benchmarks/step_time.py times the compile apart from the steps
 # and prints step times, ratios, compile times, XLA step memory, the device's peak memory and
@@ -23,6 +26,10 @@ fi
 out_dir="$(realpath -m "${1:-${OUT:-gpu_check_out}}")"
 cd "$(dirname "$0")/.." || exit 1
 mkdir -p "$out_dir"
+if [ "$tiny" != 1 ] && [ -d .gpu_carry/wheels ]; then
+  # shellcheck source=benchmarks/gpu_env.sh
+  source benchmarks/gpu_env.sh || exit 1
+fi
 report="$out_dir/report.md"
 if [ "$tiny" = 1 ]; then
   first="tiny_resnet:4"

@@ -15,7 +15,7 @@ carry=.gpu_carry
 data=""
 for a in "$@"; do
   case "$a" in
-    --data=*) data="${a#*=}" ;;
+    --data=*) data="${a#*=}"; data="${data/#\~/$HOME}" ;;
     *) echo "Error: unknown argument $a: use --data=DIR16 or nothing" >&2; exit 2 ;;
   esac
 done
