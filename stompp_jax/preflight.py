@@ -172,8 +172,9 @@ def figures(compiled, per_chip_batch: int, chip: tpu_chips.Chip) -> dict:
   flops, accessed = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
   compute_s, memory_s = flops / chip.peak_bf16_flops, accessed / chip.hbm_bandwidth
   seconds = max(compute_s, memory_s)
+  estimate = cost.get('optimal_seconds')  # libtpu's own; negative (unknown) for ResNet-50.
   return {'fits': True, 'hbm_bytes': hbm, 'flops': flops, 'bytes_accessed': accessed,
-          'compiler_estimate_s': cost.get('optimal_seconds'),
+          'compiler_estimate_s': estimate if estimate is not None and estimate > 0 else None,
           'roofline': {'seconds': seconds, 'bound': 'compute' if compute_s >= memory_s else 'memory',
                        'images_per_s_per_chip': per_chip_batch / seconds if seconds else None}}
 

@@ -1,6 +1,7 @@
 """The preflight table of docs/preflight.md, from the committed JSON beside this script.
 
     python benchmarks/preflight/table.py            # markdown on stdout
+    python benchmarks/preflight/table.py --write    # into docs/preflight.md, between its markers
 
 One row per (model, slice, method, per-chip batch): the train step's HBM per chip, fits or not,
 the largest per-chip batch that fits (from the *_max_batch files), FLOPs and bytes per step per
@@ -11,8 +12,11 @@ batch, and the compile times.
 import glob
 import json
 import os
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DOC = os.path.join(HERE, '..', '..', 'docs', 'preflight.md')
+BEGIN, END = '<!-- preflight table: begin -->', '<!-- preflight table: end -->'
 
 
 def _rows() -> list[dict]:
@@ -70,5 +74,18 @@ def table() -> str:
   return '\n'.join(lines)
 
 
+def write(doc: str = DOC) -> None:
+  """Replaces the table between BEGIN and END in `doc`."""
+  with open(doc) as f:
+    text = f.read()
+  head, rest = text.split(BEGIN)
+  _, tail = rest.split(END)
+  with open(doc, 'w') as f:
+    f.write(f'{head}{BEGIN}\n{table()}\n{END}{tail}')
+
+
 if __name__ == '__main__':
-  print(table())
+  if sys.argv[1:] == ['--write']:
+    write()
+  else:
+    print(table())
