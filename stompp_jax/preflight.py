@@ -241,19 +241,43 @@ def compile_steps(config: ml_collections.ConfigDict, devices: list, chip: tpu_ch
   return exp, results
 
 
+def _next_batch(fits: Optional[tuple], fails: Optional[tuple], available: Optional[float],
+                chip: tpu_chips.Chip) -> int:
+  """The next per-chip batch to compile (a multiple of BATCH_MULTIPLE), from the largest that
+  fits, (batch, temporaries, total bytes), and the smallest that does not, (batch, temporaries
+  the compiler asked for): the batch where the temporaries, linear in the batch, reach what the
+  compiler said is `available`; past the chip's capacity while nothing failed yet."""
+  m = BATCH_MULTIPLE
+  if fails is None:  # Aim a little past the capacity, so the next probe likely brackets it.
+    batch, _, total = fits
+    guess = min(max(batch * 1.1 * chip.hbm_bytes / max(total, 1), 2 * batch), 16 * batch)
+    return int(guess) // m * m
+  if fits is None:
+    return max(m, fails[0] // 2 // m * m)
+  (low, low_need, _), (high, high_need) = fits, fails
+  guess = (low + high) / 2
+  if available and high_need and high_need > low_need:
+    guess = low + (available - low_need) * (high - low) / (high_need - low_need)
+  if high - low > 4 * m:  # Shrink the bracket by at least an eighth.
+    guess = min(max(guess, low + (high - low) / 8), high - (high - low) / 8)
+  return int(min(max(guess // m * m, low + m), high - m))
+
+
 def find_max_batch(config: ml_collections.ConfigDict, method: str, devices: list,
                    chip: tpu_chips.Chip, start: int, log: Callable[[str], None]) -> dict:
   """The largest per-chip train batch (a multiple of BATCH_MULTIPLE) whose train step fits,
-  by compiling: doubling from `start` until one does not fit, then bisection.
+  by compiling it: from `start`, then between the largest batch that fits and the smallest that
+  does not, at the batch the compiler's figures point to (`_next_batch`), until they are
+  BATCH_MULTIPLE apart.
 
   Returns:
     {'max_per_chip_batch': int (0: not even BATCH_MULTIPLE fits), 'probes': [{per_chip_batch,
     fits, total or required bytes, compile_s}]}.
   """
   chips = len(devices)
-  fits_at, fails_at, probes = 0, None, []
+  fits, fails, available, probes = None, None, None, []
   candidate = max(BATCH_MULTIPLE, start // BATCH_MULTIPLE * BATCH_MULTIPLE)
-  while fails_at is None or fails_at - fits_at > BATCH_MULTIPLE:
+  while True:
     _, result = compile_steps(method_config(config, method, candidate * chips), devices, chip,
                               ('train',))
     train = result['train']
@@ -266,16 +290,14 @@ def find_max_batch(config: ml_collections.ConfigDict, method: str, devices: list
         + (f'fits ({_bytes(probe["hbm_total_bytes"])})' if train['fits']
            else f'does not fit ({train["message"]})'))
     if train['fits']:
-      fits_at = candidate
+      fits = (candidate, train['hbm_bytes']['temporaries'], train['hbm_bytes']['total'])
     else:
-      fails_at = candidate
-    if fails_at is None:
-      candidate *= 2
-    elif fails_at - fits_at > BATCH_MULTIPLE:
-      candidate = (fits_at + fails_at) // 2 // BATCH_MULTIPLE * BATCH_MULTIPLE
-      if candidate <= fits_at:
-        candidate = fits_at + BATCH_MULTIPLE
-  return {'max_per_chip_batch': fits_at, 'probes': probes}
+      fails = (candidate, train['required_bytes'])
+      available = train.get('available_bytes') or available
+    if fails and (fails[0] - (fits[0] if fits else 0) <= BATCH_MULTIPLE):
+      break
+    candidate = _next_batch(fits, fails, available, chip)
+  return {'max_per_chip_batch': fits[0] if fits else 0, 'probes': probes}
 
 
 def ratios(result: dict, fp: dict) -> dict:

@@ -132,26 +132,49 @@ def test_an_unknown_slice_is_refused(name):
     tpu_chips.parse_slice(name)
 
 
-def test_the_largest_batch_is_found_by_doubling_then_bisection(monkeypatch):
-  """With a train step that fits up to 100 images per chip: 8, 16, ..., 128 then bisection."""
+def test_the_largest_batch_is_found_by_compiling_where_the_figures_point(monkeypatch):
+  """A train step that fits up to 100 images per chip, 1 MiB of temporaries per image: from 8,
+  to 16x (no ceiling yet), then where the temporaries reach the 100 MiB the compiler allows."""
   compiled = []
 
   def fake_compile_steps(config, devices, chip, steps):
     per_chip = config.train.batch_size // len(devices)
     compiled.append(per_chip)
     if per_chip <= 100:
-      return None, {'train': {'fits': True, 'hbm_bytes': {'total': per_chip * 2**20},
-                              'compile_s': 1.0}}
+      return None, {'train': {'fits': True, 'compile_s': 1.0, 'hbm_bytes': {
+          'total': per_chip * 2**20, 'temporaries': per_chip * 2**20}}}
     return None, {'train': {'fits': False, 'required_bytes': per_chip * 2**20,
-                            'message': 'RESOURCE_EXHAUSTED: too big', 'compile_s': 1.0}}
+                            'available_bytes': 100 * 2**20, 'compile_s': 1.0,
+                            'message': 'RESOURCE_EXHAUSTED: too big'}}
 
   monkeypatch.setattr(preflight, 'compile_steps', fake_compile_steps)
   from configs import default  # pylint: disable=g-import-not-at-top
   found = preflight.find_max_batch(default.get_config(), 'fp', [object()] * 4,
                                    tpu_chips.CHIPS['v5e'], 1, log=lambda line: None)
   assert found['max_per_chip_batch'] == 96
-  assert compiled == [8, 16, 32, 64, 128, 96, 112, 104]
-  assert [p['fits'] for p in found['probes']] == [True] * 4 + [False, True, False, False]
+  assert compiled == [8, 128, 96, 104]
+  assert [p['fits'] for p in found['probes']] == [True, False, True, False]
+
+
+def test_the_batch_search_bisects_without_figures(monkeypatch):
+  """Out-of-memory errors without figures: halving, then bisection; 0 when 8 does not fit."""
+  for limit, expected in ((50, 48), (5, 0)):
+    compiled = []
+
+    def fake_compile_steps(config, devices, chip, steps, limit=limit, compiled=compiled):
+      per_chip = config.train.batch_size // len(devices)
+      compiled.append(per_chip)
+      if per_chip <= limit:
+        return None, {'train': {'fits': True, 'compile_s': 1.0, 'hbm_bytes': {
+            'total': 2**40, 'temporaries': 2**40}}}
+      return None, {'train': {'fits': False, 'required_bytes': None, 'compile_s': 1.0,
+                              'message': 'RESOURCE_EXHAUSTED'}}
+
+    monkeypatch.setattr(preflight, 'compile_steps', fake_compile_steps)
+    from configs import default  # pylint: disable=g-import-not-at-top
+    found = preflight.find_max_batch(default.get_config(), 'fp', [object()] * 4,
+                                     tpu_chips.CHIPS['v5e'], 64, log=lambda line: None)
+    assert found['max_per_chip_batch'] == expected, compiled
 
 
 def _documented_preflights() -> list[str]:
