@@ -301,16 +301,20 @@ def find_max_batch(config: ml_collections.ConfigDict, method: str, devices: list
 
 
 def ratios(result: dict, fp: dict) -> dict:
-  """{figure: result's / fp's} of the train step (both must fit)."""
-  mine, base = result['steps'].get('train', {}), fp['steps'].get('train', {})
-  if not (mine.get('fits') and base.get('fits')):
-    return {}
-  pairs = {'hbm_total': (mine['hbm_bytes']['total'], base['hbm_bytes']['total']),
-           'hbm_temporaries': (mine['hbm_bytes']['temporaries'], base['hbm_bytes']['temporaries']),
-           'flops': (mine['flops'], base['flops']),
-           'bytes_accessed': (mine['bytes_accessed'], base['bytes_accessed']),
-           'roofline_seconds': (mine['roofline']['seconds'], base['roofline']['seconds'])}
-  return {name: a / b if b else None for name, (a, b) in pairs.items()}
+  """{step: {figure: result's / fp's}} of the steps both compiled and fit (train, eval)."""
+  out = {}
+  for name, mine in result['steps'].items():
+    base = fp['steps'].get(name, {})
+    if not (mine.get('fits') and base.get('fits')):
+      continue
+    pairs = {'hbm_total': (mine['hbm_bytes']['total'], base['hbm_bytes']['total']),
+             'hbm_temporaries': (mine['hbm_bytes']['temporaries'],
+                                 base['hbm_bytes']['temporaries']),
+             'flops': (mine['flops'], base['flops']),
+             'bytes_accessed': (mine['bytes_accessed'], base['bytes_accessed']),
+             'roofline_seconds': (mine['roofline']['seconds'], base['roofline']['seconds'])}
+    out[name] = {figure: a / b if b else None for figure, (a, b) in pairs.items()}
+  return out
 
 
 def _gib(n: float) -> str:
@@ -399,9 +403,9 @@ def preflight(config: ml_collections.ConfigDict, topology: str, methods: list[st
           f' {result["max_batch"]["max_per_chip_batch"]} (multiples of {BATCH_MULTIPLE})')
     if method != 'fp' and 'fp' in out['methods']:
       result['ratios_to_fp'] = ratios(result, out['methods']['fp'])
-      if result['ratios_to_fp']:
-        log('  train step / fp: ' + ', '.join(
-            f'{k} {v:.3f}x' for k, v in result['ratios_to_fp'].items() if v is not None))
+      for name, figures in result['ratios_to_fp'].items():
+        log(f'  {name} / fp: ' + ', '.join(
+            f'{k} {v:.3f}x' for k, v in figures.items() if v is not None))
     out['methods'][method] = result
   return out
 

@@ -68,12 +68,14 @@ def test_every_step_of_a_run_compiles_for_the_slice_with_memory_figures(tiny_v5e
 
 def test_stompp_adds_elementwise_work_only(tiny_v5e_4):
   """Same convolutions: StoMPP's FLOPs over fp's are those of masks and signs, a few percent."""
-  _, result = tiny_v5e_4
-  ratios = result['methods']['stompp']['ratios_to_fp']
+  done, result = tiny_v5e_4
+  ratios = result['methods']['stompp']['ratios_to_fp']['train']
   fp, stompp = _steps(result, 'fp')['train'], _steps(result, 'stompp')['train']
   assert ratios['flops'] == pytest.approx(stompp['flops'] / fp['flops'])
   assert 1.0 < ratios['flops'] < 1.10
   assert 1.0 < ratios['bytes_accessed'] < 1.25
+  assert set(result['methods']['stompp']['ratios_to_fp']) == {'train', 'eval'}
+  assert 'train / fp: hbm_total' in done.stdout and 'eval / fp: hbm_total' in done.stdout
 
 
 def test_the_roofline_is_the_slower_of_compute_and_memory(tiny_v5e_4):
