@@ -46,7 +46,7 @@ def table() -> str:
   fp = {_key(r): r for r in rows if r['method'] == 'fp' and 'train' in r['steps']}
   lines = ['| model | slice | method | batch/chip | train HBM/chip GiB | fits | max batch/chip'
            ' | TFLOP/step/chip | GB/step/chip | roofline img/s/chip | HBM / fp | FLOPs / fp'
-           ' | bytes / fp | compile s (train, other steps) | file |',
+           ' | bytes / fp | compile s: train; eval, eval fully binary, recalibration | file |',
            '|' + '---|' * 15]
   for r in rows:
     train = r['steps'].get('train')
@@ -68,7 +68,7 @@ def table() -> str:
              _ratio(hbm, base.get('hbm_bytes', {}).get('total')) if fits else '-',
              _ratio(train.get('flops'), base.get('flops')),
              _ratio(train.get('bytes_accessed'), base.get('bytes_accessed')),
-             f'{train["compile_s"]:.0f}, ' + ' / '.join(f'{s:.0f}' for s in others),
+             f'{train["compile_s"]:.0f}; ' + ', '.join(f'{s:.0f}' for s in others),
              r['file']]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
