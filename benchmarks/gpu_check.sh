@@ -27,7 +27,7 @@ out_dir="$(realpath -m "${1:-${OUT:-gpu_check_out}}")"
 cd "$(dirname "$0")/.." || exit 1
 mkdir -p "$out_dir"
 if [ "$tiny" != 1 ] && [ -d .gpu_carry/wheels ]; then
-  # shellcheck source=benchmarks/gpu_env.sh
+  # shellcheck disable=SC1091  # benchmarks/gpu_env.sh is checked on its own.
   source benchmarks/gpu_env.sh || exit 1
 fi
 report="$out_dir/report.md"

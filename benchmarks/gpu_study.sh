@@ -26,7 +26,10 @@ if [[ "${2:-}" == "--tiny" ]]; then
          --recalibrate=2 --evals=2 --seeds=2 --compile_cache=)
   cells=("tiny_resnet stompp layerwise" "tiny_resnet ste layerwise")
 else
-  [[ -f .gpu_carry/wheels/ml_collections-1.1.0-py3-none-any.whl ]] && source benchmarks/gpu_env.sh
+  if [[ -d .gpu_carry/wheels ]]; then
+    # shellcheck disable=SC1091  # benchmarks/gpu_env.sh is checked on its own.
+    source benchmarks/gpu_env.sh || exit 1
+  fi
   flags=(--data_dir="${STOMPP_STUDY_DATA:?no 16x16 data: run benchmarks/gpu_prepare.sh --data=DIR16 here first}"
          --seeds=3 --machine="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)")
   cells=("resnet56 stompp layerwise" "resnet56 ste layerwise" "resnet56 stompp reverse"

@@ -56,18 +56,24 @@ from stompp_jax import experiment
 from stompp_jax import recalibrate
 from stompp_jax import tpu_chips
 
-_TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU slice as gcloud names it: v4-32,'
-                                ' v5litepod-256 (or v5e-256), v5p-128, v6e-64...')
-_METHODS = flags.DEFINE_list('methods', ['fp', 'ste', 'stompp', 'stompp_ste'],
-                             'binary.method values to compile; fp first gives the ratios.')
-_PER_CHIP_BATCH = flags.DEFINE_integer('per_chip_batch', 0, 'Train images per chip (the global'
-                                       ' batch is this times the chips); 0: the config\'s batch.')
-_FIND_MAX_BATCH = flags.DEFINE_bool('find_max_batch', False, 'Also find the largest per-chip'
-                                    ' train batch that fits (compiles the train step several'
-                                    ' times).')
-_JSON = flags.DEFINE_string('json', '', 'Write the figures to this JSON file.')
-config_flags.DEFINE_config_file('config', None, 'A configs/*.py file, optionally :args.',
-                                lock_config=False)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
+  """The command line's flags. Defined by the entry point only (`__main__` here and in
+  benchmarks/preflight/), since `stompp_jax.main` defines a --config flag of its own."""
+  flags.DEFINE_string('topology', None, 'TPU slice as gcloud names it: v4-32, v5litepod-256 (or'
+                      ' v5e-256), v5p-128, v6e-64...', flag_values=flag_values)
+  flags.DEFINE_list('methods', ['fp', 'ste', 'stompp', 'stompp_ste'],
+                    'binary.method values to compile; fp first gives the ratios.',
+                    flag_values=flag_values)
+  flags.DEFINE_integer('per_chip_batch', 0, 'Train images per chip (the global batch is this'
+                       ' times the chips); 0: the config\'s batch.', flag_values=flag_values)
+  flags.DEFINE_bool('find_max_batch', False, 'Also find the largest per-chip train batch that'
+                    ' fits (compiles the train step several times).', flag_values=flag_values)
+  flags.DEFINE_string('json', '', 'Write the figures to this JSON file.', flag_values=flag_values)
+  config_flags.DEFINE_config_file('config', None, 'A configs/*.py file, optionally :args.',
+                                  flag_values=flag_values, lock_config=False, sys_argv=sys_argv)
+
 
 INSTALL = 'pip install ".[tpu]" (or pip install "jax[tpu]==0.10.2")'
 NOTE = ("The TPU compiler's figures and a roofline estimate from the chip's peak bf16 FLOP/s and"
@@ -412,14 +418,15 @@ def preflight(config: ml_collections.ConfigDict, topology: str, methods: list[st
 
 def _from_flags() -> dict:
   """`preflight` of the command line's flags."""
-  if not _TOPOLOGY.value:
+  values = flags.FLAGS
+  if not values.topology:
     raise errors.SetupError('--topology is required: a TPU type as gcloud names it, e.g.'
                             f' --topology=v4-32 ({", ".join(tpu_chips.supported())}).')
-  if _PER_CHIP_BATCH.value and _FIND_MAX_BATCH.value:
+  if values.per_chip_batch and values.find_max_batch:
     raise errors.SetupError('--per_chip_batch and --find_max_batch: give one (the search starts'
                             ' from the config\'s batch).')
-  return preflight(flags.FLAGS.config, _TOPOLOGY.value, _METHODS.value,
-                   per_chip_batch=_PER_CHIP_BATCH.value, max_batch=_FIND_MAX_BATCH.value,
+  return preflight(values.config, values.topology, values.methods,
+                   per_chip_batch=values.per_chip_batch, max_batch=values.find_max_batch,
                    log=lambda line: print(line, flush=True))
 
 
@@ -434,15 +441,17 @@ def main(argv):
     sys.exit(errors.EXIT_BAD_INPUT)
   result['command'] = ' '.join(['python -m stompp_jax.preflight',
                                 *(a for a in sys.argv[1:] if not a.startswith('--json'))])
-  if _JSON.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
-    with open(_JSON.value + '.tmp', 'w') as f:
+  path = flags.FLAGS.json
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
       json.dump(result, f, indent=1, sort_keys=True)
       f.write('\n')
-    os.replace(_JSON.value + '.tmp', _JSON.value)
-    print(f'Wrote {_JSON.value}', flush=True)
+    os.replace(path + '.tmp', path)
+    print(f'Wrote {path}', flush=True)
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['config'])
   app.run(main)

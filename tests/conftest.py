@@ -7,6 +7,11 @@ import pathlib
 # models. Subprocesses started by tests inherit this.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
 
+# The test requirements install libtpu (the TPU preflight's compiler): without this, every JAX
+# start here would look for a TPU (libtpu's lines on stderr) and the CLI's CPU-only settings
+# (stompp_jax/allocator.py) would be skipped. The preflight compiles for TPU devices anyway.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
 import jax  # pylint: disable=g-import-not-at-top
 
 jax.config.update('jax_num_cpu_devices', 8)

@@ -15,8 +15,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 GPU_CHECK = ROOT / 'benchmarks' / 'gpu_check.sh'
 
 
-def test_gpu_check_passes_shellcheck():
-  result = subprocess.run(['shellcheck', str(GPU_CHECK)], capture_output=True, text=True)
+@pytest.mark.parametrize('script', sorted(p.name for p in (ROOT / 'benchmarks').glob('*.sh')))
+def test_benchmark_scripts_pass_shellcheck(script):
+  result = subprocess.run(['shellcheck', str(ROOT / 'benchmarks' / script)], capture_output=True,
+                          text=True)
   assert result.returncode == 0, result.stdout + result.stderr
 
 

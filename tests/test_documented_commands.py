@@ -120,6 +120,15 @@ COVERAGE = {
     'python -m stompp_jax.main --config=configs/<file>.py[:args] --workdir=DIR'
     ' [--config.a.b=v ...]': USAGE,
     'python -m stompp_jax.analysis RUN_DIR... --out=PLOT_DIR': USAGE,
+    # docs/preflight.md, launch/README.md
+    'python -m stompp_jax.preflight --config=CONFIG --topology=TYPE [--methods=fp,ste,stompp,'
+    'stompp_ste] [--per_chip_batch=N] [--find_max_batch] [--json=PATH] [--config.FIELD=VALUE'
+    ' ...]': USAGE,
+    'python -m stompp_jax.preflight --config=configs/imagenet_r50.py --topology=v4-32':
+        run_by('test_preflight.py::test_the_documented_commands_parse_and_pass_the_checks_before_compiling'),
+    'python -m stompp_jax.preflight --config=configs/imagenet_r50.py --topology=v5e-256'
+    ' --methods=fp,stompp --find_max_batch':
+        run_by('test_preflight.py::test_the_documented_commands_parse_and_pass_the_checks_before_compiling'),
     'python -m stompp_jax.evaluate --workdir=RUN [--split=test': USAGE,
     'python -m stompp_jax.main --config=CONFIG --workdir=DIR': USAGE,
     'python -m stompp_jax.main --config=configs/default.py --config.model.name=MODEL'

@@ -4,7 +4,6 @@ compiler (libtpu, from requirements-test.txt; no TPU): the tiny model compiled f
 libtpu is found as JAX finds it: $TPU_LIBRARY_PATH, else the installed `libtpu` package.
 """
 
-import copy
 import json
 import os
 import subprocess
@@ -190,18 +189,13 @@ def test_the_documented_commands_parse_and_pass_the_checks_before_compiling():
   """Each concrete command of docs/preflight.md: known flags, a slice libtpu is asked for, and
   for each method a config that `experiment.check_config` accepts with a batch that splits."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from stompp_jax import experiment  # pylint: disable=g-import-not-at-top
   commands = _documented_preflights()
   assert len(commands) >= 2
   for command in commands:
     args = command.split()[3:]
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file('config', None, '', flag_values=values, lock_config=False,
-                                    sys_argv=['prog', *args])
-    for flag in flags.FLAGS.get_flags_for_module(preflight.__name__):
-      if flag.name != 'config':  # preflight's own flags, as its command line has them.
-        values[flag.name] = copy.deepcopy(flag)
+    preflight.define_flags(values, sys_argv=['prog', *args])  # As its command line has them.
     values(['prog', *args])
     slice_ = tpu_chips.parse_slice(values.topology)
     for method in values.methods:

@@ -35,7 +35,7 @@ from stompp_jax.binary import context  # noqa: E402
 
 _SMALL = flags.DEFINE_string('small', 'v5e-4', 'The small slice.')
 _LARGE = flags.DEFINE_string('large', 'v5e-64', 'The large slice (same chip).')
-# --config, --per_chip_batch and --json are preflight's own flags.
+# --config, --per_chip_batch and --json are preflight's own flags (preflight.define_flags).
 
 
 @contextlib.contextmanager
@@ -96,5 +96,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  preflight.define_flags()
   flags.mark_flags_as_required(['config'])
   app.run(main)
