@@ -19,6 +19,8 @@ commit=0
 foreground=0
 summaries=docs/results/equal_epochs
 chunk="${STUDY_CHUNK_S:-1800}"
+# A CPU study: with libtpu installed (the TPU preflight), JAX would look for a TPU at each start.
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 args=()
 for a in "$@"; do
   case "$a" in
