@@ -22,6 +22,7 @@ start=$(date +%s)
 mkdir -p "$out/logs" "$out/summaries"
 log="$out/log.txt"
 if [[ "${2:-}" == "--tiny" ]]; then
+  seeds="0 1"
   flags=(--models=tiny_resnet --data=synthetic --epochs=4 --batch=16 --eval_batch=16
          --recalibrate=2 --evals=2 --seeds=2 --compile_cache=)
   cells=("tiny_resnet stompp layerwise" "tiny_resnet ste layerwise")
@@ -30,6 +31,7 @@ else
     # shellcheck disable=SC1091  # benchmarks/gpu_env.sh is checked on its own.
     source benchmarks/gpu_env.sh || exit 1
   fi
+  seeds="0 1 2"
   flags=(--data_dir="${STOMPP_STUDY_DATA:?no 16x16 data: run benchmarks/gpu_prepare.sh --data=DIR16 here first}"
          --seeds=3 --machine="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)")
   cells=("resnet56 stompp layerwise" "resnet56 ste layerwise" "resnet56 stompp reverse"
@@ -37,7 +39,6 @@ else
 fi
 flags+=(--readings=binarized --out="$out/runs" --summaries="$out/summaries")
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # Seeds share the GPU: each takes what it uses.
-seeds=$(python benchmarks/study.py "${flags[@]}" --names | sed -n 's/.*_s\([0-9]*\)$/\1/p' | sort -u)
 
 for cell in "${cells[@]}"; do
   read -r model method order <<< "$cell"

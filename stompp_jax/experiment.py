@@ -202,7 +202,7 @@ class Experiment:
   @property
   def platform(self) -> str:
     """The platform of the mesh's devices ('cpu', 'gpu', 'tpu'), which the compiles target."""
-    return self.mesh.devices.flat[0].platform
+    return compiler.platform_of(self.batch_sharding)
 
   @property
   def eval_batch_size(self) -> int:

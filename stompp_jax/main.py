@@ -26,13 +26,12 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from stompp_jax import allocator
 from stompp_jax import checkpoints
 from stompp_jax import errors
 from stompp_jax import flag_errors
 from stompp_jax import train
 from stompp_jax import workdir as workdir_lib
-from stompp_jax.allocator import cpu_only  # Also the benchmarks' entry (benchmarks/study.py).
-from stompp_jax.allocator import keep_freed_memory
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics).', required=True)
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file, optionally :args.', lock_config=True)
@@ -101,8 +100,8 @@ def main(argv):
   else:
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_only_our_info)
-  if cpu_only():
-    keep_freed_memory()  # Before JAX starts its threads: they then share the one arena.
+  if allocator.cpu_only():
+    allocator.keep_freed_memory()  # Before JAX starts its threads: they then share the one arena.
   enable_compilation_cache()
   sys.exit(run(flags.FLAGS.config, _WORKDIR.value))
 
