@@ -8,9 +8,7 @@ raises its error where it checks; no exception is reclassified by its type, so a
 project.
 """
 
-import contextlib
 import errno
-import os
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # Any other failure (after the run started, or not one of the errors below).
@@ -41,33 +39,6 @@ class ForeignCheckpointError(SetupError):
 
 # Errors the user can act on: the command lines print their one-line message, no traceback.
 USER_ERRORS = (SetupError, NonFiniteError, DiskFullError)
-
-_DATA_PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', '')
-
-
-def _raised_in_data_package(error: BaseException) -> bool:
-  """Whether the innermost frame of `error`'s traceback is in stompp_jax/data/: a check of the
-  data package, not a failure inside a library it calls."""
-  traceback = error.__traceback__
-  if traceback is None:
-    return False
-  while traceback.tb_next is not None:
-    traceback = traceback.tb_next
-  return os.path.abspath(traceback.tb_frame.f_code.co_filename).startswith(_DATA_PACKAGE)
-
-
-@contextlib.contextmanager
-def data_errors():
-  """SetupError for the checks of stompp_jax/data, which report missing or malformed data with
-  ValueError and OSError raised in its own code (its `raise` statements); an error raised
-  anywhere else, even of those types, propagates unchanged."""
-  try:
-    yield
-  except (ValueError, OSError) as e:
-    if isinstance(e, SetupError) or not _raised_in_data_package(e):
-      raise
-    raise SetupError(' '.join(str(e).split())) from e
-
 
 def exit_status(error: BaseException) -> int:
   """The exit status of a user error: bad input before anything was written, or any other."""

@@ -92,8 +92,7 @@ def load_run(workdir: str, *, model: Any = None, allow_unfinished: bool = False)
     errors.SetupError: the run has no checkpoint.
   """
   config = read_run_config(workdir)
-  with errors.data_errors():
-    info = pipeline.dataset_info(config.data)
+  info = pipeline.dataset_info(config.data)
   total_steps, _ = experiment.total_train_steps(config.train, info.train_size)
   net = experiment.build_model(config, num_classes=info.num_classes,
                                image_shape=info.image_shape, model=model)

@@ -248,8 +248,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   check_method(config)
   optimizers.check_optim_config(config.optim)
   parallel.check_mesh_config(config.mesh)
-  with errors.data_errors():
-    sources.check_data_config(config.data)
+  sources.check_data_config(config.data)
 
 
 def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = None,
@@ -269,8 +268,7 @@ def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = Non
   """
   check_config(config)
   parallel.initialize_distributed()
-  with errors.data_errors():
-    info = pipeline.dataset_info(config.data)
+  info = pipeline.dataset_info(config.data)
   total_steps, steps_per_epoch = total_train_steps(config.train, info.train_size)
   mesh = parallel.make_mesh(config.mesh.num_devices, devices)
   parallel.check_batch_size(config.train.batch_size, mesh)

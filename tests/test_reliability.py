@@ -179,18 +179,12 @@ def test_bad_config_is_one_line_error_and_writes_nothing(tmp_path, field, value,
   assert not workdir.exists()
 
 
-def test_only_the_data_packages_own_checks_become_setup_errors():
-  """errors.data_errors: a ValueError raised by stompp_jax/data's own check is bad input; one
-  raised anywhere else (a bug in a model, in a library) passes through as it was."""
+def test_a_data_check_raises_setup_error_where_it_checks():
+  """The data package's checks raise errors.SetupError themselves: nothing converts a ValueError
+  by its type (a bug keeps its own type and traceback)."""
   with pytest.raises(errors.SetupError, match="unknown data.name='cifar11'") as raised:
-    with errors.data_errors():
-      sources.check_data_config(_set(tiny_config(), 'data.name', 'cifar11').data)
-  assert isinstance(raised.value.__cause__, ValueError)
-  bug = ValueError('not a data check')
-  with pytest.raises(ValueError) as raised:
-    with errors.data_errors():
-      raise bug
-  assert raised.value is bug
+    sources.check_data_config(_set(tiny_config(), 'data.name', 'cifar11').data)
+  assert raised.value.__cause__ is None
 
 
 def _npz_config(data_dir):

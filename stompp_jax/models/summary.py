@@ -219,9 +219,8 @@ def _main(argv):
   try:
     models.check_model_config(config.model)
     rules = models.binary_rules(config.model)
-    with errors.data_errors():
-      sources.check_data_config(config.data)
-      num_classes, image_shape = pipeline.input_shape(config.data)
+    sources.check_data_config(config.data)
+    num_classes, image_shape = pipeline.input_shape(config.data)
   except errors.SetupError as e:
     print(f'Error: {e}', file=sys.stderr, flush=True)
     sys.exit(errors.EXIT_BAD_INPUT)
