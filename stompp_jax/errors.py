@@ -9,6 +9,9 @@ project.
 """
 
 import errno
+import sys
+
+from absl import logging
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # Any other failure (after the run started, or not one of the errors below).
@@ -43,3 +46,11 @@ USER_ERRORS = (SetupError, NonFiniteError, DiskFullError)
 def exit_status(error: BaseException) -> int:
   """The exit status of a user error: bad input before anything was written, or any other."""
   return EXIT_BAD_INPUT if isinstance(error, SetupError) else EXIT_ERROR
+
+
+def fail(message: str, status: int) -> None:
+  """Prints `Error: <message>` on one line to stderr and exits with `status`; the traceback of
+  the error being handled, if any, is logged at verbosity 1 (`-v 1`)."""
+  logging.debug('The error in full:', exc_info=True)
+  print(f'Error: {" ".join(message.split())}', file=sys.stderr, flush=True)
+  sys.exit(status)

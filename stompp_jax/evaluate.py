@@ -18,7 +18,6 @@ checkpoint, or an unfinished run (no done.json) unless --allow_unfinished.
 
 import dataclasses
 import functools
-import sys
 from typing import Any
 
 from absl import app
@@ -171,15 +170,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO.
   workdir = flags.FLAGS.workdir
   if not workdir:
-    print('Error: --workdir is missing: give the run directory to evaluate.', file=sys.stderr)
-    sys.exit(errors.EXIT_BAD_INPUT)
+    errors.fail('--workdir is missing: give the run directory to evaluate.', errors.EXIT_BAD_INPUT)
   try:
     results = evaluate_run(workdir, split=flags.FLAGS.split,
                            allow_unfinished=flags.FLAGS.allow_unfinished,
                            recalibrate_bn_batches=flags.FLAGS.recalibrate_bn_batches)
   except errors.SetupError as e:
-    print(f'Error: {" ".join(str(e).split())}', file=sys.stderr)
-    sys.exit(errors.EXIT_BAD_INPUT)
+    errors.fail(str(e), errors.EXIT_BAD_INPUT)
   print(render(results))
 
 

@@ -437,8 +437,7 @@ def main(argv):
   try:
     result = _from_flags()
   except errors.SetupError as e:
-    print(f'Error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
-    sys.exit(errors.EXIT_BAD_INPUT)
+    errors.fail(str(e), errors.EXIT_BAD_INPUT)
   result['command'] = ' '.join(['python -m stompp_jax.preflight',
                                 *(a for a in sys.argv[1:] if not a.startswith('--json'))])
   path = flags.FLAGS.json
