@@ -306,3 +306,17 @@ def test_stompp_ste_identity_option_reaches_the_binarizer():
   np.testing.assert_array_equal(grad(x), [[1, 1, 1, 1, 1]])
   with pytest.raises(ValueError, match='frozen_grad'):
     _ctx('stompp_ste', 0, frozen_grad='none')
+
+
+def test_all_site_keys_and_stream_words_match_the_per_site_derivation():
+  first, second = masks.all_site_keys(KEY, 4)
+  for site in range(4):
+    for t, tensor in enumerate(masks.TENSORS):
+      key = masks.site_key(KEY, site, tensor)
+      np.testing.assert_array_equal([first[site, t], second[site, t]], key)
+      for r in (0, 5):
+        np.testing.assert_array_equal(masks.stream_words((first, second), 13, r)[site, t],
+                                      masks.stream_words(key, 13, r))
+        np.testing.assert_array_equal(
+            masks.scores_from_words(masks.stream_words(key, 13, r), (6, 5), r),
+            _scores(13, (6, 5), r, key=key))
