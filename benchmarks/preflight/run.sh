@@ -57,6 +57,16 @@ for job in "${JOBS[@]}"; do
   echo "$name: started $(date -u +%H:%M:%S), log $LOGS/$name.log"
   # shellcheck disable=SC2086  # The job's arguments split on spaces by design.
   if (cd "$ROOT" && python -m stompp_jax.preflight ${job#*|} --json="$json") > "$LOGS/$name.log" 2>&1; then
+    # The code the figures belong to (the binarizers' memory changed with it).
+    python - "$json" "$(git -C "$ROOT" rev-parse --short HEAD)" <<'PY'
+import json, sys
+with open(sys.argv[1]) as f:
+  result = json.load(f)
+result['code_commit'] = sys.argv[2]
+with open(sys.argv[1], 'w') as f:
+  json.dump(result, f, indent=1, sort_keys=True)
+  f.write('\n')
+PY
     echo "$name: finished $(date -u +%H:%M:%S)"
     if ((COMMIT)); then commit "$json"; fi
   else
