@@ -42,3 +42,16 @@ def test_a_default_needs_every_dataset_to_agree(tmp_path, monkeypatch, capsys):
   assert '- ste: default recalibrate\n' in out
   assert '- stompp: default as trained (the datasets disagree)' in out
   assert '- stompp_ste: default as trained (not every dataset has run)' in out
+
+
+def test_the_documented_table_is_the_committed_summaries(monkeypatch, capsys):
+  """docs/results.md shows what `python benchmarks/recalibration.py --analyze` prints from the
+  committed summaries (the command the page names)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  monkeypatch.chdir(root)
+  monkeypatch.setattr(sys, 'argv', ['recalibration.py', '--analyze'])
+  recalibration.main()
+  table = capsys.readouterr().out.strip()
+  assert table.count('\n| ') >= 2
+  with open(os.path.join(root, 'docs', 'results.md'), encoding='utf-8') as f:
+    assert table in f.read()
