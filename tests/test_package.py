@@ -35,6 +35,9 @@ def test_cli_compiles_once_into_the_user_cache(tmp_path):
   cache = tmp_path / 'xdg' / 'stompp_jax' / 'jax_cache'
   env = {k: v for k, v in ru.cli_env(1).items() if k != 'JAX_COMPILATION_CACHE_DIR'}
   env['XDG_CACHE_HOME'] = str(tmp_path / 'xdg')
+  # JAX caches only programs that took at least 1 s to compile: a program near that line under a
+  # changing load would be cached by one run and not the other. Cache every program.
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   entries = []
   for run in ('first', 'second'):
     # 5 steps: this test's cache starts empty, so no program of the suite's can serve it.
