@@ -17,8 +17,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOC = os.path.join(HERE, '..', '..', 'docs', 'preflight.md')
 BEGIN, END = '<!-- preflight table: begin -->', '<!-- preflight table: end -->'
-# Figures of the code before the binarizers' residuals were bit-packed (commit 2b9d08a), kept
-# for the before/after comparison; their rows say so.
+# Figures of the code before the binarizers' residuals were bit-packed (commit 2b9d08a): STE and
+# StoMPP, kept for the before/after comparison; their rows say so.
 UNPACKED = 'unpacked'
 
 
