@@ -263,8 +263,7 @@ def binarize_site_tensor(x: jax.Array, ctx: BinarizationContext, site: int,
   # Bit-packed residuals (binarize.py): an eighth of a bool each, and XLA cannot recompute them
   # from x in the backward pass, which would keep x itself (an input) alive or read the latent
   # kernel after the optimizer's updates (binarize.py, "Residuals").
-  residual = 'packed'
-  return binarize.masked_sign(x, frozen, frozen_grad=frozen_grad, residual=residual)
+  return binarize.masked_sign(x, frozen, frozen_grad=frozen_grad, residual='packed')
 
 
 def binarize_site_kernel(kernel: jax.Array, ctx: BinarizationContext, site: int,
