@@ -16,9 +16,9 @@ with the state at step 420 of a 1000-step layerwise schedule (about half the sit
 frozen, one freezing, the rest still float; at step 400 the freezing site of ResNet-18 and -20
 would be at the very start of its window, with no entry frozen yet).
 
-Methods: fp, ste, stompp, stompp_ste, each optionally `@cond` or `@select`: the binary
-package's one switch between a per-site `lax.cond` and a plain select for the masks
-(binary/context.py, `BinarizationConfig.masks_by`; default cond), e.g. stompp@select.
+Methods: fp, ste, stompp, stompp_ste, each optionally `@cond` or `@select`: the config's
+switch `binary.masks_by` between a per-site `lax.cond` and a plain select for the masks
+(binary/context.py; default cond), e.g. stompp@select.
 
 Timing: compile (lower + compile) is timed apart; after --warmup steps per method, --reps
 repetitions each run --steps consecutive steps of every method, the methods' order rotating
@@ -121,8 +121,8 @@ class Bench:
     method, masks_by = split_method(spec)
     config = make_config(name, method, dtype, batch_size)
     config.seed = seed
-    with context.masks_by(masks_by):
-      exp = experiment.build(config)
+    config.binary.masks_by = masks_by
+    exp = experiment.build(config)
     self.exp = exp
     self.num_sites = len(exp.net.sites)
     state = jax.jit(exp.init_state, out_shardings=exp.state_shardings)()

@@ -23,6 +23,7 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import ml_collections
 
 from stompp_jax import checkpoints
@@ -95,7 +96,8 @@ def load_run(workdir: str, *, model: Any = None, allow_unfinished: bool = False)
   total_steps, _ = experiment.total_train_steps(config.train, info.train_size)
   net = experiment.build_model(config, num_classes=info.num_classes,
                                image_shape=info.image_shape, model=model)
-  binarization = experiment.binarization_config(config, net.sites, total_steps)
+  binarization = experiment.binarization_config(config, net.sites, total_steps,
+                                                jax.default_backend())
   step, restored = checkpoints.read_state(workdir)
   if workdir_lib.read_done(workdir) is None and not allow_unfinished:
     raise RunError(f'{workdir} is unfinished (newest checkpoint at step {step} of {total_steps},'

@@ -121,8 +121,9 @@ def build_model(config: ml_collections.ConfigDict, *, num_classes: int,
 
 
 def binarization_config(config: ml_collections.ConfigDict, site_list: tuple[sites_lib.Site, ...],
-                        total_steps: int) -> bctx.BinarizationConfig:
-  """The static binarization settings of `config.binary` for a site table.
+                        total_steps: int, platform: str) -> bctx.BinarizationConfig:
+  """The static binarization settings of `config.binary` for a site table, on devices of
+  `platform` ('cpu', 'gpu', 'tpu'; it resolves binary.residuals 'auto').
 
   Raises errors.SetupError for a bad binary.* field (BinarizationConfig and ScheduleConfig
   check their own), and when binary.window_steps makes the freezing end after the run.
@@ -137,7 +138,9 @@ def binarization_config(config: ml_collections.ConfigDict, site_list: tuple[site
       sites=tuple(s.path for s in site_list),
       frozen_grad=config.binary.frozen_grad,
       refresh_every=config.binary.refresh_every,
-      per_example_activation_masks=config.binary.per_example_activation_masks)
+      per_example_activation_masks=config.binary.per_example_activation_masks,
+      masks_by=config.binary.masks_by,
+      residuals=bctx.residuals_for_platform(config.binary.residuals, platform))
   if site_list:
     schedule.span_steps(binarization.schedule, len(site_list))  # window_steps fit the run.
   return binarization
@@ -275,7 +278,8 @@ def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = Non
   parallel.check_batch_size(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
   net = build_model(config, num_classes=info.num_classes, image_shape=info.image_shape,
                     model=model)
-  binarization = binarization_config(config, net.sites, total_steps)
+  binarization = binarization_config(config, net.sites, total_steps,
+                                     mesh.devices.flat[0].platform)
   params = net.trace.variables['params']
   site_tree = sites_lib.site_tree(params, net.sites)
   lr_schedule = optimizers.learning_rate_schedule(config.optim, total_steps=total_steps,

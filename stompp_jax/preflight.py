@@ -396,6 +396,7 @@ def preflight(config: ml_collections.ConfigDict, topology: str, methods: list[st
               'eval_per_chip_batch': exp.eval_batch_size // chips,
               'shard_params': cfg.mesh.shard_params,
               'per_example_activation_masks': cfg.binary.per_example_activation_masks,
+              'masks_by': exp.binarization.masks_by, 'residuals': exp.binarization.residuals,
               'sites': len(exp.net.sites), 'steps': steps}
     log(f'{method} ({cfg.model.name}, mode {cfg.model.mode}, {cfg.model.dtype}):')
     for name, step in steps.items():

@@ -230,11 +230,11 @@ def test_masked_sign_packed_residual_gives_the_same_values_and_grads(frozen_grad
   x, frozen = _residual_case()
   g = jnp.asarray(np.random.default_rng(4).standard_normal(x.shape), jnp.float32)
   results = {}
-  for option in ('passes', residual):
+  for option in ('bool', residual):
     y, pullback = jax.vjp(lambda x, o=option: binarize.masked_sign(
         x, frozen, frozen_grad=frozen_grad, residual=o), x)
     results[option] = (np.asarray(y), np.asarray(pullback(g)[0]))
-  for want, got in zip(results['passes'], results[residual]):
+  for want, got in zip(results['bool'], results[residual]):
     assert want.tobytes() == got.tobytes()
 
 
@@ -242,7 +242,7 @@ def test_ste_sign_packed_residual_gives_the_same_grads():
   x, _ = _residual_case()
   g = jnp.asarray(np.random.default_rng(5).standard_normal(x.shape), jnp.float32)
   want, got = (jax.vjp(lambda x, o=o: binarize.ste_sign(x, residual=o), x)[1](g)[0]
-               for o in ('passes', 'packed'))
+               for o in ('bool', 'packed'))
   assert np.asarray(want).tobytes() == np.asarray(got).tobytes()
 
 

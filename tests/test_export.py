@@ -105,7 +105,7 @@ def training_time_logits(config, variables, images):
   num_classes, image_shape = pipeline.input_shape(config.data)
   net = experiment.build_model(config, num_classes=num_classes, image_shape=image_shape)
   model = net.model
-  binarization = experiment.binarization_config(config, net.sites, total_steps=1)
+  binarization = experiment.binarization_config(config, net.sites, total_steps=1, platform='cpu')
   ctx = bctx.BinarizationContext(step=jnp.zeros((), jnp.int32), key=jax.random.PRNGKey(0),
                                  config=binarization, fully_binary=True)
   return jax.jit(functools.partial(model.apply, train=False, ctx=ctx))(variables, images)

@@ -59,7 +59,7 @@ class Nested(nn.Module):
 
 def binarization(module, config, total_steps=10):
   net = experiment.build_model(config, num_classes=4, image_shape=IMAGE_SHAPE, model=module)
-  return net.model, experiment.binarization_config(config, net.sites, total_steps), net.sites
+  return net.model, experiment.binarization_config(config, net.sites, total_steps, 'cpu'), net.sites
 
 
 def init(model, seed=0):

@@ -1,10 +1,11 @@
-"""The scaffold's cost (issue 25) changed how masks and residuals are computed and stored, never
-what they are: a run's masks, values and parameters must stay bit for bit those of the
-implementation it replaced (a long study resumes across commits).
+"""The scaffold's cost switches (`binary.masks_by`, `binary.residuals`) change how masks and
+residuals are computed and stored, never what they are: a run's masks, values and parameters
+must stay bit for bit those of the implementation they replaced (a long study resumes across
+commits).
 
 The reference below is that implementation, kept here: per-site keys and scores hashed inside
 each site's `lax.cond`, bool kernel masks, bool residuals. The tiny model is trained with it
-(patched in) and with the package as it is, under both `masks_by` settings, and the parameters,
+(patched in) and with the package as it is, under every setting of the two switches, and the parameters,
 optimizer state, BatchNorm statistics and per-site values after every step must be identical.
 """
 
@@ -97,28 +98,32 @@ def test_every_mask_matches_the_reference_at_every_step(masks_by, refresh_every)
       np.testing.assert_array_equal(from_context, want)
 
 
-def test_masks_by_is_a_static_switch_with_a_scoped_default():
+def test_the_switches_are_static_and_checked():
   assert _config('cond', 4) != _config('select', 4)  # Part of the jit cache key.
-  from stompp_jax.binary import schedule  # pylint: disable=import-outside-toplevel
-  make = lambda: context.BinarizationConfig(method='stompp',
-                                            schedule=schedule.ScheduleConfig(total_steps=10))
-  assert make().masks_by == 'cond'
-  with context.masks_by('select'):
-    assert make().masks_by == 'select'
-  assert make().masks_by == 'cond'
-  with pytest.raises(ValueError, match='masks_by'):
-    with context.masks_by('sometimes'):
-      pass
+  with pytest.raises(ValueError, match='binary.masks_by'):
+    _config('sometimes', 4)
+  with pytest.raises(ValueError, match='binary.residuals'):
+    context.residuals_for_platform('floats', 'cpu')
+
+
+@pytest.mark.parametrize('platform,want', [('cpu', 'packed'), ('tpu', 'bool'), ('gpu', 'bool')])
+def test_auto_residuals_are_packed_on_cpu_only(platform, want):
+  assert context.residuals_for_platform('auto', platform) == want
+  assert context.residuals_for_platform('bool', platform) == 'bool'
+  assert context.residuals_for_platform('packed', platform) == 'packed'
 
 
 # ---------------------------------------------------------------------------------------------
 # Training: bit for bit against the reference.
 
 
-def _train(method, steps=12):
+def _train(method, steps=12, **binary):
   """Every leaf of (params, opt_state, batch_stats) after `steps` tiny train steps, and the
-  per-site values of every step, as numpy arrays keyed by path; and the compiled step's HLO."""
-  exp = experiment.build(tiny_config(method))
+  per-site values of every step, as numpy arrays keyed by path; and the compiled step's HLO.
+  `binary`: binary.* fields to set."""
+  config = tiny_config(method)
+  config.binary.update(binary)
+  exp = experiment.build(config)
   state = jax.jit(exp.init_state, out_shardings=exp.state_shardings)()
   compiled = exp.compile_train_step()
   rng = np.random.default_rng(0)
@@ -144,14 +149,15 @@ def _assert_bitwise_equal(got, want):
 @pytest.mark.parametrize('method', ['stompp', 'ste'])
 def test_training_is_bitwise_that_of_the_reference(method, monkeypatch):
   got, hlo = _train(method)
-  # The packed residuals keep XLA from copying every donated kernel (binarize.py, "Residuals").
+  # The packed residuals (the default on CPU) keep XLA from copying every donated kernel
+  # (binarize.py, "Residuals").
   assert not re.search(r'copy\(%state_params', hlo)
-  variants = {'select': got}
+  variants = {'bool residuals': _train(method, residuals='bool')[0]}
   if method == 'stompp':
-    with context.masks_by('select'):
-      variants['select'] = _train(method)[0]
+    variants['select'] = _train(method, masks_by='select')[0]
   with monkeypatch.context() as patch:
     _use_reference(patch)
     want = _train(method)[0]
   _assert_bitwise_equal(got, want)
-  _assert_bitwise_equal(variants['select'], want)
+  for variant in variants.values():
+    _assert_bitwise_equal(variant, want)

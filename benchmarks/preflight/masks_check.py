@@ -6,8 +6,8 @@
    masks are partitioned with the batch.
 2. The per-site `jax.lax.cond` of the masks (binary/context.py: a site whose fraction is 0 or 1
    hashes nothing): what does it cost on TPU against a plain select that always hashes? The
-   rows compare them through the binary package's switch (`context.masks_by`, which sets
-   `BinarizationConfig.masks_by` of the build: 'cond', the default, or 'select').
+   rows compare them through the config's switch `binary.masks_by` ('cond', the default, or
+   'select').
 
     python benchmarks/preflight/masks_check.py --config=configs/cifar.py:model=resnet20 \
         --per_chip_batch=128 --small=v5e-4 --large=v5e-64 --json=benchmarks/preflight/masks_resnet20.json
@@ -28,7 +28,6 @@ import jax  # noqa: E402
 
 from stompp_jax import preflight  # noqa: E402
 from stompp_jax import tpu_chips  # noqa: E402
-from stompp_jax.binary import context  # noqa: E402
 
 _SMALL = flags.DEFINE_string('small', 'v5e-4', 'The small slice.')
 _LARGE = flags.DEFINE_string('large', 'v5e-64', 'The large slice (same chip).')
@@ -42,8 +41,8 @@ def row(config, topology: str, method: str, *, per_example: bool, select: bool) 
   config = preflight.method_config(config, method, flags.FLAGS.per_chip_batch * len(devices))
   config.train.eval_batch_size = config.train.batch_size
   config.binary.per_example_activation_masks = per_example
-  with context.masks_by('select' if select else 'cond'):
-    _, steps = preflight.compile_steps(config, devices, slice_.chip, ('train',))
+  config.binary.masks_by = 'select' if select else 'cond'
+  _, steps = preflight.compile_steps(config, devices, slice_.chip, ('train',))
   train = steps['train']
   out = {'topology': topology, 'method': method, 'per_example_activation_masks': per_example,
          'masks_by': 'select' if select else 'cond', 'per_chip_batch': flags.FLAGS.per_chip_batch,

@@ -3,9 +3,11 @@
 All functions are elementwise, keep the input dtype, and save only a boolean residual
 for the backward pass (one bit of information per element instead of a float copy).
 
-Residuals (`residual=`): 'passes' keeps one bool per element; 'packed' keeps the same bits
-packed eight to a byte (uint8; the train step's choice, binary/context.py). Values and
-gradients are the same bit for bit. Why packing pays on XLA beyond the 8x: a bool residual that is a cheap
+Residuals (`residual=`): 'bool' keeps one bool per element; 'packed' keeps the same bits
+packed eight to a byte (uint8). Values and gradients are the same bit for bit; the train step
+takes `binary.residuals` (binary/context.py: packed on CPU, bool on TPU and GPU, where the
+packing's extra passes cost more HBM traffic than the smaller residual saves). Why packing pays
+on XLA:CPU beyond the 8x: a bool residual that is a cheap
 elementwise function of x is recomputed by XLA's fusion inside every backward consumer instead
 of being stored, so x itself stays alive until the backward pass (a float32 activation where a
 bool would do), and for a latent kernel both optimizer updates (params and momentum) read the
@@ -42,7 +44,7 @@ def _in_clip_range(x: jax.Array) -> jax.Array:
   return jnp.abs(x) <= 1
 
 
-RESIDUALS = ('passes', 'packed')
+RESIDUALS = ('bool', 'packed')
 _BIT_WEIGHTS = np.uint8(1) << np.arange(8, dtype=np.uint8)
 
 
@@ -108,7 +110,7 @@ _masked_sign.defvjp(_masked_sign_fwd, _masked_sign_bwd)
 
 
 def masked_sign(x: jax.Array, frozen: jax.Array, *, frozen_grad: str = 'none',
-                residual: str = 'passes') -> jax.Array:
+                residual: str = 'bool') -> jax.Array:
   """StoMPP partial binarizer.
 
   Args:
@@ -116,7 +118,7 @@ def masked_sign(x: jax.Array, frozen: jax.Array, *, frozen_grad: str = 'none',
     frozen: bool, broadcastable to `x.shape`; True entries are committed to sign(x).
     frozen_grad: gradient on frozen entries. 'none' (STE-free StoMPP): frozen entries pass
       no gradient. 'ste_clipped' (StoMPP+STE default): 1[|x| <= 1] * g. 'ste_identity': g.
-    residual: what the backward pass keeps (module docstring): 'passes', one bool per element
+    residual: what the backward pass keeps (module docstring): 'bool', one bool per element
       (which entries pass gradient), or 'packed', those bits eight to a byte. The same values
       and gradients either way.
 
@@ -149,7 +151,7 @@ def _ste_sign_bwd(grad, residual, saved, g):
 _ste_sign.defvjp(_ste_sign_fwd, _ste_sign_bwd)
 
 
-def ste_sign(x: jax.Array, *, grad: str = 'clipped', residual: str = 'passes') -> jax.Array:
+def ste_sign(x: jax.Array, *, grad: str = 'clipped', residual: str = 'bool') -> jax.Array:
   """BinaryConnect-style binarizer: forward sign(x), straight-through backward.
 
   Args:
@@ -157,7 +159,7 @@ def ste_sign(x: jax.Array, *, grad: str = 'clipped', residual: str = 'passes') -
     grad: 'clipped' passes 1[|x| <= 1] * g (BinaryNet, used for activations);
       'identity' passes g unchanged (BinaryConnect, used for weights whose latent values the
       optimizer clips to [-1, 1]).
-    residual: 'passes' (one bool per element) or 'packed' (eight to a byte) for 'clipped';
+    residual: 'bool' (one bool per element) or 'packed' (eight to a byte) for 'clipped';
       'identity' keeps nothing.
 
   Returns:

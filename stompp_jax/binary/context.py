@@ -12,22 +12,24 @@ value), and the result is then cast to the compute dtype (`binarize_site_kernel`
 clipped values in [-1, 1] round the same either way); an input is binarized in the dtype it
 arrives in. The zoo's layers and `layers.ByRules` follow this one rule.
 
-Cost (`BinarizationConfig.masks_by`, the one switch): 'cond' (default): a site whose fraction p
-is 0 or 1 (not started, or fully frozen; in a layerwise schedule all sites but one or two) hashes
-nothing: a per-site `jax.lax.cond` on 0 < p < 1 picks a constant mask instead. 'select': every
-site hashes its scores and compares them with p, no branch (XLA fuses the hash into the mask's
-consumers). Both give the same masks bit for bit: scores lie in [0, 1), so score < p is all False
-at p = 0 and all True at p = 1. The scalar part of every site's scores (key and stream words,
-masks.stream_words) is computed once per step for all sites (`with_kernel_masks`), so a site's
-mask costs only its per-element loop.
-
-Memory: the step's kernel masks, kept from the forward pass to the optimizer, are bit-packed
-(`with_kernel_masks`), and so are the binarizers' residuals (`binarize_site_tensor`, and
-binarize.py on why packing also keeps XLA from holding float copies); the same values.
+Cost, two static switches (config fields `binary.masks_by` and `binary.residuals`) that change
+how masks are made and kept, never what they are:
+- `masks_by`: 'cond' (default): a site whose fraction p is 0 or 1 (not started, or fully
+  frozen; in a layerwise schedule all sites but one or two) hashes nothing: a per-site
+  `jax.lax.cond` on 0 < p < 1 picks a constant mask instead. 'select': every site hashes its
+  scores and compares them with p, no branch (XLA fuses the hash into the mask's consumers).
+  The same masks bit for bit: scores lie in [0, 1), so score < p is all False at p = 0 and all
+  True at p = 1. The scalar part of every site's scores (key and stream words,
+  masks.stream_words) is computed once per step for all sites (`with_kernel_masks`), so a
+  site's mask costs only its per-element loop.
+- `residuals`: 'packed' keeps the step's kernel masks (from the forward pass to the optimizer)
+  and the binarizers' residuals bit-packed, eight to a byte (binarize.py on why packing also
+  keeps XLA:CPU from holding float copies); 'bool' keeps one bool each. The config's 'auto'
+  (`residuals_for_platform`) packs on CPU and keeps bools on TPU and GPU: compiled for a TPU,
+  the packing's extra passes cost more HBM traffic than the smaller residuals save
+  (docs/preflight.md).
 """
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import re
@@ -46,23 +48,16 @@ from stompp_jax.errors import SetupError
 
 METHODS = ('fp', 'ste', 'stompp', 'stompp_ste')
 MASKS_BY = ('cond', 'select')
-_MASKS_BY = contextvars.ContextVar('stompp_jax_masks_by', default='cond')
+RESIDUALS = ('auto', *binarize.RESIDUALS)
 
 
-@contextlib.contextmanager
-def masks_by(value: str):
-  """Within the block, a `BinarizationConfig` made without `masks_by` gets `value` ('cond' |
-  'select'): how benchmarks compare the two on a whole run's build (`experiment.build`).
-
-      with context.masks_by('select'):
-        exp = experiment.build(config)
-  """
-  check_choice('masks_by', value, MASKS_BY)
-  token = _MASKS_BY.set(value)
-  try:
-    yield
-  finally:
-    _MASKS_BY.reset(token)
+def residuals_for_platform(residuals: str, platform: str) -> str:
+  """The residual storage ('bool' | 'packed') of `binary.residuals` for a run whose devices
+  are of `platform` ('cpu', 'gpu', 'tpu'): 'auto' packs on CPU only (module docstring)."""
+  check_choice('binary.residuals', residuals, RESIDUALS)
+  if residuals != 'auto':
+    return residuals
+  return 'packed' if platform == 'cpu' else 'bool'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +96,9 @@ class BinarizationConfig:
     refresh_every: soft-refresh period r; 0 = never.
     per_example_activation_masks: input masks cover the batch dim too (else shared).
     masks_by: 'cond' (per-site `jax.lax.cond`: sites at p = 0 or 1 hash nothing) or 'select'
-      (every site hashes, no branch); the same masks either way (module docstring). Default
-      'cond', or the value of an enclosing `masks_by(...)` block.
+      (every site hashes, no branch); the same masks either way (module docstring).
+    residuals: 'packed' or 'bool': how the step keeps its kernel masks and the binarizers'
+      residuals (module docstring; `residuals_for_platform` resolves the config's 'auto').
   """
 
   method: str
@@ -111,11 +107,13 @@ class BinarizationConfig:
   frozen_grad: str = 'ste_clipped'
   refresh_every: int = 100
   per_example_activation_masks: bool = False
-  masks_by: str = dataclasses.field(default_factory=_MASKS_BY.get)
+  masks_by: str = 'cond'
+  residuals: str = 'packed'
 
   def __post_init__(self):
     check_choice('binary.method', self.method, METHODS)
-    check_choice('masks_by', self.masks_by, MASKS_BY)
+    check_choice('binary.masks_by', self.masks_by, MASKS_BY)
+    check_choice('binary.residuals', self.residuals, binarize.RESIDUALS)
     check_choice('binary.frozen_grad', self.frozen_grad, binarize.FROZEN_GRADS[1:])
     check_at_least('binary.refresh_every', self.refresh_every, 0)
 
@@ -145,10 +143,10 @@ class BinarizationContext:
     key: PRNG key from which every mask key derives (traced).
     config: static settings.
     fully_binary: static; True makes every mask 1 (the deployed network, used for eval).
-    kernel_masks: None, or each site's kernel mask of this step (tuple, site order), bit-packed
-      (`binarize.pack_bits`: uint8, an eighth of a bool mask's memory, kept from the forward
-      pass to the optimizer), made by `with_kernel_masks`; `site_frozen_mask` unpacks them
-      instead of hashing again.
+    kernel_masks: None, or each site's kernel mask of this step (tuple, site order; kept from
+      the forward pass to the optimizer), bool or, with `config.residuals` 'packed',
+      `binarize.pack_bits` of it (uint8, an eighth of the memory); made by `with_kernel_masks`;
+      `site_frozen_mask` reads them instead of hashing again.
     mask_words: None, or uint32 (sites, 2, 7): every site's kernel and input stream words of
       this step (masks.stream_words), made by `with_kernel_masks`; else made where needed.
   """
@@ -205,11 +203,12 @@ def site_frozen_mask(ctx: BinarizationContext, site: int, tensor: str,
   if ctx.fully_binary or ctx.config.method == 'ste':
     return jnp.ones(shape, bool)
   if tensor == 'kernel' and ctx.kernel_masks is not None:
-    packed = ctx.kernel_masks[site]
-    if packed.shape != binarize.packed_shape(shape):
-      raise ValueError(f'The kernel mask of site {site} has packed shape {packed.shape}, not'
-                       f' that of shape {tuple(shape)}.')
-    return binarize.unpack_bits(packed, tuple(shape))
+    kept = ctx.kernel_masks[site]
+    packed = ctx.config.residuals == 'packed'
+    if kept.shape != (binarize.packed_shape(shape) if packed else tuple(shape)):
+      raise ValueError(f'The kept kernel mask of site {site} has shape {kept.shape}, not'
+                       f' that of a {ctx.config.residuals} mask of shape {tuple(shape)}.')
+    return binarize.unpack_bits(kept, tuple(shape)) if packed else kept
   return _frozen_mask(ctx, site, tensor, tuple(shape), packed=False)
 
 
@@ -231,7 +230,8 @@ def with_kernel_masks(ctx: BinarizationContext,
   if len(kernel_shapes) != ctx.config.num_sites:
     raise ValueError(f'{len(kernel_shapes)} kernel shapes for {ctx.config.num_sites} sites.')
   ctx = dataclasses.replace(ctx, mask_words=_mask_words(ctx))
-  kernel_masks = tuple(_frozen_mask(ctx, site, 'kernel', tuple(shape), packed=True)
+  packed = ctx.config.residuals == 'packed'
+  kernel_masks = tuple(_frozen_mask(ctx, site, 'kernel', tuple(shape), packed)
                        for site, shape in enumerate(kernel_shapes))
   return dataclasses.replace(ctx, kernel_masks=kernel_masks)
 
@@ -254,16 +254,14 @@ def binarize_site_tensor(x: jax.Array, ctx: BinarizationContext, site: int,
     return x
   if method == 'ste' and not ctx.fully_binary:
     return binarize.ste_sign(x, grad='identity' if tensor == 'kernel' else 'clipped',
-                             residual='packed')
+                             residual=ctx.config.residuals)
   shape = x.shape
   if tensor == 'input' and not ctx.config.per_example_activation_masks:
     shape = x.shape[1:]
   frozen = site_frozen_mask(ctx, site, tensor, shape)
   frozen_grad = ctx.config.frozen_grad if method == 'stompp_ste' else 'none'
-  # Bit-packed residuals (binarize.py): an eighth of a bool each, and XLA cannot recompute them
-  # from x in the backward pass, which would keep x itself (an input) alive or read the latent
-  # kernel after the optimizer's updates (binarize.py, "Residuals").
-  return binarize.masked_sign(x, frozen, frozen_grad=frozen_grad, residual='packed')
+  return binarize.masked_sign(x, frozen, frozen_grad=frozen_grad,
+                             residual=ctx.config.residuals)
 
 
 def binarize_site_kernel(kernel: jax.Array, ctx: BinarizationContext, site: int,

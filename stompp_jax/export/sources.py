@@ -109,7 +109,8 @@ def _recalibrated(config, net: experiment.ModelBuild, variables, num_batches: in
   from stompp_jax import recalibrate  # pylint: disable=g-import-not-at-top
   train_size = pipeline.dataset_info(config.data).train_size
   total_steps, _ = experiment.total_train_steps(config.train, train_size)
-  binarization = experiment.binarization_config(config, net.sites, total_steps)
+  binarization = experiment.binarization_config(config, net.sites, total_steps,
+                                                jax.default_backend())
   return recalibrate.recalibrate_variables(config, net.model, binarization, variables,
                                            num_batches)
 
