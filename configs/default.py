@@ -71,6 +71,9 @@ def get_config(arg=None):
   # Storage of the kernel masks and binarizer residuals a train step keeps: auto (packed on
   # CPU, bool on TPU and GPU) | packed (eight to a byte) | bool.
   c.binary.residuals = 'auto'
+  # A StoMPP site at p = 1 (its binarizers pass no gradient): skip its conv's weight and input
+  # gradients | full (compute them as XLA does) | auto (skip on CPU, full on TPU and GPU).
+  c.binary.committed_backward = 'auto'
 
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()

@@ -74,19 +74,21 @@ def test_step_time_builds_the_run_and_times_the_pieces(tmp_path, capsys):
   assert any(name.startswith('binary convs alone') for name in pieces)
 
 
-def test_torch_peer_is_the_same_network_and_trains():
+@pytest.mark.parametrize('name,binary_convs', [('resnet20', 18), ('resnet18', 16)])
+def test_torch_peer_is_the_same_network_and_trains(name, binary_convs):
   pytest.importorskip('torch')
   from benchmarks import step_time  # pylint: disable=import-outside-toplevel
   from benchmarks import torch_peer  # pylint: disable=import-outside-toplevel
   from stompp_jax import models  # pylint: disable=import-outside-toplevel
-  config = step_time.make_config('resnet20', 'ste', 'float32')
+  config = step_time.make_config(name, 'ste', 'float32')
   model = models.create_model(config.model, num_classes=10, image_shape=(32, 32, 3))
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3))))
   jax_sizes = sorted(int(np.prod(x.shape)) for x in jax.tree.leaves(params['params']))
-  bench = torch_peer.TorchBench(batch_size=4)
+  bench = torch_peer.TorchBench(batch_size=4, model=name)
   torch_sizes = sorted(p.numel() for p in bench.model.parameters())
   assert torch_sizes == jax_sizes
-  assert len(bench.convs) == 18  # every 3x3 conv of the blocks; stem, shortcuts, head are float
+  # Every 3x3 conv of the blocks; stem, shortcuts, head are float.
+  assert len(bench.convs) == binary_convs
   before = [c.weight.detach().clone() for c in bench.convs]
   assert bench.run(1) > 0
   assert all(float(c.weight.detach().abs().max()) <= 1 for c in bench.convs)
@@ -98,7 +100,7 @@ def test_torch_peer_stompp_freezes_as_the_schedule_says():
   from benchmarks import torch_peer  # pylint: disable=import-outside-toplevel
   # Step 420 of 1000, span 0.8 over 18 sites: 44.4 steps a site, so sites 0-8 are frozen, site 9
   # is 20 / 44.4 = 0.45 into its window (cubic: 0.091), sites 10-17 are float.
-  fractions = torch_peer.site_fractions('stompp')
+  fractions = torch_peer.site_fractions('resnet20', 'stompp')
   assert fractions[:9] == [1.0] * 9 and fractions[10:] == [0.0] * 8
   assert fractions[9] == pytest.approx(0.45 ** 3, abs=1e-6)
   bench = torch_peer.TorchBench(batch_size=4, method='stompp')

@@ -12,8 +12,9 @@ value), and the result is then cast to the compute dtype (`binarize_site_kernel`
 clipped values in [-1, 1] round the same either way); an input is binarized in the dtype it
 arrives in. The zoo's layers and `layers.ByRules` follow this one rule.
 
-Cost, two static switches (config fields `binary.masks_by` and `binary.residuals`) that change
-how masks are made and kept, never what they are:
+Cost, three static switches (config fields `binary.masks_by`, `binary.residuals` and
+`binary.committed_backward`) that change how masks and gradients are made and kept, never what
+they are:
 - `masks_by`: 'cond' (default): a site whose fraction p is 0 or 1 (not started, or fully
   frozen; in a layerwise schedule all sites but one or two) hashes nothing: a per-site
   `jax.lax.cond` on 0 < p < 1 picks a constant mask instead. 'select': every site hashes its
@@ -28,6 +29,11 @@ how masks are made and kept, never what they are:
   (`residuals_for_platform`) packs on CPU and keeps bools on TPU and GPU: compiled for a TPU,
   the packing's extra passes cost more HBM traffic than the smaller residuals save
   (docs/preflight.md).
+- `committed_backward`: 'skip': a StoMPP site at p = 1 (every entry frozen: its binarizers pass
+  no gradient) skips its convolution's weight and, in a BNN, input gradient
+  (binary/committed.py; the other sites' gradients then come from that module's convolutions,
+  equal up to float32 summation order); 'full' computes them as XLA does. The config's 'auto'
+  skips on CPU, where it was measured (docs/performance.md).
 """
 
 import dataclasses
@@ -49,6 +55,7 @@ from stompp_jax.errors import SetupError
 METHODS = ('fp', 'ste', 'stompp', 'stompp_ste')
 MASKS_BY = ('cond', 'select')
 RESIDUALS = ('auto', *binarize.RESIDUALS)
+COMMITTED_BACKWARDS = ('auto', 'skip', 'full')
 
 
 def residuals_for_platform(residuals: str, platform: str) -> str:
@@ -58,6 +65,15 @@ def residuals_for_platform(residuals: str, platform: str) -> str:
   if residuals != 'auto':
     return residuals
   return 'packed' if platform == 'cpu' else 'bool'
+
+
+def committed_backward_for_platform(committed_backward: str, platform: str) -> str:
+  """'skip' | 'full' of `binary.committed_backward` on devices of `platform`: 'auto' skips on
+  CPU only (module docstring)."""
+  check_choice('binary.committed_backward', committed_backward, COMMITTED_BACKWARDS)
+  if committed_backward != 'auto':
+    return committed_backward
+  return 'skip' if platform == 'cpu' else 'full'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +115,8 @@ class BinarizationConfig:
       (every site hashes, no branch); the same masks either way (module docstring).
     residuals: 'packed' or 'bool': how the step keeps its kernel masks and the binarizers'
       residuals (module docstring; `residuals_for_platform` resolves the config's 'auto').
+    committed_backward: 'skip' or 'full': whether a committed StoMPP site's convolution
+      gradients are skipped (module docstring; `committed_backward_for_platform`).
   """
 
   method: str
@@ -109,11 +127,13 @@ class BinarizationConfig:
   per_example_activation_masks: bool = False
   masks_by: str = 'cond'
   residuals: str = 'packed'
+  committed_backward: str = 'skip'
 
   def __post_init__(self):
     check_choice('binary.method', self.method, METHODS)
     check_choice('binary.masks_by', self.masks_by, MASKS_BY)
     check_choice('binary.residuals', self.residuals, binarize.RESIDUALS)
+    check_choice('binary.committed_backward', self.committed_backward, COMMITTED_BACKWARDS[1:])
     check_choice('binary.frozen_grad', self.frozen_grad, binarize.FROZEN_GRADS[1:])
     check_at_least('binary.refresh_every', self.refresh_every, 0)
 
@@ -195,6 +215,16 @@ def _frozen_mask(ctx: BinarizationContext, site: int, tensor: str, shape: tuple[
   else:
     constant = lambda: jnp.full(shape, fraction >= 1)
   return jax.lax.cond((fraction > 0) & (fraction < 1), hashed, constant)
+
+
+def site_committed(ctx: BinarizationContext, site: int) -> Optional[jax.Array]:
+  """bool scalar (traced): every entry of `site` frozen at the step, so its binarizers pass no
+  gradient; None where no gradient may be skipped (not StoMPP, fully binary, or
+  committed_backward 'full'). binary/committed.py skips on it."""
+  if (ctx.fully_binary or ctx.config.method != 'stompp'
+      or ctx.config.committed_backward != 'skip'):
+    return None
+  return site_fraction(ctx, site) >= 1
 
 
 def site_frozen_mask(ctx: BinarizationContext, site: int, tensor: str,
