@@ -15,7 +15,11 @@
 # failed or timed out, or (without --tiny) if JAX finds no GPU.
 # --tiny (or GPU_CHECK_TINY=1): tiny_resnet at batch 4 and 2, 2 x 1 steps, on any backend (CPU
 # included): proves the script end to end (tests/test_benchmarks.py runs it).
-# Env overrides: R18_BATCH (256), R50_BATCH (128), REPS (5), STEPS (10).
+# ResNet-18 also runs stompp@select: the masks by a plain select instead of the per-site
+# lax.cond (binary/context.py, BinarizationConfig.masks_by; the same masks), to compare the two.
+# Env overrides: R18_BATCH (256), R50_BATCH (128), REPS (5), STEPS (10), METHODS (both models'
+# step_time.py --methods; default fp,ste,stompp,stompp@select for ResNet-18, fp,ste,stompp for
+# ResNet-50 and for --tiny).
 set -uo pipefail
 
 tiny="${GPU_CHECK_TINY:-0}"
@@ -38,6 +42,7 @@ if [ "$tiny" = 1 ]; then
   steps=1
   warmup=1
   limits=(900 900)  # A loaded CPU compiles slowly; the 8 minutes are for the GPU run.
+  methods=("${METHODS:-fp,ste,stompp}" "${METHODS:-fp,ste,stompp}")
 else
   first="resnet18:${R18_BATCH:-256}"
   second="resnet50:${R50_BATCH:-128}"
@@ -45,6 +50,7 @@ else
   steps="${STEPS:-10}"
   warmup=3
   limits=(180 270)
+  methods=("${METHODS:-fp,ste,stompp,stompp@select}" "${METHODS:-fp,ste,stompp}")
 fi
 
 backend="$(timeout 60 python -c 'import jax; print(jax.default_backend())' 2>/dev/null || echo none)"
@@ -54,7 +60,7 @@ backend="$(timeout 60 python -c 'import jax; print(jax.default_backend())' 2>/de
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'), commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo "- JAX backend: $backend"
   echo "- GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'nvidia-smi not available')"
-  echo "- command: bash benchmarks/gpu_check.sh$([ "$tiny" = 1 ] && echo ' --tiny') (bfloat16; $first, $second; reps $reps x $steps steps)"
+  echo "- command: bash benchmarks/gpu_check.sh$([ "$tiny" = 1 ] && echo ' --tiny') (bfloat16; $first: ${methods[0]}; $second: ${methods[1]}; reps $reps x $steps steps)"
   echo
 } > "$report"
 
@@ -64,16 +70,16 @@ if [ "$tiny" != 1 ] && [ "$backend" != "gpu" ] && [ "$backend" != "cuda" ] && [ 
 fi
 
 status=0
-run_model() {  # run_model NAME:BATCH TIMEOUT_SECONDS
+run_model() {  # run_model NAME:BATCH TIMEOUT_SECONDS METHODS
   local spec="$1" limit="$2" log="$out_dir/${1%%:*}_${1##*:}"
   echo "== $spec (timeout ${limit}s)"
-  if timeout "$limit" python benchmarks/step_time.py --models="$spec" --methods=fp,ste,stompp \
+  if timeout "$limit" python benchmarks/step_time.py --models="$spec" --methods="$3" \
       --dtype=bfloat16 --reps="$reps" --steps="$steps" --warmup="$warmup" \
       --json="$log.json" > "$log.log" 2>&1; then
     {
       echo "## $spec"
       echo
-      grep -E '^(backend|\||(ste|stompp|stompp_ste) / fp|process-wide)' "$log.log"
+      grep -E '^(backend|\||(ste|stompp|stompp_ste)(@[a-z]+)? / fp|process-wide)' "$log.log"
       echo
     } >> "$report"
   else
@@ -89,7 +95,7 @@ run_model() {  # run_model NAME:BATCH TIMEOUT_SECONDS
   fi
 }
 
-run_model "$first" "${limits[0]}"
-run_model "$second" "${limits[1]}"
+run_model "$first" "${limits[0]}" "${methods[0]}"
+run_model "$second" "${limits[1]}" "${methods[1]}"
 cat "$report"
 exit "$status"

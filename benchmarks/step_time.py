@@ -3,6 +3,8 @@
     python benchmarks/step_time.py --models=resnet18:32,resnet50:4 --reps=5 --steps=2   # CPU
     python benchmarks/step_time.py --models=resnet18:256,resnet50:128 --dtype=bfloat16   # GPU
     python benchmarks/step_time.py --models=resnet20:128 --reps=15 --steps=1 --pieces   # pieces
+    python benchmarks/step_time.py --models=resnet18:32 --methods=fp,ste,stompp,stompp@select \
+        --reps=0 --compile_reps=5                                  # compile time and memory only
 
 Models: `name:batch`; resnet50 gets the ImageNet shape (224x224x3, 1000 classes, ImageNet stem),
 every other model of the zoo CIFAR-10 shapes (32x32x3, 10 classes, CIFAR stem). Each method's
@@ -14,12 +16,22 @@ with the state at step 420 of a 1000-step layerwise schedule (about half the sit
 frozen, one freezing, the rest still float; at step 400 the freezing site of ResNet-18 and -20
 would be at the very start of its window, with no entry frozen yet).
 
+Methods: fp, ste, stompp, stompp_ste, each optionally `@cond` or `@select`: the config's
+switch `binary.masks_by` between a per-site `lax.cond` and a plain select for the masks
+(binary/context.py; default cond), e.g. stompp@select.
+
 Timing: compile (lower + compile) is timed apart; after --warmup steps per method, --reps
 repetitions each run --steps consecutive steps of every method, the methods' order rotating
 between repetitions so machine noise hits all alike; `time.perf_counter` around
 `block_until_ready`. The table gives the median step time per method and its ratio to fp and
 ste three ways: ratio of medians, median of per-repetition ratios (paired; robust to slow drifts
 of the machine's load) and ratio of minima (least disturbed steps on a shared machine).
+
+Compile time on a loaded machine: --compile_reps=N compiles every method N more times, the
+methods interleaved and their order rotating; `compile s` is then the median over those N and
+`compile / fp` the median of the per-repetition ratios (paired); the same for the compiles'
+CPU time (this process, all threads) is printed below the table, being less disturbed by other
+jobs than wall-clock. --reps=0 skips the step timing.
 
 HLO: the compiled step's instructions, fusions and conditionals per method (`hlo_counts`), to
 tell where compile time goes.
@@ -92,14 +104,26 @@ def make_config(name: str, method: str, dtype: str, batch_size: int = 32):
   return config
 
 
+def split_method(spec: str) -> tuple[str, str]:
+  """'stompp@select' -> ('stompp', 'select'); no '@' -> the default ('cond')."""
+  method, _, masks_by = spec.partition('@')
+  if method not in METHODS or (masks_by and masks_by not in context.MASKS_BY):
+    raise ValueError(f'Unknown method {spec!r}: use one of {", ".join(METHODS)}, optionally'
+                     f' @{"|@".join(context.MASKS_BY)}.')
+  return method, masks_by or 'cond'
+
+
 class Bench:
   """One (model, method): its compiled train step (from experiment.build), state and batch."""
 
-  def __init__(self, name: str, method: str, batch_size: int, dtype: str, seed: int = 0):
-    self.method = method
+  def __init__(self, name: str, spec: str, batch_size: int, dtype: str, seed: int = 0):
+    self.method = spec
+    method, masks_by = split_method(spec)
     config = make_config(name, method, dtype, batch_size)
     config.seed = seed
+    config.binary.masks_by = masks_by
     exp = experiment.build(config)
+    self.exp = exp
     self.num_sites = len(exp.net.sites)
     state = jax.jit(exp.init_state, out_shardings=exp.state_shardings)()
     self.state = state.replace(step=jnp.asarray(int(START_FRACTION * TOTAL_STEPS), jnp.int32))
@@ -114,6 +138,16 @@ class Bench:
     self.step_bytes = _step_bytes(self.compiled)
     self.hlo = hlo_counts(self.compiled.as_text())
     self.times = []
+    self.compile_times = []
+    self.compile_cpu_times = []
+
+  def recompile(self) -> None:
+    """Compiles the train step again (a fresh lowering: no cache) and records the seconds,
+    wall-clock and this process's CPU time (all threads; less disturbed by other jobs)."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    self.exp.compile_train_step()
+    self.compile_times.append(time.perf_counter() - start)
+    self.compile_cpu_times.append(time.process_time() - cpu_start)
 
   def run(self, num_steps: int) -> float:
     """Runs `num_steps` steps; returns seconds per step."""
@@ -163,13 +197,33 @@ def benchmark_model(name: str, batch_size: int, methods, args) -> dict:
     print(f'    compiled in {benches[method].compile_seconds:.1f} s', flush=True)
     for _ in range(args.warmup):
       benches[method].run(1)
+  for rep in range(args.compile_reps):
+    order = methods[rep % len(methods):] + methods[:rep % len(methods)]
+    for method in order:
+      print(f'  recompiling {name} {method} ({rep + 1}/{args.compile_reps}) ...', flush=True)
+      benches[method].recompile()
   for rep in range(args.reps):
     order = methods[rep % len(methods):] + methods[:rep % len(methods)]
     for method in order:
       benches[method].times.append(benches[method].run(args.steps))
-  return {method: dict(compile_seconds=b.compile_seconds, step_bytes=b.step_bytes, times=b.times,
-                       median=statistics.median(b.times), sites=b.num_sites, hlo=b.hlo)
+  return {method: dict(compile_seconds=(statistics.median(b.compile_times) if b.compile_times
+                                        else b.compile_seconds),
+                       first_compile_seconds=b.compile_seconds, compile_times=b.compile_times,
+                       compile_cpu_times=b.compile_cpu_times,
+                       step_bytes=b.step_bytes, times=b.times,
+                       median=statistics.median(b.times) if b.times else None,
+                       sites=b.num_sites, hlo=b.hlo)
           for method, b in benches.items()}
+
+
+def compile_ratio(results: dict, method: str, reference: str = 'fp',
+                  times: str = 'compile_times') -> float:
+  """compile / reference: the median of per-repetition ratios with --compile_reps (wall-clock,
+  or `times='compile_cpu_times'`: CPU time), else the ratio of the single compiles."""
+  r, ref = results[method], results[reference]
+  if r[times] and ref[times]:
+    return statistics.median(a / b for a, b in zip(r[times], ref[times]))
+  return r['compile_seconds'] / ref['compile_seconds']
 
 
 def _median_ms(fns: dict[str, Callable[[], Any]], reps: int, calls: int) -> dict[str, float]:
@@ -252,7 +306,7 @@ def ratio_table(results: dict, reference: str) -> dict[str, tuple[float, float, 
   On a machine shared with other jobs, noise only adds time: the minima are then the least
   disturbed measurements and their ratio a useful third estimate.
   """
-  if reference not in results:
+  if reference not in results or not results[reference]['times']:
     return {}
   ref = results[reference]
   return {m: (r['median'] / ref['median'],
@@ -271,7 +325,8 @@ def target_verdicts(results: dict) -> list[str]:
   for method, r in results.items():
     if method == 'fp':
       continue
-    ratios = {'step': paired[method][1], 'compile': r['compile_seconds'] / fp['compile_seconds']}
+    ratios = {'step': paired[method][1]} if method in paired else {}
+    ratios['compile'] = compile_ratio(results, method)
     if r['step_bytes'] and fp['step_bytes']:
       ratios['memory'] = r['step_bytes'] / fp['step_bytes']
     cells = [f'{k} {v:.3f} ({"meets" if v <= TARGETS[k] else "MISSES"} <= {TARGETS[k]})'
@@ -284,19 +339,30 @@ def format_model(name: str, batch_size: int, results: dict) -> str:
   ratios = {ref: ratio_table(results, ref) for ref in ('fp', 'ste')}
   lines = [f'{name}, batch {batch_size}:',
            '| method | step ms (median) | min | max | img/s | compile s | step MB (XLA) |'
-           ' / fp (medians, paired, minima) | / ste (medians, paired, minima) |',
-           '|---|---|---|---|---|---|---|---|---|']
+           ' / fp (medians, paired, minima) | / ste (medians, paired, minima) | compile / fp |'
+           ' memory / fp |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   for method, r in results.items():
     cells = []
     for ref in ('fp', 'ste'):
       pair = ratios[ref].get(method)
       cells.append('-' if pair is None else ', '.join(f'{v:.3f}' for v in pair))
-    memory = '-' if r['step_bytes'] is None else f"{r['step_bytes'] / 2**20:.0f}"
-    lines.append(f"| {method} | {1e3 * r['median']:.1f} | {1e3 * min(r['times']):.1f} |"
-                 f" {1e3 * max(r['times']):.1f} | {batch_size / r['median']:.1f} |"
-                 f" {r['compile_seconds']:.1f} | {memory} | {cells[0]} | {cells[1]} |")
+    memory = '-' if r['step_bytes'] is None else f"{r['step_bytes'] / 2**20:.1f}"
+    fp = results.get('fp')
+    compile_fp = '-' if fp is None else f'{compile_ratio(results, method):.3f}'
+    memory_fp = ('-' if fp is None or not (r['step_bytes'] and fp['step_bytes'])
+                 else f"{r['step_bytes'] / fp['step_bytes']:.3f}")
+    timed = [f"{1e3 * r['median']:.1f}", f"{1e3 * min(r['times']):.1f}",
+             f"{1e3 * max(r['times']):.1f}", f"{batch_size / r['median']:.1f}"] if r['times'] else ['-'] * 4
+    lines.append(f"| {method} | {' | '.join(timed)} | {r['compile_seconds']:.1f} | {memory} |"
+                 f" {cells[0]} | {cells[1]} | {compile_fp} | {memory_fp} |")
   hlo = ', '.join(f"{m} {r['hlo']['instructions']}/{r['hlo']['fusions']}/{r['hlo']['conditionals']}"
                   for m, r in results.items())
+  if 'fp' in results and results['fp']['compile_cpu_times']:
+    lines.append('compile CPU seconds (median) and / fp (paired): ' + ', '.join(
+        f"{m} {statistics.median(r['compile_cpu_times']):.1f} s"
+        f" {compile_ratio(results, m, times='compile_cpu_times'):.3f}"
+        for m, r in results.items()))
   return '\n'.join(lines + target_verdicts(results)
                    + [f'compiled step HLO (instructions/fusions/conditionals): {hlo}'])
 
@@ -315,7 +381,10 @@ def main(argv=None) -> None:
   parser.add_argument('--models', default='resnet18:128,resnet50:64', help='name:batch,...')
   parser.add_argument('--methods', default=','.join(METHODS))
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
-  parser.add_argument('--reps', type=int, default=7, help='Timed repetitions per method.')
+  parser.add_argument('--reps', type=int, default=7,
+                      help='Timed repetitions per method (0: compile and memory only).')
+  parser.add_argument('--compile_reps', type=int, default=0,
+                      help='Extra compiles per method, interleaved; compile time = their median.')
   parser.add_argument('--steps', type=int, default=5, help='Consecutive steps per repetition.')
   parser.add_argument('--warmup', type=int, default=2, help='Untimed steps per method.')
   parser.add_argument('--pieces', action='store_true',
@@ -323,6 +392,8 @@ def main(argv=None) -> None:
   parser.add_argument('--json', default='', help='Also write every measurement here.')
   args = parser.parse_args(argv)
   methods = [m for m in args.methods.split(',') if m]
+  for method in methods:
+    split_method(method)
   device = jax.devices()[0]
   backend = jax.default_backend()
   print(f'backend {backend}, device {device.device_kind}, {jax.device_count()} device(s) (one used),'

@@ -1,12 +1,13 @@
-"""Train-step throughput of the CIFAR ResNet-20 BNN here and in PyTorch, side by side (CPU),
-for STE and STE-free StoMPP.
+"""Train-step throughput of a CIFAR ResNet BNN here and in PyTorch, side by side (CPU), for STE
+and STE-free StoMPP.
 
     pip install -r benchmarks/requirements-peer.txt      # torch, for this benchmark only
     python benchmarks/torch_peer.py --batch=128 --reps=5 --steps=3 [--xla_defaults] [--breakdown]
+    python benchmarks/torch_peer.py --model=resnet18 --batch=64 --reps=3 --steps=1
 
-The same network in both: the project's `resnet20` in bnn mode (configs/default.py rules: stem,
-shortcuts and classifier full precision; every other conv binarizes its kernel and its input; no
-ReLU; BatchNorm momentum 0.9 (PyTorch 0.1), eps 1e-5), SGD 0.1 with momentum 0.9, the same batch
+The same network in both: the project's `resnet20` (or `resnet18`, CIFAR stem) in bnn mode
+(configs/default.py rules: stem, shortcuts and classifier full precision; every other conv
+binarizes its kernel and its input; no ReLU; BatchNorm momentum 0.9 (PyTorch 0.1), eps 1e-5), SGD 0.1 with momentum 0.9, the same batch
 and shapes (B, 32, 32, 3) / NCHW, synthetic data, float32, one process using every CPU core.
 - STE: kernels identity STE, inputs clipped STE; latent binary kernels clipped to [-1, 1] after
   each step.
@@ -140,27 +141,34 @@ class Block(nn.Module):
     return y + (x if self.shortcut is None else self.shortcut(x))
 
 
-class ResNet20BNN(nn.Module):
-  """Stem conv + BN (full precision, no ReLU), 3 stages x 3 blocks of 16/32/64, pool, dense."""
+class ResNetBNN(nn.Module):
+  """Stem conv + BN (full precision, no ReLU), stages of basic blocks, pool, dense: the
+  project's CIFAR ResNets (`MODELS`)."""
 
-  def __init__(self, num_classes=10):
+  def __init__(self, stage_channels, blocks_per_stage, num_classes=10):
     super().__init__()
-    self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), _norm(16))
-    blocks, cin = [], 16
-    for stage, cout in enumerate((16, 32, 64)):
-      for b in range(3):
+    self.stem = nn.Sequential(nn.Conv2d(3, stage_channels[0], 3, padding=1, bias=False),
+                              _norm(stage_channels[0]))
+    blocks, cin = [], stage_channels[0]
+    for stage, cout in enumerate(stage_channels):
+      for b in range(blocks_per_stage):
         blocks.append(Block(cin, cout, 2 if stage > 0 and b == 0 else 1))
         cin = cout
     self.blocks = nn.Sequential(*blocks)
-    self.classifier = nn.Linear(64, num_classes)
+    self.classifier = nn.Linear(cin, num_classes)
 
   def forward(self, x):
     return self.classifier(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
 
-def site_fractions(method: str) -> list[float]:
-  """The frozen fraction of each ResNet-20 site at the JAX bench's step (the project's schedule)."""
-  exp = experiment.build(step_time.make_config('resnet20', method, 'float32'))
+# The project's name -> (channels per stage, blocks per stage) (models/resnet.py).
+MODELS = {'resnet20': ((16, 32, 64), 3), 'resnet18': ((64, 128, 256, 512), 2)}
+
+
+def site_fractions(model: str, method: str) -> list[float]:
+  """The frozen fraction of each site of `model` at the JAX bench's step (the project's
+  schedule)."""
+  exp = experiment.build(step_time.make_config(model, method, 'float32'))
   step = int(step_time.START_FRACTION * step_time.TOTAL_STEPS)
   num_sites = len(exp.net.sites)
   return [float(schedule.frozen_fraction(step, i, num_sites, exp.binarization.schedule))
@@ -171,9 +179,9 @@ class TorchBench:
   """The PyTorch train step (forward, backward, SGD momentum; STE: latent clip; StoMPP: masks
   and frozen kernel entries kept) on a fixed batch."""
 
-  def __init__(self, batch_size, method='ste', seed=0):
+  def __init__(self, batch_size, method='ste', model='resnet20', seed=0):
     torch.manual_seed(seed)
-    self.model = ResNet20BNN().train()
+    self.model = ResNetBNN(*MODELS[model]).train()
     self.convs = [m for m in self.model.modules() if isinstance(m, BinaryConv)]
     self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
     rng = np.random.default_rng(seed)
@@ -189,7 +197,7 @@ class TorchBench:
       self.model(self.images[:1])
       for hook in hooks:
         hook.remove()
-      self.sites = [StoMPPSite(c, p, shapes[c]) for c, p in zip(self.convs, site_fractions(method))]
+      self.sites = [StoMPPSite(c, p, shapes[c]) for c, p in zip(self.convs, site_fractions(model, method))]
 
   def run(self, num_steps):
     start = time.perf_counter()
@@ -305,6 +313,7 @@ def breakdown(args):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--model', default='resnet20', choices=sorted(MODELS))
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--reps', type=int, default=5)
   parser.add_argument('--steps', type=int, default=3, help='Consecutive steps per repetition.')
@@ -319,14 +328,14 @@ def main(argv=None):
     parser.error(f'--methods={args.methods}: choose from ste, stompp')
   torch.set_num_threads(os.cpu_count())
   print(f'{os.cpu_count()} CPUs, load average {os.getloadavg()}, torch {torch.__version__}'
-        f' ({torch.get_num_threads()} threads), batch {args.batch}', flush=True)
+        f' ({torch.get_num_threads()} threads), {args.model}, batch {args.batch}', flush=True)
   benches = {}
   for method in methods:
-    benches[f'jax {method}'] = step_time.Bench('resnet20', method, args.batch, 'float32')
-    benches[f'torch {method}'] = TorchBench(args.batch, method)
+    benches[f'jax {method}'] = step_time.Bench(args.model, method, args.batch, 'float32')
+    benches[f'torch {method}'] = TorchBench(args.batch, method, args.model)
     if args.xla_defaults:
       with xla_cpu_defaults():
-        benches[f'jax {method} xla defaults'] = step_time.Bench('resnet20', method, args.batch,
+        benches[f'jax {method} xla defaults'] = step_time.Bench(args.model, method, args.batch,
                                                                 'float32')
   times = paired(benches, args.reps, args.steps)
   print('| bench | img/s (median) | median step ms | min | max | compile s |\n|---|---|---|---|---|---|')

@@ -8,9 +8,10 @@ raises its error where it checks; no exception is reclassified by its type, so a
 project.
 """
 
-import contextlib
 import errno
-import os
+import sys
+
+from absl import logging
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # Any other failure (after the run started, or not one of the errors below).
@@ -42,33 +43,14 @@ class ForeignCheckpointError(SetupError):
 # Errors the user can act on: the command lines print their one-line message, no traceback.
 USER_ERRORS = (SetupError, NonFiniteError, DiskFullError)
 
-_DATA_PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', '')
-
-
-def _raised_in_data_package(error: BaseException) -> bool:
-  """Whether the innermost frame of `error`'s traceback is in stompp_jax/data/: a check of the
-  data package, not a failure inside a library it calls."""
-  traceback = error.__traceback__
-  if traceback is None:
-    return False
-  while traceback.tb_next is not None:
-    traceback = traceback.tb_next
-  return os.path.abspath(traceback.tb_frame.f_code.co_filename).startswith(_DATA_PACKAGE)
-
-
-@contextlib.contextmanager
-def data_errors():
-  """SetupError for the checks of stompp_jax/data, which report missing or malformed data with
-  ValueError and OSError raised in its own code (its `raise` statements); an error raised
-  anywhere else, even of those types, propagates unchanged."""
-  try:
-    yield
-  except (ValueError, OSError) as e:
-    if isinstance(e, SetupError) or not _raised_in_data_package(e):
-      raise
-    raise SetupError(' '.join(str(e).split())) from e
-
-
 def exit_status(error: BaseException) -> int:
   """The exit status of a user error: bad input before anything was written, or any other."""
   return EXIT_BAD_INPUT if isinstance(error, SetupError) else EXIT_ERROR
+
+
+def fail(message: str, status: int) -> None:
+  """Prints `Error: <message>` on one line to stderr and exits with `status`; the traceback of
+  the error being handled, if any, is logged at verbosity 1 (`-v 1`)."""
+  logging.debug('The error in full:', exc_info=True)
+  print(f'Error: {" ".join(message.split())}', file=sys.stderr, flush=True)
+  sys.exit(status)

@@ -18,12 +18,12 @@ checkpoint, or an unfinished run (no done.json) unless --allow_unfinished.
 
 import dataclasses
 import functools
-import sys
 from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import ml_collections
 
 from stompp_jax import checkpoints
@@ -92,12 +92,12 @@ def load_run(workdir: str, *, model: Any = None, allow_unfinished: bool = False)
     errors.SetupError: the run has no checkpoint.
   """
   config = read_run_config(workdir)
-  with errors.data_errors():
-    info = pipeline.dataset_info(config.data)
+  info = pipeline.dataset_info(config.data)
   total_steps, _ = experiment.total_train_steps(config.train, info.train_size)
   net = experiment.build_model(config, num_classes=info.num_classes,
                                image_shape=info.image_shape, model=model)
-  binarization = experiment.binarization_config(config, net.sites, total_steps)
+  binarization = experiment.binarization_config(config, net.sites, total_steps,
+                                                jax.default_backend())
   step, restored = checkpoints.read_state(workdir)
   if workdir_lib.read_done(workdir) is None and not allow_unfinished:
     raise RunError(f'{workdir} is unfinished (newest checkpoint at step {step} of {total_steps},'
@@ -172,15 +172,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO.
   workdir = flags.FLAGS.workdir
   if not workdir:
-    print('Error: --workdir is missing: give the run directory to evaluate.', file=sys.stderr)
-    sys.exit(errors.EXIT_BAD_INPUT)
+    errors.fail('--workdir is missing: give the run directory to evaluate.', errors.EXIT_BAD_INPUT)
   try:
     results = evaluate_run(workdir, split=flags.FLAGS.split,
                            allow_unfinished=flags.FLAGS.allow_unfinished,
                            recalibrate_bn_batches=flags.FLAGS.recalibrate_bn_batches)
   except errors.SetupError as e:
-    print(f'Error: {" ".join(str(e).split())}', file=sys.stderr)
-    sys.exit(errors.EXIT_BAD_INPUT)
+    errors.fail(str(e), errors.EXIT_BAD_INPUT)
   print(render(results))
 
 

@@ -121,8 +121,9 @@ def build_model(config: ml_collections.ConfigDict, *, num_classes: int,
 
 
 def binarization_config(config: ml_collections.ConfigDict, site_list: tuple[sites_lib.Site, ...],
-                        total_steps: int) -> bctx.BinarizationConfig:
-  """The static binarization settings of `config.binary` for a site table.
+                        total_steps: int, platform: str) -> bctx.BinarizationConfig:
+  """The static binarization settings of `config.binary` for a site table, on devices of
+  `platform` ('cpu', 'gpu', 'tpu'; it resolves binary.residuals and committed_backward 'auto').
 
   Raises errors.SetupError for a bad binary.* field (BinarizationConfig and ScheduleConfig
   check their own), and when binary.window_steps makes the freezing end after the run.
@@ -137,7 +138,11 @@ def binarization_config(config: ml_collections.ConfigDict, site_list: tuple[site
       sites=tuple(s.path for s in site_list),
       frozen_grad=config.binary.frozen_grad,
       refresh_every=config.binary.refresh_every,
-      per_example_activation_masks=config.binary.per_example_activation_masks)
+      per_example_activation_masks=config.binary.per_example_activation_masks,
+      masks_by=config.binary.masks_by,
+      residuals=bctx.residuals_for_platform(config.binary.residuals, platform),
+      committed_backward=bctx.committed_backward_for_platform(config.binary.committed_backward,
+                                                              platform))
   if site_list:
     schedule.span_steps(binarization.schedule, len(site_list))  # window_steps fit the run.
   return binarization
@@ -248,8 +253,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   check_method(config)
   optimizers.check_optim_config(config.optim)
   parallel.check_mesh_config(config.mesh)
-  with errors.data_errors():
-    sources.check_data_config(config.data)
+  sources.check_data_config(config.data)
 
 
 def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = None,
@@ -269,15 +273,15 @@ def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = Non
   """
   check_config(config)
   parallel.initialize_distributed()
-  with errors.data_errors():
-    info = pipeline.dataset_info(config.data)
+  info = pipeline.dataset_info(config.data)
   total_steps, steps_per_epoch = total_train_steps(config.train, info.train_size)
   mesh = parallel.make_mesh(config.mesh.num_devices, devices)
   parallel.check_batch_size(config.train.batch_size, mesh)
   parallel.check_batch_size(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
   net = build_model(config, num_classes=info.num_classes, image_shape=info.image_shape,
                     model=model)
-  binarization = binarization_config(config, net.sites, total_steps)
+  binarization = binarization_config(config, net.sites, total_steps,
+                                     mesh.devices.flat[0].platform)
   params = net.trace.variables['params']
   site_tree = sites_lib.site_tree(params, net.sites)
   lr_schedule = optimizers.learning_rate_schedule(config.optim, total_steps=total_steps,

@@ -8,19 +8,10 @@ whose text is written for developers (a traceback of the config file, `Attribute
 
 import os
 import re
-import sys
 
 from absl import flags
-from absl import logging
 
 from stompp_jax import errors
-
-
-def fail(message: str, status: int) -> None:
-  """Prints `Error: <message>` on one line and exits with `status` (the traceback at -v 1)."""
-  logging.debug('The error in full:', exc_info=True)
-  print(f'Error: {" ".join(message.split())}', file=sys.stderr, flush=True)
-  sys.exit(status)
 
 
 def _config_error(text: str, argv: list[str]) -> str:
@@ -44,7 +35,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     flags.FLAGS.config.keys()  # ml_collections reports a missing config file when it is read.
     return remaining
   except OSError as e:
-    fail(_config_error(str(e), argv), errors.EXIT_BAD_INPUT)
+    errors.fail(_config_error(str(e), argv), errors.EXIT_BAD_INPUT)
   except (AttributeError, KeyError) as e:
     text = str(e).replace('\\n', '\n').replace("\\'", "'")
     names = re.findall(r"'(\w+)'", text)
@@ -55,11 +46,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     given = next((o for o in overrides if field in o.split('.')[1:]), f'config.…{field}')
     hint = re.search(r'Did you mean "(\w+)"', text)
     suggestion = f' (did you mean {hint.group(1)!r}?)' if hint else ''
-    fail(f'--{given}: the config has no field {field!r}{suggestion}: configs/default.py'
+    errors.fail(f'--{given}: the config has no field {field!r}{suggestion}: configs/default.py'
          ' lists every field.', errors.EXIT_BAD_INPUT)
   except flags.Error as e:
     text = str(e)
     if 'config file' in text or 'Attempted' in text:
-      fail(_config_error(text, argv), errors.EXIT_BAD_INPUT)
-    fail(f'{text.strip().splitlines()[0]}: python -m stompp_jax.main --helpshort lists'
+      errors.fail(_config_error(text, argv), errors.EXIT_BAD_INPUT)
+    errors.fail(f'{text.strip().splitlines()[0]}: python -m stompp_jax.main --helpshort lists'
          ' the flags.', errors.EXIT_BAD_INPUT)

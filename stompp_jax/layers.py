@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from stompp_jax.binary import committed
 from stompp_jax.binary import context as bctx
 
 Dtype = Any
@@ -113,10 +114,18 @@ class BinaryConv(_BinaryLayer):
                         (*self.kernel_size, in_features // self.feature_group_count, self.features),
                         self.param_dtype)
     x, kernel = self.binarized(x, kernel, ctx)
-    y = jax.lax.conv_general_dilated(
-        x, kernel, window_strides=tuple(self.strides), padding=self.padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=self.feature_group_count)
+    site = self.site(ctx)
+    committed_site = None if site is None or self.feature_group_count != 1 else (
+        bctx.site_committed(ctx, site))
+    padding = self.padding if isinstance(self.padding, str) else tuple(map(tuple, self.padding))
+    if committed_site is not None:  # StoMPP training: skip what a committed site zeroes.
+      y = committed.conv(x, kernel, committed_site, tuple(self.strides), padding,
+                         self.binarize_input)
+    else:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, window_strides=tuple(self.strides), padding=padding,
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+          feature_group_count=self.feature_group_count)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)
     return y

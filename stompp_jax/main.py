@@ -72,11 +72,11 @@ def run(config, workdir: str) -> int:
   try:
     result = train.train_and_evaluate(config, workdir)
   except errors.USER_ERRORS as e:
-    flag_errors.fail(str(e), errors.exit_status(e))
+    errors.fail(str(e), errors.exit_status(e))
   except OSError as e:
     if not checkpoints.is_disk_full(e):
       raise
-    flag_errors.fail(f'Disk full ({e}): free space in or move --workdir={workdir} and run the'
+    errors.fail(f'Disk full ({e}): free space in or move --workdir={workdir} and run the'
                      ' same command again; it resumes from the newest checkpoint.',
                      errors.EXIT_ERROR)
   print(closing_line(config, workdir, result, time.perf_counter() - start), flush=True)

@@ -396,6 +396,7 @@ def preflight(config: ml_collections.ConfigDict, topology: str, methods: list[st
               'eval_per_chip_batch': exp.eval_batch_size // chips,
               'shard_params': cfg.mesh.shard_params,
               'per_example_activation_masks': cfg.binary.per_example_activation_masks,
+              'masks_by': exp.binarization.masks_by, 'residuals': exp.binarization.residuals,
               'sites': len(exp.net.sites), 'steps': steps}
     log(f'{method} ({cfg.model.name}, mode {cfg.model.mode}, {cfg.model.dtype}):')
     for name, step in steps.items():
@@ -437,8 +438,7 @@ def main(argv):
   try:
     result = _from_flags()
   except errors.SetupError as e:
-    print(f'Error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
-    sys.exit(errors.EXIT_BAD_INPUT)
+    errors.fail(str(e), errors.EXIT_BAD_INPUT)
   result['command'] = ' '.join(['python -m stompp_jax.preflight',
                                 *(a for a in sys.argv[1:] if not a.startswith('--json'))])
   path = flags.FLAGS.json

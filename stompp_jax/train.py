@@ -114,15 +114,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     exp = experiment.build(config, model=model)
     logging.info('Data: %s', pipeline.summary_line(config.data, exp.data))
     workdir_lib.check_config(workdir, config)
-    with errors.data_errors():
-      train_iter = pipeline.make_train_iterator(
-          config.data, global_batch_size=config.train.batch_size, seed=config.seed)
+    train_iter = pipeline.make_train_iterator(
+        config.data, global_batch_size=config.train.batch_size, seed=config.seed)
     checkpointer = checkpoints.Checkpointer(
         workdir, config.train.keep_checkpoints,
         checkpoints.abstract_like(exp.abstract_state, exp.state_shardings))
     cleanup.push(_closing(checkpointer.close))
-    with errors.data_errors():  # The data iterator's state in a checkpoint of another order.
-      restored = checkpointer.restore_latest(train_iter)
+    restored = checkpointer.restore_latest(train_iter)
     parallel.check_same_on_all_processes('checkpoint step to resume from',
                                           -1 if restored is None else restored[0])
 

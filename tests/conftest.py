@@ -38,7 +38,15 @@ def pytest_configure(config):
                           ' --canary.')
 
 
+@pytest.hookimpl(tryfirst=True)  # Before pytest-xdist reads the groups (--dist loadgroup).
 def pytest_collection_modifyitems(config, items):
+  for item in items:
+    # The tests of a module that share a module-scoped fixture (a run, a server) go to one
+    # worker, which builds it once; the other tests spread over the workers.
+    fixtures = getattr(item, '_fixtureinfo', None)
+    if fixtures and any(d.scope == 'module' for defs in fixtures.name2fixturedefs.values()
+                        for d in defs):
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
   if config.getoption('--canary'):
     return
   skip = pytest.mark.skip(reason='a canary of third-party behaviour: run with --canary')

@@ -36,6 +36,11 @@ def tiny_config(method='stompp', **train_overrides):
   return config
 
 
+def compile_cache() -> str:
+  """The suite's persistent compilation cache (conftest.py), for the commands a test starts."""
+  return jax.config.jax_compilation_cache_dir or ''
+
+
 def rows(workdir, split):
   """The metrics.jsonl rows of `workdir` whose split is `split` ('train' or 'eval')."""
   return [r for r in metrics_lib.read_metrics(str(workdir)) if r['split'] == split]

@@ -17,9 +17,10 @@ from helpers import REPO
 from stompp_jax import compiler
 from stompp_jax import storage
 
-# A tiny run through the command line: 16x16 synthetic images, batch 8, frequent checkpoints.
 # The command-line runs: configs/tiny.py (the suite's one tiny config) with a longer, smaller-
-# batch schedule, so that a signal can land at many different steps.
+# batch schedule, so that a signal can land at many different steps, on DEVICES devices. Every
+# one-process CLI run of the tests uses these flags (change only the host's settings: logging,
+# checkpoints), so they share one compiled step through the persistent cache.
 TINY_CONFIG = 'configs/tiny.py'
 TINY_FLAGS = {
     'data.synthetic_train_size': 256,
@@ -32,6 +33,7 @@ TINY_FLAGS = {
     'train.checkpoint_every': 5,
     'train.keep_checkpoints': 3,
 }
+DEVICES = 2  # CPU devices of the command-line runs: the batch is sharded, as on real hardware.
 PREEMPTED_EXIT_CODE = 75
 
 
@@ -73,7 +75,7 @@ def cli_env(devices: int, **extra) -> dict:
 class Cli:
   """One `python -m stompp_jax.main` subprocess; its output goes to `log`."""
 
-  def __init__(self, workdir, log, devices=1, env=None, **overrides):
+  def __init__(self, workdir, log, devices=DEVICES, env=None, **overrides):
     self.log = pathlib.Path(log)
     self._file = open(self.log, 'w', encoding='utf-8')
     self.process = subprocess.Popen(cli_command(workdir, **overrides), cwd=REPO,
@@ -97,7 +99,7 @@ class Cli:
     return self.log.read_text(encoding='utf-8')
 
 
-def run_cli(workdir, log, devices=1, timeout=300, **overrides) -> str:
+def run_cli(workdir, log, devices=DEVICES, timeout=300, **overrides) -> str:
   """Runs the CLI to the end, asserts exit status 0 and returns its output."""
   cli = Cli(workdir, log, devices, **overrides)
   status = cli.wait(timeout)

@@ -74,19 +74,21 @@ def test_step_time_builds_the_run_and_times_the_pieces(tmp_path, capsys):
   assert any(name.startswith('binary convs alone') for name in pieces)
 
 
-def test_torch_peer_is_the_same_network_and_trains():
+@pytest.mark.parametrize('name,binary_convs', [('resnet20', 18), ('resnet18', 16)])
+def test_torch_peer_is_the_same_network_and_trains(name, binary_convs):
   pytest.importorskip('torch')
   from benchmarks import step_time  # pylint: disable=import-outside-toplevel
   from benchmarks import torch_peer  # pylint: disable=import-outside-toplevel
   from stompp_jax import models  # pylint: disable=import-outside-toplevel
-  config = step_time.make_config('resnet20', 'ste', 'float32')
+  config = step_time.make_config(name, 'ste', 'float32')
   model = models.create_model(config.model, num_classes=10, image_shape=(32, 32, 3))
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3))))
   jax_sizes = sorted(int(np.prod(x.shape)) for x in jax.tree.leaves(params['params']))
-  bench = torch_peer.TorchBench(batch_size=4)
+  bench = torch_peer.TorchBench(batch_size=4, model=name)
   torch_sizes = sorted(p.numel() for p in bench.model.parameters())
   assert torch_sizes == jax_sizes
-  assert len(bench.convs) == 18  # every 3x3 conv of the blocks; stem, shortcuts, head are float
+  # Every 3x3 conv of the blocks; stem, shortcuts, head are float.
+  assert len(bench.convs) == binary_convs
   before = [c.weight.detach().clone() for c in bench.convs]
   assert bench.run(1) > 0
   assert all(float(c.weight.detach().abs().max()) <= 1 for c in bench.convs)
@@ -98,7 +100,7 @@ def test_torch_peer_stompp_freezes_as_the_schedule_says():
   from benchmarks import torch_peer  # pylint: disable=import-outside-toplevel
   # Step 420 of 1000, span 0.8 over 18 sites: 44.4 steps a site, so sites 0-8 are frozen, site 9
   # is 20 / 44.4 = 0.45 into its window (cubic: 0.091), sites 10-17 are float.
-  fractions = torch_peer.site_fractions('stompp')
+  fractions = torch_peer.site_fractions('resnet20', 'stompp')
   assert fractions[:9] == [1.0] * 9 and fractions[10:] == [0.0] * 8
   assert fractions[9] == pytest.approx(0.45 ** 3, abs=1e-6)
   bench = torch_peer.TorchBench(batch_size=4, method='stompp')
@@ -126,8 +128,10 @@ def test_cpu_throughput_parses_the_cli_log():
 
 def test_cpu_throughput_runs_the_cli_and_prints_the_table(capsys):
   from benchmarks import cpu_throughput  # pylint: disable=import-outside-toplevel
+  # The suite's tiny config (one eval batch of 32): the benchmark turns the compilation cache
+  # off, so each variant compiles its run afresh, and the tiny model compiles fastest.
   cpu_throughput.main(['--variants=plain,cli', '--rounds=1', '--steps=2', '--eval_steps=1',
-                       '--eval_examples=360', '--config=configs/quickstart.py:stompp,digits'])
+                       '--eval_examples=32', '--config=configs/tiny.py'])
   out = capsys.readouterr().out
   for variant in ('plain', 'cli'):
     assert f'| {variant} |' in out

@@ -209,6 +209,60 @@ def test_residuals_are_boolean_with_a_traced_mask():
   assert dtypes and all(d == jnp.bool_ for d in dtypes), dtypes
 
 
+@pytest.mark.parametrize('shape', [(1,), (7,), (8,), (9,), (3, 3, 5, 7), (2, 64)])
+def test_pack_bits_round_trips_in_an_eighth_of_the_bytes(shape):
+  bits = np.random.default_rng(sum(shape)).random(shape) < 0.5
+  packed = binarize.pack_bits(jnp.asarray(bits))
+  assert packed.dtype == jnp.uint8 and packed.shape == (*shape[:-1], -(-shape[-1] // 8))
+  np.testing.assert_array_equal(binarize.unpack_bits(packed, shape), bits)
+
+
+def _residual_case():
+  rng = np.random.default_rng(3)
+  x = (rng.standard_normal((5, 7, 3)) * 1.5).astype(np.float32)
+  x.flat[:6] = [1.0, -1.0, 0.0, 1.0000001, -0.9999999, np.nan]  # Edges of sign and clip.
+  return jnp.asarray(x), jnp.asarray(rng.random((5, 7, 3)) < 0.5)
+
+
+@pytest.mark.parametrize('frozen_grad', binarize.FROZEN_GRADS)
+def test_masked_sign_packed_residual_gives_the_same_values_and_grads(frozen_grad):
+  residual = 'packed'
+  x, frozen = _residual_case()
+  g = jnp.asarray(np.random.default_rng(4).standard_normal(x.shape), jnp.float32)
+  results = {}
+  for option in ('bool', residual):
+    y, pullback = jax.vjp(lambda x, o=option: binarize.masked_sign(
+        x, frozen, frozen_grad=frozen_grad, residual=o), x)
+    results[option] = (np.asarray(y), np.asarray(pullback(g)[0]))
+  for want, got in zip(results['bool'], results[residual]):
+    assert want.tobytes() == got.tobytes()
+
+
+def test_ste_sign_packed_residual_gives_the_same_grads():
+  x, _ = _residual_case()
+  g = jnp.asarray(np.random.default_rng(5).standard_normal(x.shape), jnp.float32)
+  want, got = (jax.vjp(lambda x, o=o: binarize.ste_sign(x, residual=o), x)[1](g)[0]
+               for o in ('bool', 'packed'))
+  assert np.asarray(want).tobytes() == np.asarray(got).tobytes()
+
+
+@pytest.mark.parametrize('name', ['masked_sign', 'ste_sign'])
+def test_packed_residuals_are_uint8_an_eighth_of_the_last_axis(name):
+  x, frozen = _residual_case()
+  fn = ((lambda x: binarize.masked_sign(x, frozen, residual='packed')) if name == 'masked_sign'
+        else (lambda x: binarize.ste_sign(x, residual='packed')))
+  _, pullback = jax.vjp(fn, x)
+  leaves = jax.tree_util.tree_leaves(pullback)
+  assert [(leaf.dtype, leaf.shape) for leaf in leaves] == [(jnp.uint8, (5, 7, 1))]
+
+
+def test_unknown_residual_option_raises():
+  with pytest.raises(ValueError, match='residual'):
+    binarize.masked_sign(jnp.asarray(X), jnp.asarray(X > 0), residual='floats')
+  with pytest.raises(ValueError, match='residual'):
+    binarize.ste_sign(jnp.asarray(X), residual='floats')
+
+
 # ---------------------------------------------------------------------------------------------
 # dtypes and bfloat16
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from configs import default
+from stompp_jax import errors
 from stompp_jax.data import pipeline
 from stompp_jax.data import transforms
 
@@ -120,13 +121,13 @@ def test_worker_processes_give_the_same_batches_and_resume(labelled_npz):
 def test_state_from_another_data_order_is_refused(labelled_npz):
   config, _ = labelled_npz
   state = _train(config, seed=1).get_state()
-  with pytest.raises(ValueError, match='seed 1 -> 3'):
+  with pytest.raises(errors.SetupError, match='seed 1 -> 3'):
     _train(config).set_state(state)
 
 
 def test_global_batch_must_split_over_processes(labelled_npz):
   config, _ = labelled_npz
-  with pytest.raises(ValueError, match='does not split evenly over 3 processes'):
+  with pytest.raises(errors.SetupError, match='does not split evenly over 3 processes'):
     _train(config, global_batch_size=16, process_count=3)
 
 

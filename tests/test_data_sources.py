@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from stompp_jax import errors
 from stompp_jax.data import cifar_archive
 from stompp_jax.data import sources
 
@@ -134,7 +135,7 @@ def test_cifar_pixel_layout_is_rgb_planes(tmp_path):
 def test_missing_archive_error_says_what_where_and_how(tmp_path):
   config = _data_config(source='cifar_archive', name='cifar100', dir=str(tmp_path),
                         download=False)
-  with pytest.raises(FileNotFoundError) as error:
+  with pytest.raises(errors.SetupError) as error:
     sources.make_source(config, 'train')
   message = str(error.value)
   assert '\n' not in message
@@ -146,7 +147,7 @@ def test_missing_archive_error_says_what_where_and_how(tmp_path):
 def test_download_failure_keeps_nothing(tmp_path, monkeypatch):
   monkeypatch.setattr(cifar_archive, 'URL_BASE', (tmp_path / 'no_server').as_uri() + '/')
   target = tmp_path / 'data'
-  with pytest.raises(FileNotFoundError, match='downloading .* failed') as error:
+  with pytest.raises(errors.SetupError, match='downloading .* failed') as error:
     cifar_archive.load_cifar(str(target), 'cifar10', 'train', download=True)
   assert '\n' not in str(error.value)
   assert list(target.iterdir()) == []
@@ -157,7 +158,7 @@ def test_download_verifies_checksum_and_leaves_no_partial_file(tmp_path):
   served = tmp_path / 'served.tar.gz'
   served.write_bytes(payload)
   target = tmp_path / 'data' / 'cifar-10-python.tar.gz'
-  with pytest.raises(ValueError, match='expected 0+; nothing was kept'):
+  with pytest.raises(errors.SetupError, match='expected 0+; nothing was kept'):
     cifar_archive.download_verified(served.as_uri(), '0' * 32, str(target))
   assert list(target.parent.iterdir()) == []
   cifar_archive.download_verified(served.as_uri(), hashlib.md5(payload).hexdigest(),
@@ -193,14 +194,14 @@ def test_malformed_archives_raise_one_line_errors(tmp_path):
   (tmp_path / fmt.folder).mkdir()
   for name in fmt.train_files + fmt.test_files:
     (tmp_path / fmt.folder / name).write_bytes(b'\0' * 3000)
-  with pytest.raises(ValueError, match='not a positive multiple of the 3073-byte') as error:
+  with pytest.raises(errors.SetupError, match='not a positive multiple of the 3073-byte') as error:
     cifar_archive.load_cifar(str(tmp_path), 'cifar10', 'test')
   assert '\n' not in str(error.value)
   other = tmp_path / 'other'
   other.mkdir()
   with tarfile.open(other / 'cifar-100-python.tar.gz', 'w:gz') as tar:
     tar.addfile(tarfile.TarInfo('cifar-100-python/meta'), io.BytesIO(b''))
-  with pytest.raises(ValueError, match='lacks cifar-100-python/train'):
+  with pytest.raises(errors.SetupError, match='lacks cifar-100-python/train'):
     cifar_archive.load_cifar(str(other), 'cifar100', 'train')
 
 
@@ -209,7 +210,7 @@ def test_python_batches_cannot_run_code(tmp_path):
   (tmp_path / fmt.folder).mkdir()
   for name in fmt.train_files + fmt.test_files:
     (tmp_path / fmt.folder / name).write_bytes(pickle.dumps(os.getcwd, protocol=2))
-  with pytest.raises(ValueError, match='refusing to load'):
+  with pytest.raises(errors.SetupError, match='refusing to load'):
     cifar_archive.load_cifar(str(tmp_path), 'cifar10', 'test')
 
 
@@ -234,7 +235,7 @@ def test_tfds_mock_data_through_data_source(tmp_path, dataset, label_kind, label
 
 def test_tfds_missing_dataset_error(tmp_path):
   config = _data_config(source='tfds', name='cifar10', dir=str(tmp_path))
-  with pytest.raises(FileNotFoundError, match='array_record format not found') as error:
+  with pytest.raises(errors.SetupError, match='array_record format not found') as error:
     sources.make_source(config, 'train')
   assert str(tmp_path) in str(error.value) and '\n' not in str(error.value)
 
@@ -276,13 +277,13 @@ def test_malformed_npz_raises_one_line_error(tmp_path, arrays, match):
   np.savez(tmp_path / 'train.npz', **arrays)
   np.savez(tmp_path / 'test.npz', **arrays)
   config = _data_config(source='npz', dir=str(tmp_path))
-  with pytest.raises(ValueError, match=match) as error:
+  with pytest.raises(errors.SetupError, match=match) as error:
     sources.make_source(config, 'train')
   assert '\n' not in str(error.value) and str(tmp_path) in str(error.value)
 
 
 def test_missing_npz_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match='train.npz not found') as error:
+  with pytest.raises(errors.SetupError, match='train.npz not found') as error:
     sources.make_source(_data_config(source='npz', dir=str(tmp_path)), 'train')
   assert str(tmp_path) in str(error.value)
 
@@ -315,12 +316,12 @@ def test_synthetic_source_is_deterministic_and_learnable():
     ('cifar100_labels', 'medium', 'fine or coarse'),
 ])
 def test_unknown_names_list_the_valid_ones(field, value, listed):
-  with pytest.raises(ValueError, match=listed):
+  with pytest.raises(errors.SetupError, match=listed):
     sources.make_source(_data_config(**{field: value}), 'train')
 
 
 def test_cifar_archive_has_no_imagenet(tmp_path):
-  with pytest.raises(ValueError, match='use data.source=tfds for imagenet2012'):
+  with pytest.raises(errors.SetupError, match='use data.source=tfds for imagenet2012'):
     sources.make_source(_data_config(source='cifar_archive', name='imagenet2012',
                                      dir=str(tmp_path)), 'train')
 
@@ -397,12 +398,12 @@ def test_requirement_names_what_a_fresh_machine_lacks(tmp_path, fields, needed):
 @pytest.mark.parametrize('source', ['tfds', 'auto'])
 def test_a_bucket_with_the_tfds_source_is_refused_before_reading_naming_the_mount(source):
   config = _data_config(source=source, name='imagenet2012', dir='gs://bucket/tensorflow_datasets')
-  with pytest.raises(ValueError, match='mount-data') as error:
+  with pytest.raises(errors.SetupError, match='mount-data') as error:
     sources.check_data_config(config)
   assert '/mnt/stompp_data/tensorflow_datasets' in str(error.value)
   assert '\n' not in str(error.value)
 
 
 def test_local_sources_refuse_a_bucket():
-  with pytest.raises(ValueError, match='reads a local directory'):
+  with pytest.raises(errors.SetupError, match='reads a local directory'):
     sources.check_data_config(_data_config(source='cifar_archive', dir='gs://bucket/cifar'))

@@ -15,14 +15,11 @@ from stompp_jax import train
 
 from helpers import read_events, rows, tiny_config  # pylint: disable=g-bad-import-order
 
-NUM_STEPS = 12
-
 
 @pytest.fixture(scope='module')
 def diagnostics_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('diagnostics')
-  config = tiny_config('stompp', diagnostics=True, num_steps=NUM_STEPS, log_every=3,
-                       eval_every=6)
+  config = tiny_config('stompp', diagnostics=True)  # 12 steps, logged every 3, evaluated every 6.
   train.train_and_evaluate(config, str(workdir))
   return workdir
 

@@ -310,7 +310,12 @@ def test_the_docs_summary_command_prints_resnet50():
   result = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.startswith('resnet50, mode bnn, input 224x224x3, 1000 classes'), (
+      result.stdout[:2000])
   assert 'stage4_block2/conv3' in result.stdout, result.stdout[-2000:]
+  # ResNet-50's parameters as torchvision counts them (torchvision.models.resnet50).
+  assert re.search(r'^trainable params +25,557,032$', result.stdout, re.MULTILINE), (
+      result.stdout[-2000:])
 
 
 def test_every_referenced_document_exists():

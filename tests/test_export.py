@@ -105,7 +105,7 @@ def training_time_logits(config, variables, images):
   num_classes, image_shape = pipeline.input_shape(config.data)
   net = experiment.build_model(config, num_classes=num_classes, image_shape=image_shape)
   model = net.model
-  binarization = experiment.binarization_config(config, net.sites, total_steps=1)
+  binarization = experiment.binarization_config(config, net.sites, total_steps=1, platform='cpu')
   ctx = bctx.BinarizationContext(step=jnp.zeros((), jnp.int32), key=jax.random.PRNGKey(0),
                                  config=binarization, fully_binary=True)
   return jax.jit(functools.partial(model.apply, train=False, ctx=ctx))(variables, images)
@@ -203,16 +203,15 @@ def test_mobilenet_v2_is_not_exported_yet(tmp_path):
 
 
 @pytest.fixture(scope='module')
-def trained_runs(tmp_path_factory):
-  """Tiny BNN and BWN runs trained with StoMPP for a few steps: {mode: (workdir, config)}."""
-  runs = {}
-  for mode in ('bnn', 'bwn'):
-    config = tiny_config('stompp', num_steps=6, log_every=3, eval_every=0, checkpoint_every=6)
-    config.model.mode = mode
-    config.mesh.num_devices = 1
-    workdir = str(tmp_path_factory.mktemp(mode))
-    train.train_and_evaluate(config, workdir)
-    runs[mode] = workdir, config
+def trained_runs(tmp_path_factory, tiny_run):
+  """Tiny BNN and BWN runs trained with StoMPP: {mode: (workdir, config)}; the BNN run is the
+  session's (conftest.py), the BWN run the same config in mode bwn."""
+  runs = {'bnn': (str(tiny_run), tiny_config('stompp'))}
+  config = tiny_config('stompp')
+  config.model.mode = 'bwn'
+  workdir = str(tmp_path_factory.mktemp('bwn'))
+  train.train_and_evaluate(config, workdir)
+  runs['bwn'] = workdir, config
   return runs
 
 
@@ -231,7 +230,7 @@ def test_cli_export_of_trained_bnn_equals_fully_binary_eval(trained_runs, tmp_pa
   _, variables, _ = checkpoints.read_variables(workdir)
   exported = assert_export_matches(str(tmp_path), config, variables, eval_images(config))
   manifest = exported.manifest
-  assert manifest['source']['step'] == 6
+  assert manifest['source']['step'] == 12
   assert_binary_layers_store_bits_only(manifest)
   assert [op['layer'] for op in manifest['program'] if op['op'] == 'threshold'] == [
       'stage1_block0/bn1', 'stage2_block0/bn1']

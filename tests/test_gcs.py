@@ -92,7 +92,7 @@ def test_metric_rows_are_parts_until_closed_then_one_file(gcs, monkeypatch):
 
 def test_cli_run_in_a_bucket_twice_then_analysis_and_export(gcs, tmp_path):
   workdir = f'{gcs}/run'
-  flags = {'train.num_steps': 10, 'train.log_every': 5, 'train.checkpoint_every': 5}
+  flags = {'train.log_every': 30, 'train.checkpoint_every': 30}  # Of ru.TINY_FLAGS' 60 steps.
   ru.run_cli(workdir, tmp_path / 'first.txt', **flags)
   output = ru.run_cli(workdir, tmp_path / 'second.txt', **flags)
   assert 'is a finished run (done.json): nothing to do' in output
@@ -100,8 +100,8 @@ def test_cli_run_in_a_bucket_twice_then_analysis_and_export(gcs, tmp_path):
   names = _listing(workdir)
   for name in ('config.json', 'metrics.jsonl', 'done.json', 'checkpoints', 'tensorboard'):
     assert name in names, names
-  assert _steps(workdir) == [5, 10]
-  assert [r['step'] for r in metrics_lib.read_metrics(workdir) if r['split'] == 'train'] == [5, 10]
+  assert _steps(workdir) == [30, 60]
+  assert [r['step'] for r in metrics_lib.read_metrics(workdir) if r['split'] == 'train'] == [30, 60]
 
   env = ru.cli_env(1)
   plots = subprocess.run([sys.executable, '-m', 'stompp_jax.analysis', workdir,
@@ -114,10 +114,11 @@ def test_cli_run_in_a_bucket_twice_then_analysis_and_export(gcs, tmp_path):
                           capture_output=True, text=True, timeout=300)
   assert export.returncode == 0, export.stderr[-2000:]
   manifest = json.loads((tmp_path / 'export' / 'manifest.json').read_text())
-  assert manifest['source']['workdir'] == workdir and manifest['source']['step'] == 10
+  assert manifest['source']['workdir'] == workdir and manifest['source']['step'] == 60
 
 
-# The rehearsal: the flags of tests/test_multiprocess.py.
+# The rehearsal: the flags of tests/test_multiprocess.py (24 steps: its own compiled programs on
+# 2 x 2 and 1 x 4 devices, shared with that file's).
 POD_FLAGS = {'train.num_steps': 24, 'train.log_every': 1, 'train.checkpoint_every': 4}
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
 

@@ -260,6 +260,24 @@ def test_site_mask_uses_the_site_key_and_step():
   np.testing.assert_array_equal(_site_mask(ctx, 2, 'input', (40, 40)), expected)
 
 
+@pytest.mark.parametrize('masks_by', context.MASKS_BY)
+def test_per_example_masks_of_a_batch_sharded_over_8_devices_are_the_global_ones(masks_by):
+  """Per-example activation masks with the batch split over the 8 devices: each device builds
+  the masks of its slice of the batch, and together they are the one-device masks, bit for bit."""
+  assert jax.device_count() == 8
+  ctx = _ctx('stompp', 500, per_example_activation_masks=True, masks_by=masks_by)  # p = 0.5
+  x = jax.random.uniform(jax.random.key(7), (16, 6, 6, 4), minval=-1.5, maxval=1.5)
+  binarize = jax.jit(lambda x, ctx: context.binarize_site_tensor(x, ctx, 2, 'input'))
+  one = jax.devices()[0]
+  single = binarize(jax.device_put(x, one), jax.device_put(ctx, one))
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  sharded = binarize(jax.device_put(x, NamedSharding(mesh, P('data'))), ctx)
+  assert len(sharded.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(single))
+  frozen = np.isin(np.asarray(single), (-1.0, 1.0))
+  assert not all(np.array_equal(frozen[0], frozen[i]) for i in range(1, 16))  # Per example.
+
+
 @pytest.mark.parametrize('per_example, expect_shared', [(False, True), (True, False)])
 def test_activation_masks_shared_over_the_batch_or_per_example(per_example, expect_shared):
   # Two identical examples: a mask shared over the batch binarizes them identically.
@@ -306,3 +324,17 @@ def test_stompp_ste_identity_option_reaches_the_binarizer():
   np.testing.assert_array_equal(grad(x), [[1, 1, 1, 1, 1]])
   with pytest.raises(ValueError, match='frozen_grad'):
     _ctx('stompp_ste', 0, frozen_grad='none')
+
+
+def test_all_site_keys_and_stream_words_match_the_per_site_derivation():
+  first, second = masks.all_site_keys(KEY, 4)
+  for site in range(4):
+    for t, tensor in enumerate(masks.TENSORS):
+      key = masks.site_key(KEY, site, tensor)
+      np.testing.assert_array_equal([first[site, t], second[site, t]], key)
+      for r in (0, 5):
+        np.testing.assert_array_equal(masks.stream_words((first, second), 13, r)[site, t],
+                                      masks.stream_words(key, 13, r))
+        np.testing.assert_array_equal(
+            masks.scores_from_words(masks.stream_words(key, 13, r), (6, 5), r),
+            _scores(13, (6, 5), r, key=key))

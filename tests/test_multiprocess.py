@@ -29,7 +29,9 @@ from stompp_jax import parallel
 from stompp_jax import recalibrate
 
 # Long enough for a SIGTERM to land mid-run; re-estimated BatchNorm statistics (2 batches) before
-# the final eval, across processes too.
+# the final eval, across processes too. 24 steps, not ru.TINY_FLAGS' 60: 2 x 2 and 1 x 4 devices
+# compile programs of their own anyway (shared with test_gcs.py's rehearsal), and a step across
+# processes is slow.
 FLAGS = {'train.num_steps': 24, 'train.log_every': 1, 'train.checkpoint_every': 4,
          'train.recalibrate_bn_batches': 2}
 PROCESSES, DEVICES_PER_PROCESS = 2, 2

@@ -171,7 +171,8 @@ def test_install_cell_installs_the_package_from_a_git_repository(tmp_path):
   """The install cell, as Colab runs it, with REPO_URL a file:// Git repository of this checkout
   (uncommitted changes included) and REPO_REF its branch, into a fresh virtual environment that
   sees the installed dependencies, offline; then, from another directory, the notebook's next
-  code cell (imports from the installed package) and `python -m stompp_jax.main --helpfull`."""
+  code cell (imports from the installed package) and `python -m stompp_jax.main --helpfull`: the
+package's install test (its pins and the user cache: test_package.py)."""
   repo = ru.copy_checkout(tmp_path / 'repo')
   for args in (('init', '-q', '-b', 'colab'), ('add', '-A'), ('commit', '-q', '-m', 'checkout')):
     subprocess.run(['git', '-c', 'user.name=test', '-c', 'user.email=test@localhost', *args],
@@ -205,5 +206,10 @@ def test_install_cell_installs_the_package_from_a_git_repository(tmp_path):
   site = run('-c', 'import sysconfig; print(sysconfig.get_path("purelib"))').stdout.strip()
   assert site.startswith(str(venv))
   assert f'stompp_jax from: {os.path.join(site, "stompp_jax")}' in executed.stdout, executed.stdout
+  # The package's files, and not the tests (the wheel pip built holds what is installed).
+  for name in ('stompp_jax/main.py', 'stompp_jax/export/__main__.py', 'configs/default.py',
+               'configs/imagenet.py'):
+    assert os.path.isfile(os.path.join(site, name)), name
+  assert not os.path.exists(os.path.join(site, 'tests'))
   helped = run('-m', 'stompp_jax.main', '--helpfull')  # absl's help flags exit with status 1.
   assert '--workdir' in helped.stdout and 'stompp_jax.main' in helped.stdout, helped.stderr[-2000:]

@@ -59,7 +59,7 @@ class Nested(nn.Module):
 
 def binarization(module, config, total_steps=10):
   net = experiment.build_model(config, num_classes=4, image_shape=IMAGE_SHAPE, model=module)
-  return net.model, experiment.binarization_config(config, net.sites, total_steps), net.sites
+  return net.model, experiment.binarization_config(config, net.sites, total_steps, 'cpu'), net.sites
 
 
 def init(model, seed=0):
@@ -220,6 +220,7 @@ def test_from_module_refuses_an_unknown_mode():
 
 
 def test_the_example_trains_its_own_model(tmp_path):
+  # 4 steps: the example's own model and config compile programs no other test shares.
   out = subprocess.run(
       [sys.executable, '-m', 'examples.own_model', f'--workdir={tmp_path}',
        '--config.train.num_steps=4', '--config.train.eval_steps=1',

@@ -1,11 +1,10 @@
-"""The package: a wheel built from a copy of the checkout's files holds stompp_jax and configs,
-and, installed into a folder of its own, runs from another directory. Its pins are
-requirements*.txt's."""
+"""The package: its pins are requirements*.txt's, and its CLI compiles into the user's cache. Its
+install from a Git repository, run from another directory:
+test_notebooks.py::test_install_cell_installs_the_package_from_a_git_repository."""
 
 import subprocess
 import sys
 import tomllib
-import zipfile
 
 from helpers import REPO
 import reliability_utils as ru
@@ -30,39 +29,18 @@ def test_extras_pin_what_requirements_pin():
     assert pin.split('==')[1] == jax_pin.split('==')[1]
 
 
-def test_wheel_installs_and_runs_from_another_directory(tmp_path):
-  clone = ru.copy_checkout(tmp_path / 'clone')
-  subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q',
-                  '-w', str(tmp_path / 'wheel'), '.'], cwd=clone, check=True, timeout=300)
-  [wheel] = (tmp_path / 'wheel').glob('stompp_jax-*.whl')
-  names = zipfile.ZipFile(wheel).namelist()
-  for name in ('stompp_jax/main.py', 'stompp_jax/export/__main__.py', 'configs/default.py',
-               'configs/imagenet.py'):
-    assert name in names
-  assert not [n for n in names if n.startswith('tests/')]
-  target = tmp_path / 'site'
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target',
-                  str(target), str(wheel)], check=True, timeout=300)
-  elsewhere = tmp_path / 'elsewhere'
-  elsewhere.mkdir()
-  env = {**ru.cli_env(1), 'PYTHONPATH': str(target)}
-  run = lambda *args: subprocess.run([sys.executable, *args], cwd=elsewhere, env=env,
-                                     capture_output=True, text=True, timeout=300)
-  imported = run('-c', 'import stompp_jax.train, configs.default; print(stompp_jax.__file__)')
-  assert imported.returncode == 0, imported.stderr
-  assert imported.stdout.startswith(str(target))
-  helped = run('-m', 'stompp_jax.main', '--helpfull')  # absl's help flags exit with status 1.
-  assert '--workdir' in helped.stdout and 'stompp_jax.main' in helped.stdout, helped.stderr
-
-
 def test_cli_compiles_once_into_the_user_cache(tmp_path):
   """Without JAX_COMPILATION_CACHE_DIR the CLI caches under $XDG_CACHE_HOME/stompp_jax; a second
   run of the same config loads every program from there (no new entries)."""
   cache = tmp_path / 'xdg' / 'stompp_jax' / 'jax_cache'
   env = {k: v for k, v in ru.cli_env(1).items() if k != 'JAX_COMPILATION_CACHE_DIR'}
   env['XDG_CACHE_HOME'] = str(tmp_path / 'xdg')
+  # JAX caches only programs that took at least 1 s to compile: a program near that line under a
+  # changing load would be cached by one run and not the other. Cache every program.
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   entries = []
   for run in ('first', 'second'):
+    # 5 steps: this test's cache starts empty, so no program of the suite's can serve it.
     result = subprocess.run(ru.cli_command(tmp_path / run, **{'train.num_steps': 5}), cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

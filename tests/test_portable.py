@@ -17,16 +17,12 @@ from stompp_jax.export import sources
 
 import helpers  # pylint: disable=g-bad-import-order
 
-# Run with `python -I` (no cwd, no PYTHONPATH on sys.path) from a directory without the project:
-# stompp_jax cannot be imported there, only jax.
+# Run with `python -I` (no cwd, no PYTHONPATH on sys.path) from a directory without the project,
+# and stompp_jax blocked (an installed copy, editable ones too, would be importable): only jax.
 STANDALONE = '''
 import sys
+sys.modules['stompp_jax'] = None  # `import stompp_jax` raises ImportError from here on.
 import jax, numpy as np
-try:
-  import stompp_jax
-  sys.exit('stompp_jax is importable')
-except ImportError:
-  pass
 pixels = np.load('pixels.npy')
 for name in sys.argv[1:]:
   with open(name, 'rb') as f:
@@ -45,8 +41,9 @@ def runs(tiny_run, own_model_run):
 def run_standalone(directory, names, pixels):
   np.save(directory / 'pixels.npy', pixels)
   (directory / 'run.py').write_text(STANDALONE)
-  subprocess.run([sys.executable, '-I', 'run.py', *names], cwd=directory, check=True,
-                 capture_output=True, text=True, timeout=600)
+  result = subprocess.run([sys.executable, '-I', 'run.py', *names], cwd=directory,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
   return [np.load(directory / f'{name}.logits.npy') for name in names]
 
 

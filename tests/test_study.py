@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks import study
 
-from helpers import REPO  # pylint: disable=g-bad-import-order
+from helpers import REPO, compile_cache  # pylint: disable=g-bad-import-order
 
 SITES = {'resnet20': 18, 'resnet56': 54}
 
@@ -162,7 +162,8 @@ def test_the_results_lead_with_the_decisions(tmp_path):
 def _tiny(tmp_path, *extra):
   return [f'--out={tmp_path / "runs"}', f'--summaries={tmp_path / "summaries"}',
           '--models=tiny_resnet', '--data=synthetic', '--batch=16', '--eval_batch=16',
-          '--recalibrate=2', '--evals=2', '--compile_cache=', '--readings=binarized', *extra]
+          '--recalibrate=2', '--evals=2', f'--compile_cache={compile_cache()}',
+          '--readings=binarized', *extra]
 
 
 def test_a_tiny_run_stops_on_sigterm_resumes_and_sums_its_wall_time(tmp_path):

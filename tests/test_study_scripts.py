@@ -13,7 +13,7 @@ import numpy as np
 
 from benchmarks import prepare_cifar16
 
-from helpers import REPO  # pylint: disable=g-bad-import-order
+from helpers import REPO, compile_cache  # pylint: disable=g-bad-import-order
 
 TINY = ['--models=tiny_resnet', '--data=synthetic', '--epochs=1', '--batch=16', '--eval_batch=16',
         '--recalibrate=2', '--evals=1', '--seeds=1', '--compile_cache=']
@@ -22,7 +22,8 @@ TINY = ['--models=tiny_resnet', '--data=synthetic', '--epochs=1', '--batch=16', 
 def run(command, env=None, cwd=REPO, status=0):
   result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, 'XLA_FLAGS': '--xla_backend_optimization_level=0',
-                               **(env or {})})
+                               # The suite's cache, even where a script turns the study's off.
+                               'JAX_COMPILATION_CACHE_DIR': compile_cache(), **(env or {})})
   assert result.returncode == status, result.stdout[-3000:] + result.stderr[-3000:]
   return result.stdout + result.stderr
 

@@ -1,8 +1,5 @@
-"""Model summary: totals against hand counts, precision per mode, the command."""
-
-import os
-import subprocess
-import sys
+"""Model summary: totals against hand counts, precision per mode. The command:
+test_documented_commands.py::test_the_docs_summary_command_prints_resnet50."""
 
 import pytest
 
@@ -77,15 +74,3 @@ def test_input_shape_reads_no_data():
   data.name = 'mnist'
   with pytest.raises(ValueError, match='imagenet2012'):
     pipeline.input_shape(data)
-
-
-def test_command_prints_the_summary():
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run(
-      [sys.executable, '-m', 'stompp_jax.models.summary', '--config=configs/default.py',
-       '--config.model.name=resnet20', '--config.data.name=cifar10'],
-      cwd=root, capture_output=True, text=True, check=True,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'}).stdout
-  assert out.startswith('resnet20, mode bnn, input 32x32x3, 10 classes')
-  assert 'stage3_block0/shortcut_conv' in out
-  assert '272,474' in out

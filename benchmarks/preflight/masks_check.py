@@ -5,9 +5,9 @@
    batch is compiled for a small and a large slice: per-chip figures that stay equal mean the
    masks are partitioned with the batch.
 2. The per-site `jax.lax.cond` of the masks (binary/context.py: a site whose fraction is 0 or 1
-   hashes nothing): what does it cost on TPU against an elementwise select that always hashes?
-   The select variant replaces `jax.lax.cond(p, a, b)` by `jnp.where(p, a(), b())` inside
-   binary/context.py for this process only.
+   hashes nothing): what does it cost on TPU against a plain select that always hashes? The
+   rows compare them through the config's switch `binary.masks_by` ('cond', the default, or
+   'select').
 
     python benchmarks/preflight/masks_check.py --config=configs/cifar.py:model=resnet20 \
         --per_chip_batch=128 --small=v5e-4 --large=v5e-64 --json=benchmarks/preflight/masks_resnet20.json
@@ -16,42 +16,22 @@ Each row is one compile of the train step (minutes for a ResNet-20 on 2 CPU core
 are the compiler's, per chip, not a measured run.
 """
 
-import contextlib
 import json
 import os
 import sys
-import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from stompp_jax import preflight  # noqa: E402
 from stompp_jax import tpu_chips  # noqa: E402
-from stompp_jax.binary import context  # noqa: E402
 
 _SMALL = flags.DEFINE_string('small', 'v5e-4', 'The small slice.')
 _LARGE = flags.DEFINE_string('large', 'v5e-64', 'The large slice (same chip).')
 # --config, --per_chip_batch and --json are preflight's own flags (preflight.define_flags).
-
-
-@contextlib.contextmanager
-def masks_by_select():
-  """binary/context.py's `jax.lax.cond` as an elementwise select (both branches computed)."""
-  lax = types.SimpleNamespace(**{name: getattr(jax.lax, name) for name in dir(jax.lax)
-                                 if not name.startswith('_')})
-  lax.cond = lambda pred, true_fun, false_fun: jnp.where(pred, true_fun(), false_fun())
-  fake_jax = types.SimpleNamespace(**{name: getattr(jax, name) for name in dir(jax)
-                                      if not name.startswith('_')})
-  fake_jax.lax = lax
-  context.jax = fake_jax
-  try:
-    yield
-  finally:
-    context.jax = jax
 
 
 def row(config, topology: str, method: str, *, per_example: bool, select: bool) -> dict:
@@ -61,8 +41,8 @@ def row(config, topology: str, method: str, *, per_example: bool, select: bool) 
   config = preflight.method_config(config, method, flags.FLAGS.per_chip_batch * len(devices))
   config.train.eval_batch_size = config.train.batch_size
   config.binary.per_example_activation_masks = per_example
-  with masks_by_select() if select else contextlib.nullcontext():
-    _, steps = preflight.compile_steps(config, devices, slice_.chip, ('train',))
+  config.binary.masks_by = 'select' if select else 'cond'
+  _, steps = preflight.compile_steps(config, devices, slice_.chip, ('train',))
   train = steps['train']
   out = {'topology': topology, 'method': method, 'per_example_activation_masks': per_example,
          'masks_by': 'select' if select else 'cond', 'per_chip_batch': flags.FLAGS.per_chip_batch,

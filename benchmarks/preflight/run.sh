@@ -19,20 +19,22 @@ OUT=${PREFLIGHT_OUT:-$HERE}
 LOGS=${PREFLIGHT_LOGS:-/tmp/stompp_preflight_logs}
 R50=configs/imagenet_r50.py
 
-# NAME|preflight arguments. The headline first: each method on its own, fp before the others.
+# NAME|preflight arguments. The headline first: each method on its own, fp before the others;
+# the STE-on-frozen variant last (it compiles like StoMPP plus STE's kernel copy).
 JOBS=(
   "r50_v4-32_fp|--config=$R50 --topology=v4-32 --methods=fp"
   "r50_v4-32_stompp|--config=$R50 --topology=v4-32 --methods=stompp"
   "r50_v5e-256_fp|--config=$R50 --topology=v5e-256 --methods=fp"
   "r50_v5e-256_stompp|--config=$R50 --topology=v5e-256 --methods=stompp"
+  "r50_v5e-256_stompp_packed|--config=$R50 --topology=v5e-256 --methods=stompp --config.binary.residuals=packed"
   "r50_v4-32_ste|--config=$R50 --topology=v4-32 --methods=ste"
-  "r50_v4-32_stompp_ste|--config=$R50 --topology=v4-32 --methods=stompp_ste"
   "r50_v5e-256_ste|--config=$R50 --topology=v5e-256 --methods=ste"
-  "r50_v5e-256_stompp_ste|--config=$R50 --topology=v5e-256 --methods=stompp_ste"
   "r50_v5e-256_fp_max_batch|--config=$R50 --topology=v5e-256 --methods=fp --find_max_batch"
   "r50_v5e-256_stompp_max_batch|--config=$R50 --topology=v5e-256 --methods=stompp --find_max_batch"
   "r18_v5e-256_stompp|--config=configs/imagenet.py:model=resnet18 --topology=v5e-256 --methods=fp,stompp"
   "r50_v4-32_stompp_shard_params|--config=$R50 --topology=v4-32 --methods=stompp --config.mesh.shard_params=True"
+  "r50_v4-32_stompp_ste|--config=$R50 --topology=v4-32 --methods=stompp_ste"
+  "r50_v5e-256_stompp_ste|--config=$R50 --topology=v5e-256 --methods=stompp_ste"
 )
 
 commit() {  # JSON: commit that file only; waits while another git command holds the index.
@@ -56,6 +58,16 @@ for job in "${JOBS[@]}"; do
   echo "$name: started $(date -u +%H:%M:%S), log $LOGS/$name.log"
   # shellcheck disable=SC2086  # The job's arguments split on spaces by design.
   if (cd "$ROOT" && python -m stompp_jax.preflight ${job#*|} --json="$json") > "$LOGS/$name.log" 2>&1; then
+    # The code the figures belong to (the binarizers' memory changed with it).
+    python - "$json" "$(git -C "$ROOT" rev-parse --short HEAD)" <<'PY'
+import json, sys
+with open(sys.argv[1]) as f:
+  result = json.load(f)
+result['code_commit'] = sys.argv[2]
+with open(sys.argv[1], 'w') as f:
+  json.dump(result, f, indent=1, sort_keys=True)
+  f.write('\n')
+PY
     echo "$name: finished $(date -u +%H:%M:%S)"
     if ((COMMIT)); then commit "$json"; fi
   else

@@ -17,15 +17,19 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOC = os.path.join(HERE, '..', '..', 'docs', 'preflight.md')
 BEGIN, END = '<!-- preflight table: begin -->', '<!-- preflight table: end -->'
+# Figures of the code before the binarizers' residuals were bit-packed (commit 2b9d08a): STE and
+# StoMPP, kept for the before/after comparison; their rows say so.
+UNPACKED = 'unpacked'
 
 
 def _rows() -> list[dict]:
   rows = []
-  for path in sorted(glob.glob(os.path.join(HERE, '*.json'))):
+  for path in (sorted(glob.glob(os.path.join(HERE, '*.json')))
+               + sorted(glob.glob(os.path.join(HERE, UNPACKED, '*.json')))):
     with open(path) as f:
       result = json.load(f)
     for method, figures in result.get('methods', {}).items():
-      rows.append({'file': os.path.basename(path), 'slice': result['topology'],
+      rows.append({'file': os.path.relpath(path, HERE), 'slice': result['topology'],
                    'model': figures['model'], 'method': method, 'result': result, **figures})
   return rows
 
@@ -43,7 +47,8 @@ def table() -> str:
   rows = _rows()
   max_batch = {(r['model'], r['slice'], r['method']): r['max_batch']['max_per_chip_batch']
                for r in rows if 'max_batch' in r}
-  fp = {_key(r): r for r in rows if r['method'] == 'fp' and 'train' in r['steps']}
+  fp = {_key(r): r for r in rows if r['method'] == 'fp' and 'train' in r['steps']
+        and not r['file'].endswith('_max_batch.json')}  # The max-batch jobs' rows are extras.
   lines = ['| model | slice | method | batch/chip | train HBM/chip GiB | fits | max batch/chip'
            ' | TFLOP/step/chip | GB/step/chip | roofline img/s/chip | HBM / fp | FLOPs / fp'
            ' | bytes / fp | compile s: train; eval, eval fully binary, recalibration | file |',
@@ -57,7 +62,9 @@ def table() -> str:
     hbm = train['hbm_bytes']['total'] if fits else None
     others = [s['compile_s'] for n, s in r['steps'].items() if n != 'train' and s.get('compile_s')]
     name = r['method'] + (' shard_params' if r['shard_params'] else '') + (
-        ' per-example masks' if r['per_example_activation_masks'] else '')
+        ' per-example masks' if r['per_example_activation_masks'] else '') + (
+        ' (unpacked residuals, before 2b9d08a)' if r['file'].startswith(UNPACKED) else '') + (
+        ' residuals packed' if r.get('residuals') == 'packed' else '')
     cells = [r['model'], r['slice'], name, str(r['per_chip_batch']),
              f'{hbm / 2**30:.2f}' if fits else '-',
              'yes' if fits else f'no ({train["message"]})',

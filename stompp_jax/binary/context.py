@@ -12,9 +12,28 @@ value), and the result is then cast to the compute dtype (`binarize_site_kernel`
 clipped values in [-1, 1] round the same either way); an input is binarized in the dtype it
 arrives in. The zoo's layers and `layers.ByRules` follow this one rule.
 
-Cost: a site whose fraction p is 0 or 1 (not started, or fully frozen; in a layerwise schedule
-all sites but one or two) hashes nothing: `jax.lax.cond` on 0 < p < 1 picks a constant mask
-instead, with the same values (frozen iff score < p).
+Cost, three static switches (config fields `binary.masks_by`, `binary.residuals` and
+`binary.committed_backward`) that change how masks and gradients are made and kept, never what
+they are:
+- `masks_by`: 'cond' (default): a site whose fraction p is 0 or 1 (not started, or fully
+  frozen; in a layerwise schedule all sites but one or two) hashes nothing: a per-site
+  `jax.lax.cond` on 0 < p < 1 picks a constant mask instead. 'select': every site hashes its
+  scores and compares them with p, no branch (XLA fuses the hash into the mask's consumers).
+  The same masks bit for bit: scores lie in [0, 1), so score < p is all False at p = 0 and all
+  True at p = 1. The scalar part of every site's scores (key and stream words,
+  masks.stream_words) is computed once per step for all sites (`with_kernel_masks`), so a
+  site's mask costs only its per-element loop.
+- `residuals`: 'packed' keeps the step's kernel masks (from the forward pass to the optimizer)
+  and the binarizers' residuals bit-packed, eight to a byte (binarize.py on why packing also
+  keeps XLA:CPU from holding float copies); 'bool' keeps one bool each. The config's 'auto'
+  (`residuals_for_platform`) packs on CPU and keeps bools on TPU and GPU: compiled for a TPU,
+  the packing's extra passes cost more HBM traffic than the smaller residuals save
+  (docs/preflight.md).
+- `committed_backward`: 'skip': a StoMPP site at p = 1 (every entry frozen: its binarizers pass
+  no gradient) skips its convolution's weight and, in a BNN, input gradient
+  (binary/committed.py; the other sites' gradients then come from that module's convolutions,
+  equal up to float32 summation order); 'full' computes them as XLA does. The config's 'auto'
+  skips on CPU, where it was measured (docs/performance.md).
 """
 
 import dataclasses
@@ -24,6 +43,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from stompp_jax.binary import binarize
 from stompp_jax.binary import masks
@@ -33,6 +53,27 @@ from stompp_jax.binary.choices import check_choice
 from stompp_jax.errors import SetupError
 
 METHODS = ('fp', 'ste', 'stompp', 'stompp_ste')
+MASKS_BY = ('cond', 'select')
+RESIDUALS = ('auto', *binarize.RESIDUALS)
+COMMITTED_BACKWARDS = ('auto', 'skip', 'full')
+
+
+def residuals_for_platform(residuals: str, platform: str) -> str:
+  """The residual storage ('bool' | 'packed') of `binary.residuals` for a run whose devices
+  are of `platform` ('cpu', 'gpu', 'tpu'): 'auto' packs on CPU only (module docstring)."""
+  check_choice('binary.residuals', residuals, RESIDUALS)
+  if residuals != 'auto':
+    return residuals
+  return 'packed' if platform == 'cpu' else 'bool'
+
+
+def committed_backward_for_platform(committed_backward: str, platform: str) -> str:
+  """'skip' | 'full' of `binary.committed_backward` on devices of `platform`: 'auto' skips on
+  CPU only (module docstring)."""
+  check_choice('binary.committed_backward', committed_backward, COMMITTED_BACKWARDS)
+  if committed_backward != 'auto':
+    return committed_backward
+  return 'skip' if platform == 'cpu' else 'full'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +111,12 @@ class BinarizationConfig:
     frozen_grad: surrogate on frozen entries for stompp_ste ('ste_clipped' | 'ste_identity').
     refresh_every: soft-refresh period r; 0 = never.
     per_example_activation_masks: input masks cover the batch dim too (else shared).
+    masks_by: 'cond' (per-site `jax.lax.cond`: sites at p = 0 or 1 hash nothing) or 'select'
+      (every site hashes, no branch); the same masks either way (module docstring).
+    residuals: 'packed' or 'bool': how the step keeps its kernel masks and the binarizers'
+      residuals (module docstring; `residuals_for_platform` resolves the config's 'auto').
+    committed_backward: 'skip' or 'full': whether a committed StoMPP site's convolution
+      gradients are skipped (module docstring; `committed_backward_for_platform`).
   """
 
   method: str
@@ -78,9 +125,15 @@ class BinarizationConfig:
   frozen_grad: str = 'ste_clipped'
   refresh_every: int = 100
   per_example_activation_masks: bool = False
+  masks_by: str = 'cond'
+  residuals: str = 'packed'
+  committed_backward: str = 'skip'
 
   def __post_init__(self):
     check_choice('binary.method', self.method, METHODS)
+    check_choice('binary.masks_by', self.masks_by, MASKS_BY)
+    check_choice('binary.residuals', self.residuals, binarize.RESIDUALS)
+    check_choice('binary.committed_backward', self.committed_backward, COMMITTED_BACKWARDS[1:])
     check_choice('binary.frozen_grad', self.frozen_grad, binarize.FROZEN_GRADS[1:])
     check_at_least('binary.refresh_every', self.refresh_every, 0)
 
@@ -110,8 +163,12 @@ class BinarizationContext:
     key: PRNG key from which every mask key derives (traced).
     config: static settings.
     fully_binary: static; True makes every mask 1 (the deployed network, used for eval).
-    kernel_masks: None, or one bool kernel mask per site (tuple, site order) of this step,
-      made by `with_kernel_masks`; `site_frozen_mask` returns them instead of hashing again.
+    kernel_masks: None, or each site's kernel mask of this step (tuple, site order; kept from
+      the forward pass to the optimizer), bool or, with `config.residuals` 'packed',
+      `binarize.pack_bits` of it (uint8, an eighth of the memory); made by `with_kernel_masks`;
+      `site_frozen_mask` reads them instead of hashing again.
+    mask_words: None, or uint32 (sites, 2, 7): every site's kernel and input stream words of
+      this step (masks.stream_words), made by `with_kernel_masks`; else made where needed.
   """
 
   step: jax.Array
@@ -119,6 +176,7 @@ class BinarizationContext:
   config: BinarizationConfig = dataclasses.field(metadata=dict(static=True))
   fully_binary: bool = dataclasses.field(default=False, metadata=dict(static=True))
   kernel_masks: Optional[tuple[jax.Array, ...]] = None
+  mask_words: Optional[jax.Array] = None
 
 
 def site_fraction(ctx: BinarizationContext, site: int) -> jax.Array:
@@ -128,41 +186,82 @@ def site_fraction(ctx: BinarizationContext, site: int) -> jax.Array:
   return schedule.frozen_fraction(ctx.step, site, ctx.config.num_sites, ctx.config.schedule)
 
 
+def _mask_words(ctx: BinarizationContext) -> jax.Array:
+  """uint32 (sites, 2, 7): the stream words of every site's kernel and input at the step."""
+  if ctx.mask_words is not None:
+    return ctx.mask_words
+  return masks.stream_words(masks.all_site_keys(ctx.key, ctx.config.num_sites), ctx.step,
+                            ctx.config.refresh_every)
+
+
+def _frozen_mask(ctx: BinarizationContext, site: int, tensor: str, shape: tuple[int, ...],
+                 packed: bool) -> jax.Array:
+  """The mask of `tensor` of `site` at the step (bool of `shape`, or `binarize.pack_bits` of it
+  when `packed`), hashed under `ctx.config.masks_by`."""
+  if tensor not in masks.TENSORS:
+    raise ValueError(f'Unknown tensor {tensor!r}: use one of {", ".join(masks.TENSORS)}.')
+  fraction = site_fraction(ctx, site)  # Raises ValueError for a site outside the table.
+  # This site's words, sliced out here: the hashing below is then the same computation for
+  # every site of the same shape, which XLA compiles once and reuses.
+  words = _mask_words(ctx)[site, masks.TENSORS.index(tensor)]
+  finish = binarize.pack_bits if packed else (lambda mask: mask)
+  hashed = lambda: finish(masks.frozen_mask_from_words(words, fraction, shape,
+                                                       ctx.config.refresh_every))
+  if ctx.config.masks_by == 'select':
+    return hashed()
+  if packed:  # Padding bits differ from pack_bits' zeros; unpack_bits drops them.
+    constant = lambda: jnp.full(binarize.packed_shape(shape),
+                                jnp.where(fraction >= 1, np.uint8(255), np.uint8(0)))
+  else:
+    constant = lambda: jnp.full(shape, fraction >= 1)
+  return jax.lax.cond((fraction > 0) & (fraction < 1), hashed, constant)
+
+
+def site_committed(ctx: BinarizationContext, site: int) -> Optional[jax.Array]:
+  """bool scalar (traced): every entry of `site` frozen at the step, so its binarizers pass no
+  gradient; None where no gradient may be skipped (not StoMPP, fully binary, or
+  committed_backward 'full'). binary/committed.py skips on it."""
+  if (ctx.fully_binary or ctx.config.method != 'stompp'
+      or ctx.config.committed_backward != 'skip'):
+    return None
+  return site_fraction(ctx, site) >= 1
+
+
 def site_frozen_mask(ctx: BinarizationContext, site: int, tensor: str,
                      shape: tuple[int, ...]) -> jax.Array:
   """Boolean frozen mask of `tensor` ('kernel' | 'input') of `site`, of `shape`."""
   if ctx.fully_binary or ctx.config.method == 'ste':
     return jnp.ones(shape, bool)
   if tensor == 'kernel' and ctx.kernel_masks is not None:
-    mask = ctx.kernel_masks[site]
-    if mask.shape != tuple(shape):
-      raise ValueError(f'The kernel mask of site {site} has shape {mask.shape}, not {shape}.')
-    return mask
-  fraction = site_fraction(ctx, site)
-  key = masks.site_key(ctx.key, site, tensor)
-  return jax.lax.cond(
-      (fraction > 0) & (fraction < 1),
-      lambda: masks.frozen_mask(key, ctx.step, fraction, shape, ctx.config.refresh_every),
-      lambda: jnp.full(shape, fraction >= 1))
+    kept = ctx.kernel_masks[site]
+    packed = ctx.config.residuals == 'packed'
+    if kept.shape != (binarize.packed_shape(shape) if packed else tuple(shape)):
+      raise ValueError(f'The kept kernel mask of site {site} has shape {kept.shape}, not'
+                       f' that of a {ctx.config.residuals} mask of shape {tuple(shape)}.')
+    return binarize.unpack_bits(kept, tuple(shape)) if packed else kept
+  return _frozen_mask(ctx, site, tensor, tuple(shape), packed=False)
 
 
 def with_kernel_masks(ctx: BinarizationContext,
                       kernel_shapes: Sequence[tuple[int, ...]]) -> BinarizationContext:
-  """`ctx` holding every site's kernel mask of its step, computed once here.
+  """`ctx` holding every site's kernel mask of its step, computed once here, and every site's
+  stream words (`mask_words`, for the input masks of the forward pass).
 
   Args:
     ctx: the step's context (without kernel masks).
     kernel_shapes: the kernel shape of each site, in site order.
 
   Returns:
-    The same context with `kernel_masks` set (unchanged for fp, ste and fully binary, whose
-    masks are constants).
+    The same context with `kernel_masks` and `mask_words` set (unchanged for fp, ste and fully
+    binary, whose masks are constants).
   """
   if ctx.fully_binary or ctx.config.method in ('fp', 'ste'):
     return ctx
   if len(kernel_shapes) != ctx.config.num_sites:
     raise ValueError(f'{len(kernel_shapes)} kernel shapes for {ctx.config.num_sites} sites.')
-  kernel_masks = tuple(site_frozen_mask(ctx, site, 'kernel', tuple(shape))
+  ctx = dataclasses.replace(ctx, mask_words=_mask_words(ctx))
+  packed = ctx.config.residuals == 'packed'
+  kernel_masks = tuple(_frozen_mask(ctx, site, 'kernel', tuple(shape), packed)
                        for site, shape in enumerate(kernel_shapes))
   return dataclasses.replace(ctx, kernel_masks=kernel_masks)
 
@@ -184,13 +283,15 @@ def binarize_site_tensor(x: jax.Array, ctx: BinarizationContext, site: int,
   if method == 'fp':
     return x
   if method == 'ste' and not ctx.fully_binary:
-    return binarize.ste_sign(x, grad='identity' if tensor == 'kernel' else 'clipped')
+    return binarize.ste_sign(x, grad='identity' if tensor == 'kernel' else 'clipped',
+                             residual=ctx.config.residuals)
   shape = x.shape
   if tensor == 'input' and not ctx.config.per_example_activation_masks:
     shape = x.shape[1:]
   frozen = site_frozen_mask(ctx, site, tensor, shape)
   frozen_grad = ctx.config.frozen_grad if method == 'stompp_ste' else 'none'
-  return binarize.masked_sign(x, frozen, frozen_grad=frozen_grad)
+  return binarize.masked_sign(x, frozen, frozen_grad=frozen_grad,
+                             residual=ctx.config.residuals)
 
 
 def binarize_site_kernel(kernel: jax.Array, ctx: BinarizationContext, site: int,

@@ -41,12 +41,18 @@ def _key_words(key: jax.Array) -> jax.Array:
   return jnp.asarray(key, jnp.uint32).reshape(-1)[:2]
 
 
-def _derive(words: jax.Array, value) -> jax.Array:
-  """New key words from `words` and an integer `value` (may be traced)."""
+def _derive_pair(first: jax.Array, second: jax.Array, value) -> tuple[jax.Array, jax.Array]:
+  """`_derive` on the two words held apart (any matching shapes; no stacking, which keeps the
+  fused code of a vectorized derivation small)."""
   value = jnp.asarray(value).astype(jnp.uint32)
-  first = _mix(words[0] ^ _mix(value + _GOLDEN))
-  second = _mix(words[1] + _mix(first ^ value))
-  return jnp.stack([first, second])
+  new_first = _mix(first ^ _mix(value + _GOLDEN))
+  return new_first, _mix(second + _mix(new_first ^ value))
+
+
+def _derive(words: jax.Array, value) -> jax.Array:
+  """New key words (..., 2) from `words` (..., 2) and an integer `value` (may be traced; an
+  array broadcasts against the leading dims of `words`)."""
+  return jnp.stack(_derive_pair(words[..., 0], words[..., 1], value), axis=-1)
 
 
 def site_key(key: jax.Array, site: int, tensor: str) -> jax.Array:
@@ -54,6 +60,17 @@ def site_key(key: jax.Array, site: int, tensor: str) -> jax.Array:
   if tensor not in TENSORS:
     raise ValueError(f'Unknown tensor {tensor!r}: use one of {", ".join(TENSORS)}.')
   return _derive(_derive(_key_words(key), site), TENSORS.index(tensor))
+
+
+def all_site_keys(key: jax.Array, num_sites: int) -> tuple[jax.Array, jax.Array]:
+  """Every site's keys in one vectorized computation (the same integer operations, the same
+  words): (first, second) words, uint32 (num_sites, 2) each, [site, TENSORS.index(tensor)] being
+  `site_key(key, site, tensor)`."""
+  words = _key_words(key)
+  sites = jnp.arange(num_sites, dtype=jnp.uint32)
+  first, second = _derive_pair(words[0], words[1], sites)
+  tensors = jnp.arange(len(TENSORS), dtype=jnp.uint32)[None, :]
+  return _derive_pair(first[:, None], second[:, None], tensors)
 
 
 def _hash(first: jax.Array, second: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -80,6 +97,51 @@ def uniform(key: jax.Array, stream, shape: tuple[int, ...]) -> jax.Array:
   return _to_unit(_bits(_key_words(key), stream, shape))
 
 
+def stream_words(words, step: jax.Array, refresh_every: int) -> jax.Array:
+  """The scalar part of the scores at `step`: uint32 (..., 7).
+
+  Args:
+    words: key words, uint32 (..., 2) (a tensor's `site_key`), or their (first, second) pair
+      of any matching shapes (`all_site_keys`: every site at once).
+    step: int scalar, may be traced.
+    refresh_every: static int r >= 0.
+
+  Returns:
+    [phase stream 0 words (2), epoch words of e = floor(t / r) (2), of e + 1 (2), t mod r]; with
+    r = 0 the epoch words are those of stream 1 and the rest is unused. `scores_from_words`
+    does the per-element part.
+  """
+  if refresh_every < 0:
+    raise ValueError(f'refresh_every must be >= 0 (0 = never), got {refresh_every}.')
+  if not isinstance(words, tuple):
+    words = jnp.asarray(words, jnp.uint32)
+    words = (words[..., 0], words[..., 1])
+  if refresh_every == 0:
+    stream1 = _derive_pair(*words, 1)
+    zero = jnp.zeros_like(stream1[0])
+    parts = (zero, zero) + stream1 + (zero, zero, zero)
+  else:
+    step = jnp.asarray(step, jnp.int32)
+    epoch = step // refresh_every
+    position = jnp.broadcast_to((step % refresh_every).astype(jnp.uint32), words[0].shape)
+    parts = (_derive_pair(*words, 0) + _derive_pair(*words, 1 + epoch)
+             + _derive_pair(*words, 2 + epoch) + (position,))
+  return jnp.stack(parts, axis=-1)
+
+
+def scores_from_words(words: jax.Array, shape: tuple[int, ...], refresh_every: int) -> jax.Array:
+  """Per-element scores (float32, `shape`) from one tensor's `stream_words` (7,)."""
+  if refresh_every == 0:
+    return _to_unit(_hash(words[2], words[3], shape))
+  phase = _hash(words[0], words[1], shape) % np.uint32(refresh_every)
+  # e_j = epoch or epoch + 1: pick that epoch's stream words per element, then hash once
+  # (the same values as uniform(key, 1 + e_j) element by element).
+  in_next_epoch = words[6] + phase >= refresh_every
+  first = jnp.where(in_next_epoch, words[4], words[2])
+  second = jnp.where(in_next_epoch, words[5], words[3])
+  return _to_unit(_hash(first, second, shape))
+
+
 def element_scores(key: jax.Array, step: jax.Array, shape: tuple[int, ...],
                    refresh_every: int) -> jax.Array:
   """Per-element scores in [0, 1) at `step`.
@@ -93,21 +155,8 @@ def element_scores(key: jax.Array, step: jax.Array, shape: tuple[int, ...],
   Returns:
     float32 array of `shape`.
   """
-  if refresh_every < 0:
-    raise ValueError(f'refresh_every must be >= 0 (0 = never), got {refresh_every}.')
-  if refresh_every == 0:
-    return uniform(key, 1, shape)
-  step = jnp.asarray(step, jnp.int32)
-  words = _key_words(key)
-  phase = _bits(words, 0, shape) % np.uint32(refresh_every)
-  epoch = step // refresh_every
-  # e_j = epoch or epoch + 1: pick that epoch's stream words per element, then hash once
-  # (the same values as uniform(key, 1 + e_j) element by element).
-  in_next_epoch = (step % refresh_every).astype(jnp.uint32) + phase >= refresh_every
-  current, following = _derive(words, 1 + epoch), _derive(words, 2 + epoch)
-  first = jnp.where(in_next_epoch, following[0], current[0])
-  second = jnp.where(in_next_epoch, following[1], current[1])
-  return _to_unit(_hash(first, second, shape))
+  return scores_from_words(stream_words(_key_words(key), step, refresh_every), shape,
+                           refresh_every)
 
 
 def frozen_mask(key: jax.Array, step: jax.Array, fraction: jax.Array, shape: tuple[int, ...],
@@ -125,3 +174,9 @@ def frozen_mask(key: jax.Array, step: jax.Array, fraction: jax.Array, shape: tup
     bool array of `shape`.
   """
   return element_scores(key, step, shape, refresh_every) < fraction
+
+
+def frozen_mask_from_words(words: jax.Array, fraction: jax.Array, shape: tuple[int, ...],
+                           refresh_every: int) -> jax.Array:
+  """`frozen_mask` from one tensor's `stream_words` (7,): the per-element part alone."""
+  return scores_from_words(words, shape, refresh_every) < fraction

@@ -24,6 +24,8 @@ import urllib.request
 
 import numpy as np
 
+from stompp_jax import errors
+
 URL_BASE = 'https://www.cs.toronto.edu/~kriz/'
 _PIXELS = 3 * 32 * 32
 
@@ -123,7 +125,7 @@ def _locate(directory: str, dataset: str, download: bool) -> tuple[ArchiveFormat
   looked_for = ', '.join(f'{f.tarball}, {f.folder}/' for f in formats)
   name = DISPLAY_NAMES[dataset]
   if not download:
-    raise FileNotFoundError(
+    raise errors.SetupError(
         f'{name} not found in {directory} (looked for {looked_for}): put one there '
         f'(https://www.cs.toronto.edu/~kriz/cifar.html), set data.download=True, or set '
         f'data.source=npz or tfds')
@@ -132,7 +134,7 @@ def _locate(directory: str, dataset: str, download: bool) -> tuple[ArchiveFormat
   try:
     download_verified(URL_BASE + fmt.tarball, fmt.md5, path)
   except OSError as err:
-    raise FileNotFoundError(
+    raise errors.SetupError(
         f'{name} not found in {directory} (looked for {looked_for}) and downloading '
         f'{URL_BASE + fmt.tarball} failed ({err}): copy {fmt.tarball} there by hand, or set '
         f'data.source=npz or tfds') from err
@@ -155,7 +157,7 @@ def download_verified(url: str, md5: str, path: str) -> None:
         digest.update(chunk)
         out.write(chunk)
     if digest.hexdigest() != md5:
-      raise ValueError(
+      raise errors.SetupError(
           f'{url} downloaded with md5 {digest.hexdigest()}, expected {md5}; nothing was kept '
           f'in {os.path.dirname(path)}: retry, or copy the archive there by hand')
     os.replace(partial, path)
@@ -171,7 +173,7 @@ def _read_members(location: str, fmt: ArchiveFormat, names: tuple[str, ...]) -> 
     for name in names:
       path = os.path.join(location, name)
       if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise errors.SetupError(
             f'{path} is missing: {location} is not a complete extracted {fmt.tarball}; '
             f'delete it and extract the archive again')
       with open(path, 'rb') as f:
@@ -185,12 +187,12 @@ def _read_members(location: str, fmt: ArchiveFormat, names: tuple[str, ...]) -> 
         if member.name in wanted and member.isfile():
           found[wanted[member.name]] = tar.extractfile(member).read()
   except (tarfile.TarError, EOFError, OSError) as err:
-    raise ValueError(f'{location} is not a readable tar archive ({err}): delete it and '
-                     f'download {fmt.tarball} again (md5 {fmt.md5})') from err
+    raise errors.SetupError(f'{location} is not a readable tar archive ({err}): delete it and '
+                            f'download {fmt.tarball} again (md5 {fmt.md5})') from err
   missing = [f'{fmt.folder}/{n}' for n in names if n not in found]
   if missing:
-    raise ValueError(f'{location} lacks {", ".join(missing)}: it is not the official '
-                     f'{fmt.tarball}; delete it and download it again (md5 {fmt.md5})')
+    raise errors.SetupError(f'{location} lacks {", ".join(missing)}: it is not the official '
+                            f'{fmt.tarball}; delete it and download it again (md5 {fmt.md5})')
   return [found[n] for n in names]
 
 
@@ -218,12 +220,14 @@ def _parse_pickle(blob: bytes, dataset: str, label_kind: str, where: str):
     data = np.asarray(batch[b'data'], dtype=np.uint8)
     labels = np.asarray(batch[label_key], dtype=np.int64)
   except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
-    raise ValueError(f'{where} is not a {DISPLAY_NAMES[dataset]} python batch (a pickled dict '
-                     f'with data and {label_key.decode()}; {err!r}): delete the archive and '
-                     f'download it again') from err
+    raise errors.SetupError(
+        f'{where} is not a {DISPLAY_NAMES[dataset]} python batch (a pickled dict '
+        f'with data and {label_key.decode()}; {err!r}): delete the archive and '
+        f'download it again') from err
   if data.ndim != 2 or data.shape[1] != _PIXELS or len(labels) != len(data):
-    raise ValueError(f'{where} holds data of shape {data.shape} and {len(labels)} labels, not '
-                     f'(N, {_PIXELS}) and N: delete the archive and download it again')
+    raise errors.SetupError(
+        f'{where} holds data of shape {data.shape} and {len(labels)} labels, not '
+        f'(N, {_PIXELS}) and N: delete the archive and download it again')
   return _chw_rows_to_hwc(data), labels
 
 
@@ -232,9 +236,10 @@ def _parse_binary(blob: bytes, dataset: str, label_kind: str, where: str):
   label_bytes = 1 if dataset == 'cifar10' else 2
   record = label_bytes + _PIXELS
   if not blob or len(blob) % record:
-    raise ValueError(f'{where} has {len(blob)} bytes, not a positive multiple of the '
-                     f'{record}-byte {DISPLAY_NAMES[dataset]} record: delete the archive and '
-                     f'download it again')
+    raise errors.SetupError(
+        f'{where} has {len(blob)} bytes, not a positive multiple of the '
+        f'{record}-byte {DISPLAY_NAMES[dataset]} record: delete the archive and '
+        f'download it again')
   rows = np.frombuffer(blob, dtype=np.uint8).reshape(-1, record)
   label_column = 1 if (dataset == 'cifar100' and label_kind == 'fine') else 0
   return _chw_rows_to_hwc(rows[:, label_bytes:]), rows[:, label_column].astype(np.int64)

@@ -21,6 +21,7 @@ import grain
 import jax
 import numpy as np
 
+from stompp_jax import errors
 from stompp_jax.data import sources
 from stompp_jax.data import transforms
 from stompp_jax.data.sources import DatasetInfo  # Re-exported: the trainer's contract.
@@ -184,9 +185,10 @@ class TrainIterator(grain.DatasetIterator):
     changed = [f'{key} {state.get(key)} -> {value}' for key, value in self._fingerprint.items()
                if state.get(key) != value]
     if changed:
-      raise ValueError(f'the data iterator state was saved with another data order '
-                       f'({", ".join(changed)}): resume with the original seed, batch size and '
-                       f'data, or start a new workdir')
+      raise errors.SetupError(
+          f'the data iterator state was saved with another data order '
+          f'({", ".join(changed)}): resume with the original seed, batch size and '
+          f'data, or start a new workdir')
     self._close_workers()
     self._next_batch = int(state['next_batch'])
 
@@ -216,8 +218,9 @@ def _local_batch(global_batch_size: int, process_index: int | None,
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} is not in [0, {process_count})')
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'global batch size {global_batch_size} does not split evenly over '
-                     f'{process_count} processes: use a positive multiple of {process_count}')
+    raise errors.SetupError(
+        f'global batch size {global_batch_size} does not split evenly over '
+        f'{process_count} processes: use a positive multiple of {process_count}')
   return global_batch_size // process_count, process_index, process_count
 
 
@@ -229,5 +232,5 @@ def _preprocessing(data_config, described: DatasetInfo) -> transforms.Preprocess
 def _source_and_preprocessing(data_config, split: str):
   source = sources.make_source(data_config, split)
   if not len(source):
-    raise ValueError(f'{source!r} has no examples: check data.dir and the {split} split')
+    raise errors.SetupError(f'{source!r} has no examples: check data.dir and the {split} split')
   return source, _preprocessing(data_config, sources.describe(data_config))

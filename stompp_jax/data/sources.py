@@ -19,6 +19,7 @@ import zipfile
 
 import numpy as np
 
+from stompp_jax import errors
 from stompp_jax.binary.choices import check_at_least
 from stompp_jax.data import cifar_archive
 
@@ -112,14 +113,14 @@ def check_data_location(data_config) -> None:
   source = resolved_source(data_config)
   directory = data_dir(data_config)
   if source == 'tfds' and directory.startswith('gs://'):
-    raise ValueError(
+    raise errors.SetupError(
         f'data.dir={directory}: the pinned array-record cannot read Cloud Storage'
         ' directly: mount the bucket on every host with Cloud Storage FUSE (launch/tpu_vm.sh'
         ' mount-data) and set data.dir to the mounted folder, e.g.'
         ' /mnt/stompp_data/tensorflow_datasets (docs/data.md)')
   if source in ('cifar_archive', 'npz') and '://' in directory:
-    raise ValueError(f'data.source={source} reads a local directory, not '
-                     f'{directory}: copy the files to local disk or use data.source=tfds')
+    raise errors.SetupError(f'data.source={source} reads a local directory, not '
+                            f'{directory}: copy the files to local disk or use data.source=tfds')
 
 
 def requirement(data_config) -> str | None:
@@ -166,8 +167,9 @@ def describe(data_config) -> DatasetInfo:
     headers = [_npz_header(_npz_path(data_config, split)) for split in SPLITS]
     shape = headers[0][1:]
     if headers[1][1:] != shape:
-      raise ValueError(f'train.npz images are {shape} but test.npz images are '
-                       f'{headers[1][1:]} in {data_dir(data_config)}: both splits need one shape')
+      raise errors.SetupError(
+          f'train.npz images are {shape} but test.npz images are '
+          f'{headers[1][1:]} in {data_dir(data_config)}: both splits need one shape')
     return DatasetInfo(name, num_classes(data_config), shape, headers[0][0], headers[1][0])
   sizes = [len(make_source(data_config, split)) for split in SPLITS]
   return DatasetInfo(name, num_classes(data_config), DATASETS[name].image_shape, *sizes)
@@ -176,7 +178,7 @@ def describe(data_config) -> DatasetInfo:
 def make_source(data_config, split: str):
   """The source of `split` ('train' or 'eval') that `data_config` selects."""
   if split not in SPLITS:
-    raise ValueError(f'unknown split {split!r}: use one of {", ".join(SPLITS)}')
+    raise errors.SetupError(f'unknown split {split!r}: use one of {", ".join(SPLITS)}')
   name = dataset_name(data_config)
   if name == 'synthetic':
     size = (data_config.synthetic_train_size if split == 'train'
@@ -192,8 +194,9 @@ def make_source(data_config, split: str):
                       label_key='coarse_label' if coarse else 'label')
   if source == 'cifar_archive':
     if name not in cifar_archive.FORMATS:
-      raise ValueError(f'data.source=cifar_archive has no {name}: it holds '
-                       f'{", ".join(cifar_archive.FORMATS)}; use data.source=tfds for {name}')
+      raise errors.SetupError(
+          f'data.source=cifar_archive has no {name}: it holds '
+          f'{", ".join(cifar_archive.FORMATS)}; use data.source=tfds for {name}')
     images, labels = cifar_archive.load_cifar(
         directory, name, 'train' if split == 'train' else 'test',
         data_config.cifar100_labels, data_config.download)
@@ -216,7 +219,7 @@ class ArraySource:
 
   def __init__(self, images, labels: np.ndarray, origin: str):
     if len(images) != len(labels):
-      raise ValueError(f'{origin}: {len(images)} images but {len(labels)} labels')
+      raise errors.SetupError(f'{origin}: {len(images)} images but {len(labels)} labels')
     self._images = images
     self._labels = np.asarray(labels, dtype=np.int64)
     self._origin = origin
@@ -247,7 +250,7 @@ class TfdsSource:
       self._source = tfds.data_source(name, split=split, data_dir=tfds_data_dir,
                                       download=False, decoders=decoders)
     except (OSError, RuntimeError, ValueError, AssertionError) as err:
-      raise FileNotFoundError(
+      raise errors.SetupError(
           f'tfds dataset {name} split {split} in array_record format not found or not readable '
           f'in {tfds_data_dir} ({type(err).__name__}): prepare it with '
           f'file_format=array_record as docs/data.md shows and set data.dir to that tfds '
@@ -314,14 +317,15 @@ def check_data_config(data_config) -> None:
 
 def _validate(data_config) -> None:
   if data_config.source not in SOURCES:
-    raise ValueError(f'unknown data.source={data_config.source!r}: use one of '
-                     f'{", ".join(SOURCES)}')
+    raise errors.SetupError(f'unknown data.source={data_config.source!r}: use one of '
+                            f'{", ".join(SOURCES)}')
   if data_config.name not in DATASETS:
-    raise ValueError(f'unknown data.name={data_config.name!r}: use one of '
-                     f'{", ".join(DATASETS)}')
+    raise errors.SetupError(f'unknown data.name={data_config.name!r}: use one of '
+                            f'{", ".join(DATASETS)}')
   if data_config.cifar100_labels not in ('fine', 'coarse'):
-    raise ValueError(f'unknown data.cifar100_labels={data_config.cifar100_labels!r}: use fine '
-                     f'or coarse')
+    raise errors.SetupError(
+        f'unknown data.cifar100_labels={data_config.cifar100_labels!r}: use fine '
+        f'or coarse')
 
 
 def num_classes(data_config) -> int:
@@ -339,8 +343,8 @@ def _synthetic_shape(data_config) -> tuple:
     size = data_config.image_size or _DEFAULT_IMAGENET_SIZE
     return tuple(size if d is None else d for d in stored)
   if len(shape) != 3 or min(shape) < 1:
-    raise ValueError(f'data.synthetic_image_shape={shape} is not (H, W, C) with positive '
-                     f'sizes: set e.g. (32, 32, 3), or () for the shape of data.name')
+    raise errors.SetupError(f'data.synthetic_image_shape={shape} is not (H, W, C) with positive '
+                            f'sizes: set e.g. (32, 32, 3), or () for the shape of data.name')
   return shape
 
 
@@ -351,14 +355,14 @@ def _synthetic_num_classes(data_config) -> int:
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
   if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f'{where}: labels span [{labels.min()}, {labels.max()}], outside '
-                     f'[0, {num_classes}): check data.name and data.cifar100_labels')
+    raise errors.SetupError(f'{where}: labels span [{labels.min()}, {labels.max()}], outside '
+                            f'[0, {num_classes}): check data.name and data.cifar100_labels')
 
 
 def _npz_path(data_config, split: str) -> str:
   path = os.path.join(data_dir(data_config), _NPZ_FILES[split])
   if not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise errors.SetupError(
         f'{path} not found: data.source=npz needs train.npz and test.npz (keys image uint8 '
         f'(N, H, W, C) and label (N,)) in data.dir or $STOMPP_DATA_DIR; see docs/data.md')
   return path
@@ -378,9 +382,9 @@ def _npz_header(path: str) -> tuple:
           if key == 'image' and dtype != np.uint8:
             raise ValueError(f'image is {dtype}, not uint8')
   except (zipfile.BadZipFile, KeyError, ValueError, OSError) as err:
-    raise ValueError(f'{path} is not a readable npz with image uint8 (N, H, W, C) and label '
-                     f'(N,) ({err}): rewrite it with numpy.savez(path, image=..., label=...)'
-                     ) from err
+    raise errors.SetupError(f'{path} is not a readable npz with image uint8 (N, H, W, C) and label '
+                            f'(N,) ({err}): rewrite it with numpy.savez(path, image=..., label=...)'
+                            ) from err
   _check_npz_shapes(path, shapes['image'], shapes['label'])
   return tuple(shapes['image'])
 
@@ -391,16 +395,18 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path) as arrays:
       images, labels = arrays['image'], arrays['label']
   except (KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
-    raise ValueError(f'{path} is not a readable npz with keys image and label ({err}): rewrite '
-                     f'it with numpy.savez(path, image=..., label=...)') from err
+    raise errors.SetupError(
+        f'{path} is not a readable npz with keys image and label ({err}): rewrite '
+        f'it with numpy.savez(path, image=..., label=...)') from err
   if images.dtype != np.uint8:
-    raise ValueError(f'{path}: image is {images.dtype}, not uint8: store uint8 pixels')
+    raise errors.SetupError(f'{path}: image is {images.dtype}, not uint8: store uint8 pixels')
   _check_npz_shapes(path, images.shape, labels.shape)
   return images, labels.astype(np.int64)
 
 
 def _check_npz_shapes(path: str, image_shape: tuple, label_shape: tuple) -> None:
   if len(image_shape) != 4 or tuple(label_shape) != tuple(image_shape[:1]):
-    raise ValueError(f'{path}: image {tuple(image_shape)} and label {tuple(label_shape)} are not '
-                     f'(N, H, W, C) and (N,): rewrite it with numpy.savez(path, image=..., '
-                     f'label=...)')
+    raise errors.SetupError(
+        f'{path}: image {tuple(image_shape)} and label {tuple(label_shape)} are not '
+        f'(N, H, W, C) and (N,): rewrite it with numpy.savez(path, image=..., '
+        f'label=...)')

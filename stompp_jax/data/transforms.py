@@ -22,6 +22,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from stompp_jax import errors
+
 AUGMENTS = ('auto', 'cifar', 'imagenet', 'none')
 _AUTO_AUGMENT = {'cifar10': 'cifar', 'cifar100': 'cifar', 'imagenet2012': 'imagenet',
                  'digits': 'none', 'synthetic': 'none'}
@@ -191,26 +193,29 @@ def preprocessing(dataset: str, augment: str, image_size: int,
     stored_shape: (H, W, C) as stored; H and W None when they vary between images.
   """
   if augment not in AUGMENTS:
-    raise ValueError(f'unknown data.augment={augment!r}: use one of {", ".join(AUGMENTS)}')
+    raise errors.SetupError(f'unknown data.augment={augment!r}: use one of {", ".join(AUGMENTS)}')
   if augment == 'auto':
     augment = _AUTO_AUGMENT[dataset]
   height, width, channels = stored_shape
   collate = Collate(*_mean_std(dataset, channels))
   if height is None and augment == 'cifar':
-    raise ValueError(f'data.augment=cifar needs images of one size but {dataset} images vary: '
-                     f'use data.augment=imagenet or none')
+    raise errors.SetupError(
+        f'data.augment=cifar needs images of one size but {dataset} images vary: '
+        f'use data.augment=imagenet or none')
   if augment == 'imagenet' or height is None:
     if channels not in (1, 3):
-      raise ValueError(f'resizing (data.augment={augment} on {dataset}) needs 1 or 3 channels, '
-                       f'not {channels}: use data.augment=cifar or none')
+      raise errors.SetupError(
+          f'resizing (data.augment={augment} on {dataset}) needs 1 or 3 channels, '
+          f'not {channels}: use data.augment=cifar or none')
     size = image_size or height or _DEFAULT_RESIZED_SIZE
     eval_transform = CenterCropResize(size)
     train_transform = RandomResizedCropFlip(size) if augment == 'imagenet' else eval_transform
     return Preprocessing(train_transform, eval_transform, collate, (size, size, channels))
   if image_size not in (0, height) or (image_size and width != height):
-    raise ValueError(f'data.image_size={image_size} differs from the stored {height}x{width} '
-                     f'{dataset} images and data.augment={augment} does not resize: set '
-                     f'data.image_size=0 or data.augment=imagenet')
+    raise errors.SetupError(
+        f'data.image_size={image_size} differs from the stored {height}x{width} '
+        f'{dataset} images and data.augment={augment} does not resize: set '
+        f'data.image_size=0 or data.augment=imagenet')
   train_transform = CifarAugment() if augment == 'cifar' else None
   return Preprocessing(train_transform, None, collate, tuple(stored_shape))
 
@@ -221,6 +226,6 @@ def _mean_std(dataset: str, channels: int) -> tuple:
     return (mean,) * channels, (std,) * channels
   mean, std = MEAN_STD[dataset]
   if len(mean) != channels:
-    raise ValueError(f'{dataset} images have {channels} channels, its normalization has '
-                     f'{len(mean)}: check the data files and data.name')
+    raise errors.SetupError(f'{dataset} images have {channels} channels, its normalization has '
+                            f'{len(mean)}: check the data files and data.name')
   return mean, std

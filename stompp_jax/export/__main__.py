@@ -14,7 +14,6 @@ one line `Error: what is wrong: what to do`; 1 any other error.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -27,17 +26,12 @@ from stompp_jax.export import portable
 from stompp_jax.export import sources
 
 
-def _fail(message: str, status: int) -> None:
-  print(f'Error: {" ".join(message.split())}', file=sys.stderr, flush=True)
-  sys.exit(status)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   workdir, config, out = flags.FLAGS.workdir, flags.FLAGS.config, flags.FLAGS.out
   if (workdir is None) == (config is None):
-    _fail('give exactly one of --workdir and --config: --workdir=RUN exports a trained run,'
+    errors.fail('give exactly one of --workdir and --config: --workdir=RUN exports a trained run,'
           ' --config=FILE the initialized model of a config.', errors.EXIT_BAD_INPUT)
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO.
   try:
@@ -53,9 +47,9 @@ def main(argv):
       manifest = sources.export_config(config, out,
                                        config_flags.get_config_filename(flags.FLAGS['config']))
   except NotImplementedError as e:
-    _fail(f'Not exported: {e}', errors.EXIT_BAD_INPUT)
+    errors.fail(f'Not exported: {e}', errors.EXIT_BAD_INPUT)
   except errors.USER_ERRORS as e:
-    _fail(str(e), errors.exit_status(e))
+    errors.fail(str(e), errors.exit_status(e))
   if manifest is not None:
     print(files.size_report(manifest))
     print(f'wrote {os.path.join(out, files.MANIFEST)} and {os.path.join(out, files.TENSORS)}')

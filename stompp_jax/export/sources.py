@@ -92,8 +92,7 @@ def export_workdir(workdir: str, out_dir: str, recalibrate_bn_batches: int = 0) 
                             ' a trained run (the --workdir of its training command).')
   config = ml_collections.ConfigDict(config)
   step, variables, state_bytes = checkpoints.read_variables(workdir)
-  with errors.data_errors():
-    _, image_shape = pipeline.input_shape(config.data)
+  _, image_shape = pipeline.input_shape(config.data)
   num_classes = variables['params']['classifier']['kernel'].shape[-1]
   net = exportable_build(config, num_classes=num_classes, image_shape=image_shape)
   source = dict(workdir=str(storage.path(workdir)), step=int(step))
@@ -108,10 +107,10 @@ def export_workdir(workdir: str, out_dir: str, recalibrate_bn_batches: int = 0) 
 def _recalibrated(config, net: experiment.ModelBuild, variables, num_batches: int) -> dict:
   """The checkpoint's variables with the fully binary network's re-estimated BatchNorm stats."""
   from stompp_jax import recalibrate  # pylint: disable=g-import-not-at-top
-  with errors.data_errors():
-    train_size = pipeline.dataset_info(config.data).train_size
+  train_size = pipeline.dataset_info(config.data).train_size
   total_steps, _ = experiment.total_train_steps(config.train, train_size)
-  binarization = experiment.binarization_config(config, net.sites, total_steps)
+  binarization = experiment.binarization_config(config, net.sites, total_steps,
+                                                jax.default_backend())
   return recalibrate.recalibrate_variables(config, net.model, binarization, variables,
                                            num_batches)
 
@@ -125,8 +124,7 @@ def export_config(config: ml_collections.ConfigDict, out_dir: str,
     NotImplementedError: a model the export does not support (before compiling its init).
   """
   experiment.check_config(config)
-  with errors.data_errors():
-    num_classes, image_shape = pipeline.input_shape(config.data)
+  num_classes, image_shape = pipeline.input_shape(config.data)
   net = exportable_build(config, num_classes=num_classes, image_shape=image_shape)
   init = jax.jit(net.model.init, static_argnames='train')
   variables = jax.device_get(init(jax.random.PRNGKey(config.seed), jnp.zeros((1, *image_shape)),

@@ -23,7 +23,6 @@ every conv, dense and BatchNorm call with its output shape and its variables, in
 
 import dataclasses
 import math
-import sys
 from typing import Any
 
 from absl import app
@@ -219,12 +218,10 @@ def _main(argv):
   try:
     models.check_model_config(config.model)
     rules = models.binary_rules(config.model)
-    with errors.data_errors():
-      sources.check_data_config(config.data)
-      num_classes, image_shape = pipeline.input_shape(config.data)
+    sources.check_data_config(config.data)
+    num_classes, image_shape = pipeline.input_shape(config.data)
   except errors.SetupError as e:
-    print(f'Error: {e}', file=sys.stderr, flush=True)
-    sys.exit(errors.EXIT_BAD_INPUT)
+    errors.fail(str(e), errors.EXIT_BAD_INPUT)
   print(render(summarize(config.model, num_classes=num_classes, image_shape=image_shape,
                          rules=rules)))
 
