@@ -114,7 +114,8 @@ def summarize(runs: list[dict], variants: list[str]) -> str:
   return '\n'.join(lines)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line's arguments, --variants as a checked list (an unknown one exits with 2)."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--variants', default='plain,cli', help=f'Of: {", ".join(VARIANTS)}.')
@@ -126,12 +127,18 @@ def main(argv=None) -> None:
   parser.add_argument('--config', default='configs/quickstart.py')
   parser.add_argument('--json', default='')
   args = parser.parse_args(argv)
-  variants = [v for v in args.variants.split(',') if v]
-  unknown = [v for v in variants if v not in VARIANTS]
+  args.variants = [v for v in args.variants.split(',') if v]
+  unknown = [v for v in args.variants if v not in VARIANTS]
   if unknown:
     print(f'Error: unknown variant(s) {", ".join(unknown)}: use {", ".join(VARIANTS)}.',
           file=sys.stderr)
     sys.exit(2)
+  return args
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  variants = args.variants
   print(f'{os.cpu_count()} CPUs, load average {os.getloadavg()}, {args.config}, {args.steps}'
         f' steps, eval {args.eval_steps} batches', flush=True)
   runs = []

@@ -72,11 +72,16 @@ def time_ms(fn, args) -> float:
   return (time.perf_counter() - start) * 1e3
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line's arguments."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--shapes', default='32x32x64:32,32x32x64:128,16x16x128:128,8x8x256:128')
   parser.add_argument('--reps', type=int, default=7)
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
   print(f'jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs; '
         f'3x3 stride-1 SAME conv C -> C; median ms of {args.reps} calls, compile excluded')
   print(f'{"shape (B, H, W, C)":<22} {"float ms":>9} {"packed ms":>10} {"packed / float":>15}')

@@ -44,12 +44,17 @@ def prepare(src: str, out: str) -> list[str]:
   return written
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line's arguments (main checks --src: that needs the data)."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--src', default=os.environ.get('STOMPP_DATA_DIR', ''),
                       help='Directory of train.npz and test.npz at 32x32 (default $STOMPP_DATA_DIR).')
   parser.add_argument('--out', required=True, help='Directory to write the 16x16 files to.')
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
   src, out = os.path.expanduser(args.src), os.path.expanduser(args.out)
   missing = [n for n in SPLITS if not os.path.isfile(os.path.join(src, n))]
   if not args.src or missing:

@@ -111,7 +111,8 @@ def analyze(args) -> str:
   return '\n'.join(lines)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line's arguments, --datasets as a list."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n', maxsplit=1)[0])
   parser.add_argument('--analyze', action='store_true', help='Only print the decisions.')
   parser.add_argument('--datasets', default=','.join(DATASETS),
@@ -121,8 +122,13 @@ def main() -> None:
   parser.add_argument('--seeds', type=int, default=SEEDS)
   parser.add_argument('--out', default='runs/recalibration', help='Run directories (ignored).')
   parser.add_argument('--summaries', default='docs/results/recalibration')
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   args.datasets = args.datasets.split(',')
+  return args
+
+
+def main() -> None:
+  args = parse_args()
   if not args.analyze:
     os.makedirs(args.summaries, exist_ok=True)
     for dataset in args.datasets:

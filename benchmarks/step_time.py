@@ -113,16 +113,21 @@ def split_method(spec: str) -> tuple[str, str]:
   return method, masks_by or 'cond'
 
 
+def bench_config(name: str, spec: str, dtype: str, batch_size: int, seed: int = 0):
+  """make_config for a method spec ('stompp@select': binary.masks_by set) and seed."""
+  method, masks_by = split_method(spec)
+  config = make_config(name, method, dtype, batch_size)
+  config.seed = seed
+  config.binary.masks_by = masks_by
+  return config
+
+
 class Bench:
   """One (model, method): its compiled train step (from experiment.build), state and batch."""
 
   def __init__(self, name: str, spec: str, batch_size: int, dtype: str, seed: int = 0):
     self.method = spec
-    method, masks_by = split_method(spec)
-    config = make_config(name, method, dtype, batch_size)
-    config.seed = seed
-    config.binary.masks_by = masks_by
-    exp = experiment.build(config)
+    exp = experiment.build(bench_config(name, spec, dtype, batch_size, seed))
     self.exp = exp
     self.num_sites = len(exp.net.sites)
     state = jax.jit(exp.init_state, out_shardings=exp.state_shardings)()
@@ -375,7 +380,9 @@ def parse_models(spec: str) -> list[tuple[str, int]]:
   return result
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line's arguments, --models and --methods as checked lists: every (model,
+  method) config passes `experiment.check_config` before anything compiles."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--models', default='resnet18:128,resnet50:64', help='name:batch,...')
@@ -391,9 +398,16 @@ def main(argv=None) -> None:
                       help='Also time masks, binarizers and convs alone (stompp sites).')
   parser.add_argument('--json', default='', help='Also write every measurement here.')
   args = parser.parse_args(argv)
-  methods = [m for m in args.methods.split(',') if m]
-  for method in methods:
-    split_method(method)
+  args.models = parse_models(args.models)
+  args.methods = [m for m in args.methods.split(',') if m]
+  for name, batch_size in args.models:
+    for spec in args.methods:
+      experiment.check_config(bench_config(name, spec, args.dtype, batch_size))
+  return args
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
   device = jax.devices()[0]
   backend = jax.default_backend()
   print(f'backend {backend}, device {device.device_kind}, {jax.device_count()} device(s) (one used),'
@@ -401,8 +415,8 @@ def main(argv=None) -> None:
         f' jax {jax.__version__}, dtype {args.dtype}', flush=True)
   everything = {'backend': backend, 'device': device.device_kind, 'dtype': args.dtype,
                 'load_before': os.getloadavg(), 'models': {}, 'pieces_ms': {}}
-  for name, batch_size in parse_models(args.models):
-    results = benchmark_model(name, batch_size, methods, args)
+  for name, batch_size in args.models:
+    results = benchmark_model(name, batch_size, args.methods, args)
     everything['models'][f'{name}:{batch_size}'] = results
     print(format_model(name, batch_size, results), flush=True)
     if args.pieces:

@@ -30,7 +30,6 @@ kernels alone), and the STE train step at batch 2 (the fixed per-step cost: disp
 optimizer and the small ops).
 """
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -46,6 +45,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import step_time  # noqa: E402  (benchmarks/step_time.py)
+from torch_peer_args import MODELS, parse_args  # noqa: E402
 from stompp_jax import compiler  # noqa: E402
 from stompp_jax import experiment  # noqa: E402
 from stompp_jax.binary import schedule  # noqa: E402
@@ -159,10 +159,6 @@ class ResNetBNN(nn.Module):
 
   def forward(self, x):
     return self.classifier(self.blocks(self.stem(x)).mean(dim=(2, 3)))
-
-
-# The project's name -> (channels per stage, blocks per stage) (models/resnet.py).
-MODELS = {'resnet20': ((16, 32, 64), 3), 'resnet18': ((64, 128, 256, 512), 2)}
 
 
 def site_fractions(model: str, method: str) -> list[float]:
@@ -312,25 +308,12 @@ def breakdown(args):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--model', default='resnet20', choices=sorted(MODELS))
-  parser.add_argument('--batch', type=int, default=128)
-  parser.add_argument('--reps', type=int, default=5)
-  parser.add_argument('--steps', type=int, default=3, help='Consecutive steps per repetition.')
-  parser.add_argument('--methods', default='ste,stompp', help='Comma-separated of ste, stompp.')
-  parser.add_argument('--xla_defaults', action='store_true',
-                      help="Also JAX with XLA's default CPU options (before compiler.py's).")
-  parser.add_argument('--breakdown', action='store_true',
-                      help='Also time one conv per stage and the STE step at batch 2.')
-  args = parser.parse_args(argv)
-  methods = [m for m in args.methods.split(',') if m]
-  if not methods or set(methods) - {'ste', 'stompp'}:
-    parser.error(f'--methods={args.methods}: choose from ste, stompp')
+  args = parse_args(argv, __doc__.split('\n\n')[0])
   torch.set_num_threads(os.cpu_count())
   print(f'{os.cpu_count()} CPUs, load average {os.getloadavg()}, torch {torch.__version__}'
         f' ({torch.get_num_threads()} threads), {args.model}, batch {args.batch}', flush=True)
   benches = {}
-  for method in methods:
+  for method in args.methods:
     benches[f'jax {method}'] = step_time.Bench(args.model, method, args.batch, 'float32')
     benches[f'torch {method}'] = TorchBench(args.batch, method, args.model)
     if args.xla_defaults:
@@ -344,7 +327,7 @@ def main(argv=None):
     print(f'| {name} | {args.batch / statistics.median(t):.1f} | {1e3 * statistics.median(t):.0f} |'
           f' {1e3 * min(t):.0f} | {1e3 * max(t):.0f} |'
           f' {"-" if compile_seconds is None else f"{compile_seconds:.1f}"} |')
-  for method in methods:
+  for method in args.methods:
     print(f'{method}: jax / torch step time = {ratio(times, f"jax {method}", f"torch {method}"):.3f}'
           ' (paired median; > 1: JAX slower)', flush=True)
     if args.xla_defaults:

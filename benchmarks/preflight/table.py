@@ -9,10 +9,10 @@ chip, the roofline images/s per chip, each ratio to the fp row of the same model
 batch, and the compile times.
 """
 
+import argparse
 import glob
 import json
 import os
-import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOC = os.path.join(HERE, '..', '..', 'docs', 'preflight.md')
@@ -91,8 +91,16 @@ def write(doc: str = DOC) -> None:
     f.write(f'{head}{BEGIN}\n{table()}\n{END}{tail}')
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line's arguments."""
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--write', action='store_true',
+                      help='Rewrite the table of docs/preflight.md instead of printing it.')
+  return parser.parse_args(argv)
+
+
 if __name__ == '__main__':
-  if sys.argv[1:] == ['--write']:
+  if parse_args().write:
     write()
   else:
     print(table())
