@@ -18,6 +18,7 @@ are the compiler's, per chip, not a measured run.
 
 import json
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -42,10 +43,11 @@ def row(config, topology: str, method: str, *, per_example: bool, select: bool) 
   config.train.eval_batch_size = config.train.batch_size
   config.binary.per_example_activation_masks = per_example
   config.binary.masks_by = 'select' if select else 'cond'
-  _, steps = preflight.compile_steps(config, devices, slice_.chip, ('train',))
+  exp, steps = preflight.compile_steps(config, devices, slice_.chip, ('train',))
   train = steps['train']
   out = {'topology': topology, 'method': method, 'per_example_activation_masks': per_example,
-         'masks_by': 'select' if select else 'cond', 'per_chip_batch': flags.FLAGS.per_chip_batch,
+         'masks_by': 'select' if select else 'cond', 'residuals': exp.binarization.residuals,
+         'per_chip_batch': flags.FLAGS.per_chip_batch,
          **{k: train[k] for k in ('fits', 'compile_s')}}
   if train['fits']:
     out.update(temporaries_bytes=train['hbm_bytes']['temporaries'],
@@ -55,6 +57,13 @@ def row(config, topology: str, method: str, *, per_example: bool, select: bool) 
                roofline_s=train['roofline']['seconds'])
   print(json.dumps(out), flush=True)
   return out
+
+
+def _code_commit() -> str:
+  """The checkout's short commit ('' outside a git checkout)."""
+  result = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), check=False)
+  return result.stdout.strip()
 
 
 def main(argv):
@@ -71,7 +80,9 @@ def main(argv):
           row(config, small, 'stompp', per_example=True, select=True)]
   if flags.FLAGS.json:
     with open(flags.FLAGS.json, 'w') as f:
-      json.dump({'command': ' '.join(a for a in sys.argv if not a.startswith('--json')), 'note': preflight.NOTE, 'rows': rows}, f, indent=1)
+      json.dump({'command': ' '.join(a for a in sys.argv if not a.startswith('--json')),
+                 'code_commit': _code_commit(), 'note': preflight.NOTE, 'rows': rows}, f,
+                indent=1)
       f.write('\n')
 
 

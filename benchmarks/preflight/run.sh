@@ -28,6 +28,7 @@ JOBS=(
   "r50_v5e-256_stompp|--config=$R50 --topology=v5e-256 --methods=stompp"
   "r50_v5e-256_stompp_packed|--config=$R50 --topology=v5e-256 --methods=stompp --config.binary.residuals=packed"
   "r50_v4-32_ste|--config=$R50 --topology=v4-32 --methods=ste"
+  "r50_v4-32_stompp_select|--config=$R50 --topology=v4-32 --methods=stompp --config.binary.masks_by=select"
   "r50_v5e-256_ste|--config=$R50 --topology=v5e-256 --methods=ste"
   "r50_v5e-256_fp_max_batch|--config=$R50 --topology=v5e-256 --methods=fp --find_max_batch"
   "r50_v5e-256_stompp_max_batch|--config=$R50 --topology=v5e-256 --methods=stompp --find_max_batch"

@@ -64,7 +64,8 @@ def table() -> str:
     name = r['method'] + (' shard_params' if r['shard_params'] else '') + (
         ' per-example masks' if r['per_example_activation_masks'] else '') + (
         ' (unpacked residuals, before 2b9d08a)' if r['file'].startswith(UNPACKED) else '') + (
-        ' residuals packed' if r.get('residuals') == 'packed' else '')
+        ' residuals packed' if r.get('residuals') == 'packed' else '') + (
+        ' masks by select' if r.get('masks_by') == 'select' else '')
     cells = [r['model'], r['slice'], name, str(r['per_chip_batch']),
              f'{hbm / 2**30:.2f}' if fits else '-',
              'yes' if fits else f'no ({train["message"]})',
