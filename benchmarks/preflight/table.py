@@ -17,15 +17,11 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOC = os.path.join(HERE, '..', '..', 'docs', 'preflight.md')
 BEGIN, END = '<!-- preflight table: begin -->', '<!-- preflight table: end -->'
-# Figures of the code before the binarizers' residuals were bit-packed (commit 2b9d08a): STE and
-# StoMPP, kept for the before/after comparison; their rows say so.
-UNPACKED = 'unpacked'
 
 
 def _rows() -> list[dict]:
   rows = []
-  for path in (sorted(glob.glob(os.path.join(HERE, '*.json')))
-               + sorted(glob.glob(os.path.join(HERE, UNPACKED, '*.json')))):
+  for path in sorted(glob.glob(os.path.join(HERE, '*.json'))):
     with open(path) as f:
       result = json.load(f)
     for method, figures in result.get('methods', {}).items():
@@ -63,7 +59,6 @@ def table() -> str:
     others = [s['compile_s'] for n, s in r['steps'].items() if n != 'train' and s.get('compile_s')]
     name = r['method'] + (' shard_params' if r['shard_params'] else '') + (
         ' per-example masks' if r['per_example_activation_masks'] else '') + (
-        ' (unpacked residuals, before 2b9d08a)' if r['file'].startswith(UNPACKED) else '') + (
         ' residuals packed' if r.get('residuals') == 'packed' else '') + (
         ' masks by select' if r.get('masks_by') == 'select' else '')
     cells = [r['model'], r['slice'], name, str(r['per_chip_batch']),
