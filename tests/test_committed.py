@@ -70,3 +70,16 @@ def test_the_backward_convolutions_are_canonical_and_inside_the_branch():
   # XLA:CPU runs only this layout in Eigen; inside a conditional it is not rewritten into it.
   assert set(labels) == {'b01f_01io->b01f'}, labels
   assert 'conditional(' in hlo
+
+
+def test_bfloat16_gradients_are_xlas_to_bfloat16_precision():
+  x_shape, kernel_shape, strides, padding = CASES[1]
+  x, kernel = (a.astype(jnp.bfloat16) for a in _arrays(x_shape, kernel_shape))
+  want, native_vjp = jax.vjp(lambda x, k: _native(x, k, strides, padding), x, kernel)
+  got, vjp = jax.vjp(lambda x, k: committed.conv(x, k, jnp.bool_(False), strides, padding,
+                                                 True), x, kernel)
+  g = jnp.ones_like(want)
+  for a, b in zip(vjp(g), native_vjp(g)):
+    assert a.dtype == b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2,
+                               atol=2e-1)
