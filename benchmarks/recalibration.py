@@ -124,6 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--summaries', default='docs/results/recalibration')
   args = parser.parse_args(argv)
   args.datasets = args.datasets.split(',')
+  unknown = sorted(set(args.datasets) - set(DATASETS))
+  if unknown:
+    parser.error(f'--datasets: unknown {", ".join(unknown)}; use some of {", ".join(DATASETS)}')
   return args
 
 

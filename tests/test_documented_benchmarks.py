@@ -154,6 +154,8 @@ BAD = {
     'python benchmarks/torch_peer.py --methods=ste,fp': 'choose from ste, stompp',
     'python benchmarks/cpu_throughput.py --variants=plain,nope': 'unknown variant(s) nope',
     'python benchmarks/study.py --groups=core,nope --plan': 'choose from core, reverse',
+    'python benchmarks/recalibration.py --datasets=digits,cifar100 --analyze':
+        '--datasets: unknown cifar100',
     'python benchmarks/preflight/table.py --write --no_such_flag':
         'unrecognized arguments: --no_such_flag',
     'python benchmarks/preflight/masks_check.py --config=configs/cifar.py:model=resnet20'
