@@ -65,9 +65,10 @@ def get_config(arg=None):
   c.binary.refresh_every = 100  # Soft refresh period r in steps (2606.27759); 0 = never.
   # One activation mask per example; False: one mask shared by the batch [ours].
   c.binary.per_example_activation_masks = False
-  # How masks are made and kept; the same values either way (docs/performance.md): cond (a
-  # per-site branch skips hashing at p = 0 or 1) | select (every site hashes, no branch).
-  c.binary.masks_by = 'cond'
+  # How masks are made; the same values either way (docs/performance.md): cond (a per-site
+  # branch skips hashing at p = 0 or 1) | select (every site hashes, no branch) | auto (cond on
+  # CPU, select on TPU and GPU).
+  c.binary.masks_by = 'auto'
   # Storage of the kernel masks and binarizer residuals a train step keeps: auto (packed on
   # CPU, bool on TPU and GPU) | packed (eight to a byte) | bool.
   c.binary.residuals = 'auto'

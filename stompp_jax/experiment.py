@@ -123,7 +123,8 @@ def build_model(config: ml_collections.ConfigDict, *, num_classes: int,
 def binarization_config(config: ml_collections.ConfigDict, site_list: tuple[sites_lib.Site, ...],
                         total_steps: int, platform: str) -> bctx.BinarizationConfig:
   """The static binarization settings of `config.binary` for a site table, on devices of
-  `platform` ('cpu', 'gpu', 'tpu'; it resolves binary.residuals and committed_backward 'auto').
+  `platform` ('cpu', 'gpu', 'tpu'; it resolves the 'auto' of binary.masks_by, residuals and
+  committed_backward).
 
   Raises errors.SetupError for a bad binary.* field (BinarizationConfig and ScheduleConfig
   check their own), and when binary.window_steps makes the freezing end after the run.
@@ -139,10 +140,8 @@ def binarization_config(config: ml_collections.ConfigDict, site_list: tuple[site
       frozen_grad=config.binary.frozen_grad,
       refresh_every=config.binary.refresh_every,
       per_example_activation_masks=config.binary.per_example_activation_masks,
-      masks_by=config.binary.masks_by,
-      residuals=bctx.residuals_for_platform(config.binary.residuals, platform),
-      committed_backward=bctx.committed_backward_for_platform(config.binary.committed_backward,
-                                                              platform))
+      **{field: bctx.for_platform(field, config.binary[field], platform)
+         for field in bctx.PLATFORM_CHOICES})
   if site_list:
     schedule.span_steps(binarization.schedule, len(site_list))  # window_steps fit the run.
   return binarization

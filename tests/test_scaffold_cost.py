@@ -105,14 +105,18 @@ def test_the_switches_are_static_and_checked():
   with pytest.raises(ValueError, match='binary.masks_by'):
     _config('sometimes', 4)
   with pytest.raises(ValueError, match='binary.residuals'):
-    context.residuals_for_platform('floats', 'cpu')
+    context.for_platform('residuals', 'floats', 'cpu')
 
 
-@pytest.mark.parametrize('platform,want', [('cpu', 'packed'), ('tpu', 'bool'), ('gpu', 'bool')])
-def test_auto_residuals_are_packed_on_cpu_only(platform, want):
-  assert context.residuals_for_platform('auto', platform) == want
-  assert context.residuals_for_platform('bool', platform) == 'bool'
-  assert context.residuals_for_platform('packed', platform) == 'packed'
+@pytest.mark.parametrize('platform', ['cpu', 'tpu', 'gpu'])
+@pytest.mark.parametrize('field,on_cpu,elsewhere', [('masks_by', 'cond', 'select'),
+                                                    ('residuals', 'packed', 'bool'),
+                                                    ('committed_backward', 'skip', 'full')])
+def test_auto_is_the_platforms_choice_and_a_choice_is_kept(platform, field, on_cpu, elsewhere):
+  assert context.for_platform(field, 'auto', platform) == (
+      on_cpu if platform == 'cpu' else elsewhere)
+  for value in (on_cpu, elsewhere):
+    assert context.for_platform(field, value, platform) == value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ ROOT=$(cd "$HERE/../.." && pwd)
 OUT=${PREFLIGHT_OUT:-$HERE}
 LOGS=${PREFLIGHT_LOGS:-/tmp/stompp_preflight_logs}
 R50=configs/imagenet_r50.py
+COND=" --config.binary.masks_by=cond"  # The masks' per-site branch (TPU's default is the select).
 
 # NAME|preflight arguments. The headline first: each method on its own, fp before the others;
 # the STE-on-frozen variant last (it compiles like StoMPP plus STE's kernel copy). FSDP
@@ -25,19 +26,22 @@ R50=configs/imagenet_r50.py
 JOBS=(
   "r50_v4-32_fp|--config=$R50 --topology=v4-32 --methods=fp"
   "r50_v4-32_stompp|--config=$R50 --topology=v4-32 --methods=stompp"
+  "r50_v4-32_stompp_cond|--config=$R50 --topology=v4-32 --methods=stompp$COND"
   "r50_v5e-256_fp|--config=$R50 --topology=v5e-256 --methods=fp"
   "r50_v5e-256_stompp|--config=$R50 --topology=v5e-256 --methods=stompp"
-  "r50_v5e-256_stompp_packed|--config=$R50 --topology=v5e-256 --methods=stompp --config.binary.residuals=packed"
+  "r50_v5e-256_stompp_cond|--config=$R50 --topology=v5e-256 --methods=stompp$COND"
+  "r50_v5e-256_stompp_packed|--config=$R50 --topology=v5e-256 --methods=stompp --config.binary.residuals=packed$COND"
   "r50_v4-32_ste|--config=$R50 --topology=v4-32 --methods=ste"
-  "r50_v4-32_stompp_select|--config=$R50 --topology=v4-32 --methods=stompp --config.binary.masks_by=select"
   "r50_v5e-256_ste|--config=$R50 --topology=v5e-256 --methods=ste"
   "r50_v5e-256_fp_max_batch|--config=$R50 --topology=v5e-256 --methods=fp --find_max_batch"
-  "r50_v5e-256_stompp_max_batch|--config=$R50 --topology=v5e-256 --methods=stompp --find_max_batch"
-  "r18_v5e-256_stompp|--config=configs/imagenet.py:model=resnet18 --topology=v5e-256 --methods=fp,stompp"
-  "r50_v4-8_stompp|--config=$R50 --topology=v4-8 --methods=stompp --per_chip_batch=16"
-  "r50_v4-8_stompp_shard_params|--config=$R50 --topology=v4-8 --methods=stompp --per_chip_batch=16 --config.mesh.shard_params=True"
+  "r50_v5e-256_stompp_max_batch|--config=$R50 --topology=v5e-256 --methods=stompp --find_max_batch$COND"
+  "r18_v5e-256_stompp|--config=configs/imagenet.py:model=resnet18 --topology=v5e-256 --methods=fp,stompp$COND"
+  "r50_v4-8_stompp|--config=$R50 --topology=v4-8 --methods=stompp --per_chip_batch=16$COND"
+  "r50_v4-8_stompp_shard_params|--config=$R50 --topology=v4-8 --methods=stompp --per_chip_batch=16 --config.mesh.shard_params=True$COND"
   "r50_v4-32_stompp_ste|--config=$R50 --topology=v4-32 --methods=stompp_ste"
+  "r50_v4-32_stompp_ste_cond|--config=$R50 --topology=v4-32 --methods=stompp_ste$COND"
   "r50_v5e-256_stompp_ste|--config=$R50 --topology=v5e-256 --methods=stompp_ste"
+  "r50_v5e-256_stompp_ste_cond|--config=$R50 --topology=v5e-256 --methods=stompp_ste$COND"
 )
 
 commit() {  # JSON: commit that file only; waits while another git command holds the index.

@@ -39,9 +39,18 @@ def _ratio(a, b) -> str:
   return f'{a / b:.3f}' if a is not None and b else '-'
 
 
+def _variant(row: dict) -> str:
+  """The row's method and how it differs from the default config on TPU."""
+  return row['method'] + (' shard_params' if row['shard_params'] else '') + (
+      ' per-example masks' if row['per_example_activation_masks'] else '') + (
+      ' residuals packed' if row.get('residuals') == 'packed' else '') + (
+      ' masks by cond' if row['method'].startswith('stompp') and row.get('masks_by') == 'cond'
+      else '')
+
+
 def table() -> str:
   rows = _rows()
-  max_batch = {(r['model'], r['slice'], r['method']): r['max_batch']['max_per_chip_batch']
+  max_batch = {(r['model'], r['slice'], _variant(r)): r['max_batch']['max_per_chip_batch']
                for r in rows if 'max_batch' in r}
   fp = {_key(r): r for r in rows if r['method'] == 'fp' and 'train' in r['steps']
         and not r['file'].endswith('_max_batch.json')}  # The max-batch jobs' rows are extras.
@@ -57,14 +66,11 @@ def table() -> str:
     fits = train['fits']
     hbm = train['hbm_bytes']['total'] if fits else None
     others = [s['compile_s'] for n, s in r['steps'].items() if n != 'train' and s.get('compile_s')]
-    name = r['method'] + (' shard_params' if r['shard_params'] else '') + (
-        ' per-example masks' if r['per_example_activation_masks'] else '') + (
-        ' residuals packed' if r.get('residuals') == 'packed' else '') + (
-        ' masks by select' if r.get('masks_by') == 'select' else '')
+    name = _variant(r)
     cells = [r['model'], r['slice'], name, str(r['per_chip_batch']),
              f'{hbm / 2**30:.2f}' if fits else '-',
              'yes' if fits else f'no ({train["message"]})',
-             str(max_batch.get((r['model'], r['slice'], r['method']), '-')),
+             str(max_batch.get((r['model'], r['slice'], name), '-')),
              f'{train["flops"] / 1e12:.3f}' if fits else '-',
              f'{train["bytes_accessed"] / 1e9:.2f}' if fits else '-',
              f'{train["roofline"]["images_per_s_per_chip"]:.0f}' if fits else '-',

@@ -14,26 +14,28 @@ arrives in. The zoo's layers and `layers.ByRules` follow this one rule.
 
 Cost, three static switches (config fields `binary.masks_by`, `binary.residuals` and
 `binary.committed_backward`) that change how masks and gradients are made and kept, never what
-they are:
-- `masks_by`: 'cond' (default): a site whose fraction p is 0 or 1 (not started, or fully
-  frozen; in a layerwise schedule all sites but one or two) hashes nothing: a per-site
-  `jax.lax.cond` on 0 < p < 1 picks a constant mask instead. 'select': every site hashes its
-  scores and compares them with p, no branch (XLA fuses the hash into the mask's consumers).
-  The same masks bit for bit: scores lie in [0, 1), so score < p is all False at p = 0 and all
-  True at p = 1. The scalar part of every site's scores (key and stream words,
-  masks.stream_words) is computed once per step for all sites (`with_kernel_masks`), so a
-  site's mask costs only its per-element loop.
+they are. Each config field also takes 'auto', the choice of `PLATFORM_CHOICES` for the
+platform of the run's devices (`for_platform`): measured on CPU (docs/performance.md) and with
+the TPU compiler (docs/preflight.md); GPUs get the TPU's choices, unmeasured.
+- `masks_by`: 'cond': a site whose fraction p is 0 or 1 (not started, or fully frozen; in a
+  layerwise schedule all sites but one or two) hashes nothing: a per-site `jax.lax.cond` on
+  0 < p < 1 picks a constant mask instead. 'select': every site hashes its scores and compares
+  them with p, no branch (XLA fuses the hash into the mask's consumers). The same masks bit for
+  bit: scores lie in [0, 1), so score < p is all False at p = 0 and all True at p = 1. The
+  scalar part of every site's scores (key and stream words, masks.stream_words) is computed
+  once per step for all sites (`with_kernel_masks`), so a site's mask costs only its
+  per-element loop. 'auto': cond on CPU (less hashing); select elsewhere (on TPU a branch's
+  mask is a buffer in HBM: ResNet-50 on v4 needs 1.045x fp's HBM with select, 1.080x with cond).
 - `residuals`: 'packed' keeps the step's kernel masks (from the forward pass to the optimizer)
   and the binarizers' residuals bit-packed, eight to a byte (binarize.py on why packing also
-  keeps XLA:CPU from holding float copies); 'bool' keeps one bool each. The config's 'auto'
-  (`residuals_for_platform`) packs on CPU and keeps bools on TPU and GPU: compiled for a TPU,
-  the packing's extra passes cost more HBM traffic than the smaller residuals save
-  (docs/preflight.md).
+  keeps XLA:CPU from holding float copies); 'bool' keeps one bool each. 'auto': packed on CPU;
+  bool elsewhere (compiled for a TPU, the packing's extra passes cost more HBM traffic than the
+  smaller residuals save).
 - `committed_backward`: 'skip': a StoMPP site at p = 1 (every entry frozen: its binarizers pass
   no gradient) skips its convolution's weight and, in a BNN, input gradient
   (binary/committed.py; the other sites' gradients then come from that module's convolutions,
-  equal up to float32 summation order); 'full' computes them as XLA does. The config's 'auto'
-  skips on CPU, where it was measured (docs/performance.md).
+  equal up to float32 summation order); 'full' computes them as XLA does. 'auto': skip on CPU,
+  where it was measured; full elsewhere.
 """
 
 import dataclasses
@@ -54,26 +56,21 @@ from stompp_jax.errors import SetupError
 
 METHODS = ('fp', 'ste', 'stompp', 'stompp_ste')
 MASKS_BY = ('cond', 'select')
-RESIDUALS = ('auto', *binarize.RESIDUALS)
-COMMITTED_BACKWARDS = ('auto', 'skip', 'full')
+# field -> (CPU's choice, every other platform's choice) for the config's 'auto'.
+PLATFORM_CHOICES = {'masks_by': ('cond', 'select'), 'residuals': ('packed', 'bool'),
+                    'committed_backward': ('skip', 'full')}
+CHOICES = {'masks_by': MASKS_BY, 'residuals': binarize.RESIDUALS,
+           'committed_backward': ('skip', 'full')}
 
 
-def residuals_for_platform(residuals: str, platform: str) -> str:
-  """The residual storage ('bool' | 'packed') of `binary.residuals` for a run whose devices
-  are of `platform` ('cpu', 'gpu', 'tpu'): 'auto' packs on CPU only (module docstring)."""
-  check_choice('binary.residuals', residuals, RESIDUALS)
-  if residuals != 'auto':
-    return residuals
-  return 'packed' if platform == 'cpu' else 'bool'
-
-
-def committed_backward_for_platform(committed_backward: str, platform: str) -> str:
-  """'skip' | 'full' of `binary.committed_backward` on devices of `platform`: 'auto' skips on
-  CPU only (module docstring)."""
-  check_choice('binary.committed_backward', committed_backward, COMMITTED_BACKWARDS)
-  if committed_backward != 'auto':
-    return committed_backward
-  return 'skip' if platform == 'cpu' else 'full'
+def for_platform(field: str, value: str, platform: str) -> str:
+  """The value of the config's `binary.<field>` (one of PLATFORM_CHOICES, or 'auto') for a run
+  whose devices are of `platform` ('cpu', 'gpu', 'tpu'): 'auto' is the platform's choice."""
+  check_choice(f'binary.{field}', value, ('auto', *CHOICES[field]))
+  if value != 'auto':
+    return value
+  cpu, other = PLATFORM_CHOICES[field]
+  return cpu if platform == 'cpu' else other
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,9 +111,9 @@ class BinarizationConfig:
     masks_by: 'cond' (per-site `jax.lax.cond`: sites at p = 0 or 1 hash nothing) or 'select'
       (every site hashes, no branch); the same masks either way (module docstring).
     residuals: 'packed' or 'bool': how the step keeps its kernel masks and the binarizers'
-      residuals (module docstring; `residuals_for_platform` resolves the config's 'auto').
+      residuals (module docstring).
     committed_backward: 'skip' or 'full': whether a committed StoMPP site's convolution
-      gradients are skipped (module docstring; `committed_backward_for_platform`).
+      gradients are skipped (module docstring).
   """
 
   method: str
@@ -131,9 +128,8 @@ class BinarizationConfig:
 
   def __post_init__(self):
     check_choice('binary.method', self.method, METHODS)
-    check_choice('binary.masks_by', self.masks_by, MASKS_BY)
-    check_choice('binary.residuals', self.residuals, binarize.RESIDUALS)
-    check_choice('binary.committed_backward', self.committed_backward, COMMITTED_BACKWARDS[1:])
+    for field, choices in CHOICES.items():
+      check_choice(f'binary.{field}', getattr(self, field), choices)
     check_choice('binary.frozen_grad', self.frozen_grad, binarize.FROZEN_GRADS[1:])
     check_at_least('binary.refresh_every', self.refresh_every, 0)
 
