@@ -4,7 +4,7 @@
     python benchmarks/preflight/table.py --write    # into docs/preflight.md, between its markers
 
 One row per (model, slice, method, per-chip batch): the train step's HBM per chip, fits or not,
-the largest per-chip batch that fits (from the *_max_batch files), FLOPs and bytes per step per
+the largest per-chip batch that fits (from the *_max_batch* files), FLOPs and bytes per step per
 chip, the roofline images/s per chip, each ratio to the fp row of the same model, slice and
 batch, and the compile times.
 """
@@ -53,14 +53,14 @@ def table() -> str:
   max_batch = {(r['model'], r['slice'], _variant(r)): r['max_batch']['max_per_chip_batch']
                for r in rows if 'max_batch' in r}
   fp = {_key(r): r for r in rows if r['method'] == 'fp' and 'train' in r['steps']
-        and not r['file'].endswith('_max_batch.json')}  # The max-batch jobs' rows are extras.
+        and '_max_batch' not in r['file']}  # The max-batch jobs' rows are extras.
   lines = ['| model | slice | method | batch/chip | train HBM/chip GiB | fits | max batch/chip'
            ' | TFLOP/step/chip | GB/step/chip | roofline img/s/chip | HBM / fp | FLOPs / fp'
            ' | bytes / fp | compile s: train; eval, eval fully binary, recalibration | file |',
            '|' + '---|' * 15]
   for r in rows:
     train = r['steps'].get('train')
-    if train is None or r['file'].endswith('_max_batch.json'):  # Only their max batch.
+    if train is None or '_max_batch' in r['file']:  # Only their max batch.
       continue
     base = fp.get(_key(r), {}).get('steps', {}).get('train', {})
     fits = train['fits']
