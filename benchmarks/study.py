@@ -286,6 +286,8 @@ def summarize_run(run: dict, sites: dict, workdir: str, args, wall: dict) -> dic
       'config': {'binary': loaded['config']['binary'], 'train': loaded['config']['train'],
                  'model': loaded['config']['model']},
       'wall_seconds': round(wall['seconds'], 1), 'chunks': wall['chunks'],
+      # Chunks killed without their SIGTERM: their seconds are missing from wall_seconds.
+      'lost_chunks': wall['lost_chunks'],
       'machine': args.machine or describe_machine(), 'code_commit': code_commit(),
   }
 
@@ -303,18 +305,37 @@ def _wall_file(workdir: str) -> str:
   return os.path.join(workdir, 'study_wall.json')
 
 
-def add_wall(workdir: str, seconds: float) -> dict:
-  """Adds one chunk's wall seconds to the run's running total (kept beside its checkpoints)."""
+def _read_wall(workdir: str) -> dict:
   try:
     with open(_wall_file(workdir), encoding='utf-8') as f:
-      wall = json.load(f)
+      return {'lost_chunks': 0, **json.load(f)}
   except FileNotFoundError:
-    wall = {'seconds': 0.0, 'chunks': 0}
-  wall = {'seconds': wall['seconds'] + seconds, 'chunks': wall['chunks'] + 1}
+    return {'seconds': 0.0, 'chunks': 0, 'lost_chunks': 0}
+
+
+def _write_wall(workdir: str, wall: dict) -> dict:
   with open(_wall_file(workdir) + '.tmp', 'w', encoding='utf-8') as f:
     json.dump(wall, f)
   os.replace(_wall_file(workdir) + '.tmp', _wall_file(workdir))
   return wall
+
+
+def start_chunk(workdir: str) -> dict:
+  """Marks a chunk of the run as started. A chunk still marked open from before was killed
+  without its SIGTERM (a machine's end): its seconds are lost, and counted as a lost chunk so
+  the summary says its wall time is a lower bound."""
+  os.makedirs(workdir, exist_ok=True)
+  wall = _read_wall(workdir)
+  lost = wall['lost_chunks'] + (1 if wall.get('open') else 0)
+  return _write_wall(workdir, {'seconds': wall['seconds'], 'chunks': wall['chunks'],
+                               'lost_chunks': lost, 'open': True})
+
+
+def add_wall(workdir: str, seconds: float) -> dict:
+  """Adds one chunk's wall seconds to the run's running total (kept beside its checkpoints)."""
+  wall = _read_wall(workdir)
+  return _write_wall(workdir, {'seconds': wall['seconds'] + seconds, 'chunks': wall['chunks'] + 1,
+                               'lost_chunks': wall['lost_chunks']})
 
 
 def execute(runs: list[dict], sites: dict, args) -> int:
@@ -341,6 +362,7 @@ def execute(runs: list[dict], sites: dict, args) -> int:
     config = make_config(run, sites, args)
     print(f'{tag}: training ({config.train.num_steps} steps, window steps per site'
           f' {config.binary.window_steps})', flush=True)
+    start_chunk(workdir)
     start = time.time()
     try:
       final = train.train_and_evaluate(config, workdir)

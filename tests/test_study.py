@@ -166,6 +166,15 @@ def _tiny(tmp_path, *extra):
           '--readings=binarized', *extra]
 
 
+def test_a_chunk_killed_without_its_sigterm_is_counted_as_lost(tmp_path):
+  workdir = str(tmp_path / 'run')
+  study.start_chunk(workdir)
+  assert study.add_wall(workdir, 5.0) == {'seconds': 5.0, 'chunks': 1, 'lost_chunks': 0}
+  study.start_chunk(workdir)  # Killed: no add_wall follows.
+  study.start_chunk(workdir)
+  assert study.add_wall(workdir, 2.0) == {'seconds': 7.0, 'chunks': 2, 'lost_chunks': 1}
+
+
 def test_a_tiny_run_stops_on_sigterm_resumes_and_sums_its_wall_time(tmp_path):
   name = 'tiny_resnet_binarized_stompp_layerwise_s0'
   command = [sys.executable, 'benchmarks/study.py', *_tiny(tmp_path, '--epochs=40'),
@@ -187,6 +196,7 @@ def test_a_tiny_run_stops_on_sigterm_resumes_and_sums_its_wall_time(tmp_path):
   assert result.returncode == 0, result.stdout + result.stderr
   row = json.loads((tmp_path / 'summaries' / f'{name}.json').read_text())
   assert row['chunks'] == 2 and row['wall_seconds'] > first['seconds']
+  assert row['lost_chunks'] == 0
   assert row['steps'] == 40 * (256 // 16) and row['curves']['train'][-1]['step'] == row['steps']
   assert row['window_steps'] == math.floor(0.8 * row['steps'] / row['sites'])
   assert math.isfinite(row['final_train_loss']) and row['recalibrated'] is not None
