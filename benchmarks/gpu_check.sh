@@ -15,10 +15,11 @@
 # failed or timed out, or (without --tiny) if JAX finds no GPU.
 # --tiny (or GPU_CHECK_TINY=1): tiny_resnet at batch 4 and 2, 2 x 1 steps, on any backend (CPU
 # included): proves the script end to end (tests/test_benchmarks.py runs it).
-# ResNet-18 also runs stompp@select: the masks by a plain select instead of the per-site
-# lax.cond (binary/context.py, BinarizationConfig.masks_by; the same masks), to compare the two.
+# ResNet-18 runs StoMPP twice, stompp@cond and stompp@select: the masks by the per-site lax.cond
+# and by a plain select (binary.masks_by; the same masks; select is the GPU's default), to
+# compare the two.
 # Env overrides: R18_BATCH (256), R50_BATCH (128), REPS (5), STEPS (10), METHODS (both models'
-# step_time.py --methods; default fp,ste,stompp,stompp@select for ResNet-18, fp,ste,stompp for
+# step_time.py --methods; default fp,ste,stompp@cond,stompp@select for ResNet-18, fp,ste,stompp for
 # ResNet-50 and for --tiny).
 set -uo pipefail
 
@@ -50,7 +51,7 @@ else
   steps="${STEPS:-10}"
   warmup=3
   limits=(180 270)
-  methods=("${METHODS:-fp,ste,stompp,stompp@select}" "${METHODS:-fp,ste,stompp}")
+  methods=("${METHODS:-fp,ste,stompp@cond,stompp@select}" "${METHODS:-fp,ste,stompp}")
 fi
 
 backend="$(timeout 60 python -c 'import jax; print(jax.default_backend())' 2>/dev/null || echo none)"

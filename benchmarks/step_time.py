@@ -18,7 +18,8 @@ would be at the very start of its window, with no entry frozen yet).
 
 Methods: fp, ste, stompp, stompp_ste, each optionally `@cond` or `@select`: the config's
 switch `binary.masks_by` between a per-site `lax.cond` and a plain select for the masks
-(binary/context.py; default cond), e.g. stompp@select.
+(binary/context.py; without one, the default for the platform: cond on CPU, select on TPU and
+GPU), e.g. stompp@select.
 
 Timing: compile (lower + compile) is timed apart; after --warmup steps per method, --reps
 repetitions each run --steps consecutive steps of every method, the methods' order rotating
@@ -105,12 +106,13 @@ def make_config(name: str, method: str, dtype: str, batch_size: int = 32):
 
 
 def split_method(spec: str) -> tuple[str, str]:
-  """'stompp@select' -> ('stompp', 'select'); no '@' -> the default ('cond')."""
+  """'stompp@select' -> ('stompp', 'select'); no '@' -> the config's default ('auto': cond on
+  CPU, select on TPU and GPU)."""
   method, _, masks_by = spec.partition('@')
   if method not in METHODS or (masks_by and masks_by not in context.MASKS_BY):
     raise ValueError(f'Unknown method {spec!r}: use one of {", ".join(METHODS)}, optionally'
                      f' @{"|@".join(context.MASKS_BY)}.')
-  return method, masks_by or 'cond'
+  return method, masks_by or 'auto'
 
 
 def bench_config(name: str, spec: str, dtype: str, batch_size: int, seed: int = 0):
