@@ -32,7 +32,9 @@ RESUMABLE_FIELDS = (
     'train.log_every', 'train.eval_every', 'train.eval_steps', 'train.eval_batch_size',
     'train.checkpoint_every', 'train.keep_checkpoints', 'train.diagnostics',
     'train.on_nonfinite', 'train.override_workdir_config', 'data.num_workers', 'data.prefetch',
-    'data.dir', 'data.download', 'mesh.num_devices', 'mesh.shard_params')
+    'data.dir', 'data.download', 'mesh.num_devices', 'mesh.shard_params',
+    # How masks and gradients are computed and kept (binary/context.py), not what they are.
+    'binary.masks_by', 'binary.residuals', 'binary.committed_backward')
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -108,6 +110,9 @@ def _newest_checkpoint_config(workdir: str) -> dict | None:
 ADDED_FIELDS = {
     'binary.window_steps': 0,  # 0 = windows derived from binary.span_start / span_end.
     'model.bnn_shortcut': 'real',  # The real-valued shortcut, the only block before the field.
+    'binary.masks_by': 'cond',  # The per-site branch, the only way before the field.
+    'binary.residuals': 'auto',  # Bit for bit the same values either way.
+    'binary.committed_backward': 'full',  # Every gradient computed, as before the field.
 }
 
 

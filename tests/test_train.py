@@ -108,16 +108,25 @@ def test_resume_continues_at_saved_step(tmp_path, monkeypatch, tiny_run):
 
 
 def test_a_run_made_before_a_field_existed_is_read_with_the_value_it_used(tmp_path, tiny_run):
-  """config.json of a run made before binary.window_steps and model.bnn_shortcut existed: every
-  reader sees the values that run used (0, 'real'; workdir.upgrade_config), so the same command
-  resumes it, and a run asking for the other shortcut is refused."""
+  """config.json of a run made before binary.window_steps, model.bnn_shortcut and the binary
+  package's cost switches existed: every reader sees the values that run used (0, 'real', 'cond',
+  'auto', 'full'; workdir.upgrade_config), so the same command resumes it, and a run asking for
+  the other shortcut is refused. The cost switches may differ on resume (they change how, not
+  what, a step computes)."""
   workdir = shutil.copytree(tiny_run, tmp_path / 'run')
   old = json.loads((workdir / 'config.json').read_text())
   del old['binary']['window_steps'], old['model']['bnn_shortcut']
+  for field in ('masks_by', 'residuals', 'committed_backward'):
+    del old['binary'][field]
   (workdir / 'config.json').write_text(json.dumps(old))
   read = workdir_lib.read_config(str(workdir))
   assert (read['binary']['window_steps'], read['model']['bnn_shortcut']) == (0, 'real')
+  assert [read['binary'][f] for f in ('masks_by', 'residuals', 'committed_backward')] == [
+      'cond', 'auto', 'full']
   workdir_lib.check_config(str(workdir), tiny_config())  # The same run: accepted.
+  switched = tiny_config()
+  switched.binary.update(masks_by='select', residuals='bool', committed_backward='skip')
+  workdir_lib.check_config(str(workdir), switched)
   other = tiny_config()
   other.model.bnn_shortcut = 'binarized'
   with pytest.raises(errors.SetupError, match=r"model.bnn_shortcut \('real' -> 'binarized'\)"):
