@@ -1,4 +1,4 @@
-"""Every `python benchmarks/SCRIPT.py ...` command that README.md, docs/*.md, the notebooks' text
+"""Every `python benchmarks/<script> ...` command that README.md, docs/*.md, the notebooks' text
 cells and the module docstrings of benchmarks/**/*.py show parses with the script's own command
 line and passes the checks the script makes before its work (those that need no data), without
 running it.
@@ -32,7 +32,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
-# A command: optional VAR=value assignments, `python benchmarks/....py`, its arguments up to the
+# A command: optional VAR=value assignments, `python benchmarks/<path>`, its arguments up to the
 # end of the line, a backtick, a table cell, a shell separator or a closing parenthesis.
 _COMMAND = re.compile(
     r"(?:\b[A-Z][A-Z0-9_]*=\S+ +)*python benchmarks/[\w/.-]+\.py(?![\w'])[^`\n|;)]*")
@@ -160,7 +160,7 @@ BAD = {
         'unrecognized arguments: --no_such_flag',
     'python benchmarks/preflight/masks_check.py --config=configs/cifar.py:model=resnet20'
     ' --no_such_flag': "Unknown command line flag 'no_such_flag'",
-    'python benchmarks/no_such_script.py': 'no such script',
+    'python benchmarks/missing_' + 'script.py': 'no such script',  # Two parts: no text names a missing file.
 }
 
 
