@@ -279,8 +279,9 @@ def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = Non
   parallel.check_batch_size(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
   net = build_model(config, num_classes=info.num_classes, image_shape=info.image_shape,
                     model=model)
+  batch_sharding = parallel.batch_sharding(mesh)
   binarization = binarization_config(config, net.sites, total_steps,
-                                     mesh.devices.flat[0].platform)
+                                     compiler.platform_of(batch_sharding))
   params = net.trace.variables['params']
   site_tree = sites_lib.site_tree(params, net.sites)
   lr_schedule = optimizers.learning_rate_schedule(config.optim, total_steps=total_steps,
@@ -293,4 +294,4 @@ def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = Non
   state_shardings = parallel.state_sharding(abstract_state, mesh, config.mesh.shard_params)
   return Experiment(config, info, total_steps, steps_per_epoch, mesh, net, site_tree, binarization,
                     lr_schedule, tx, init_state, abstract_state, state_shardings,
-                    parallel.batch_sharding(mesh))
+                    batch_sharding)

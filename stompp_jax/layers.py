@@ -60,12 +60,12 @@ class _BinaryLayer(nn.Module):
     """This layer's site number, None when it is not binary (no context, or not a site)."""
     return None if ctx is None else ctx.config.site_index(self.path)
 
-  def binarized(self, x: jax.Array, kernel: jax.Array,
-                ctx: Optional[bctx.BinarizationContext]) -> tuple[jax.Array, jax.Array]:
-    """Returns (input, kernel) as the layer computes with them, in the compute dtype."""
+  def binarized(self, x: jax.Array, kernel: jax.Array, ctx: Optional[bctx.BinarizationContext],
+                site: Optional[int]) -> tuple[jax.Array, jax.Array]:
+    """Returns (input, kernel) as the layer computes with them, in the compute dtype; `site` is
+    `self.site(ctx)`."""
     dtype = self.dtype or x.dtype
     x = x.astype(dtype)
-    site = self.site(ctx)
     if site is None:
       return x, kernel.astype(dtype)
     sow_frozen_fraction(self, ctx, site)
@@ -113,8 +113,8 @@ class BinaryConv(_BinaryLayer):
     kernel = self.param('kernel', self.kernel_init,
                         (*self.kernel_size, in_features // self.feature_group_count, self.features),
                         self.param_dtype)
-    x, kernel = self.binarized(x, kernel, ctx)
     site = self.site(ctx)
+    x, kernel = self.binarized(x, kernel, ctx, site)
     committed_site = None if site is None or self.feature_group_count != 1 else (
         bctx.site_committed(ctx, site))
     padding = self.padding if isinstance(self.padding, str) else tuple(map(tuple, self.padding))
@@ -142,7 +142,7 @@ class BinaryDense(_BinaryLayer):
   def __call__(self, x: jax.Array, ctx: Optional[bctx.BinarizationContext] = None) -> jax.Array:
     """x: (batch, in_features) -> (batch, features)."""
     kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-    x, kernel = self.binarized(x, kernel, ctx)
+    x, kernel = self.binarized(x, kernel, ctx, self.site(ctx))
     y = x @ kernel
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)

@@ -59,17 +59,23 @@ from stompp_jax import tpu_chips
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
-  """The command line's flags. Defined by the entry point only (`__main__` here and in
-  benchmarks/preflight/), since `stompp_jax.main` defines a --config flag of its own."""
+  """The command line's flags. Defined by the entry point only (`__main__` here), since
+  `stompp_jax.main` defines a --config flag of its own."""
   flags.DEFINE_string('topology', None, 'TPU slice as gcloud names it: v4-32, v5litepod-256 (or'
                       ' v5e-256), v5p-128, v6e-64...', flag_values=flag_values)
   flags.DEFINE_list('methods', ['fp', 'ste', 'stompp', 'stompp_ste'],
                     'binary.method values to compile; fp first gives the ratios.',
                     flag_values=flag_values)
-  flags.DEFINE_integer('per_chip_batch', 0, 'Train images per chip (the global batch is this'
-                       ' times the chips); 0: the config\'s batch.', flag_values=flag_values)
   flags.DEFINE_bool('find_max_batch', False, 'Also find the largest per-chip train batch that'
                     ' fits (compiles the train step several times).', flag_values=flag_values)
+  define_run_flags(flag_values, sys_argv)
+
+
+def define_run_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> None:
+  """--config, --per_chip_batch and --json: the flags of a command that compiles a config's
+  steps for slices it chooses itself (benchmarks/preflight/masks_check.py)."""
+  flags.DEFINE_integer('per_chip_batch', 0, 'Train images per chip (the global batch is this'
+                       ' times the chips); 0: the config\'s batch.', flag_values=flag_values)
   flags.DEFINE_string('json', '', 'Write the figures to this JSON file.', flag_values=flag_values)
   config_flags.DEFINE_config_file('config', None, 'A configs/*.py file, optionally :args.',
                                   flag_values=flag_values, lock_config=False, sys_argv=sys_argv)
@@ -349,14 +355,21 @@ def describe_step(name: str, step: dict, per_chip: int, chip: tpu_chips.Chip) ->
   return line
 
 
-def preflight(config: ml_collections.ConfigDict, topology: str, methods: list[str], *,
-              per_chip_batch: int = 0, max_batch: bool = False,
-              log: Callable[[str], None] = print) -> dict:
-  """Compiles every method of `config` for `topology` and returns the figures (the JSON's dict).
+def check_request(config: ml_collections.ConfigDict, topology: Optional[str], methods: list[str],
+                  *, per_chip_batch: int = 0,
+                  max_batch: bool = False) -> tuple[tpu_chips.Slice, int]:
+  """Every check of a preflight before libtpu is asked for anything: the slice, the methods,
+  the batch, and each method's config as `experiment.check_config` checks a run's.
+
+  Returns:
+    (the slice, the global train batch).
 
   Raises:
-    errors.SetupError: a bad topology, method or batch, or libtpu missing.
+    errors.SetupError: the first thing that is wrong, in one line.
   """
+  if not topology:
+    raise errors.SetupError('--topology is required: a TPU type as gcloud names it, e.g.'
+                            f' --topology=v4-32 ({", ".join(tpu_chips.supported())}).')
   try:
     slice_ = tpu_chips.parse_slice(topology)
   except ValueError as e:
@@ -368,13 +381,31 @@ def preflight(config: ml_collections.ConfigDict, topology: str, methods: list[st
   if per_chip_batch < 0:
     raise errors.SetupError(f'--per_chip_batch={per_chip_batch}: use a positive number, or 0'
                             ' for the config\'s batch.')
+  if per_chip_batch and max_batch:
+    raise errors.SetupError('--per_chip_batch and --find_max_batch: give one (the search starts'
+                            ' from the config\'s batch).')
+  if not per_chip_batch and config.train.batch_size % slice_.chips:
+    raise errors.SetupError(f'train.batch_size={config.train.batch_size} does not split over the'
+                            f' {slice_.chips} chips of {topology}: pass --per_chip_batch=N or'
+                            f' --config.train.batch_size=a multiple of {slice_.chips}.')
+  global_batch = per_chip_batch * slice_.chips if per_chip_batch else config.train.batch_size
+  for method in methods:
+    experiment.check_config(method_config(config, method, global_batch))
+  return slice_, global_batch
+
+
+def preflight(config: ml_collections.ConfigDict, topology: str, methods: list[str], *,
+              per_chip_batch: int = 0, max_batch: bool = False,
+              log: Callable[[str], None] = print) -> dict:
+  """Compiles every method of `config` for `topology` and returns the figures (the JSON's dict).
+
+  Raises:
+    errors.SetupError: a bad topology, method or batch (`check_request`), or libtpu missing.
+  """
+  slice_, global_batch = check_request(config, topology, methods, per_chip_batch=per_chip_batch,
+                                       max_batch=max_batch)
   devices = tpu_devices(slice_)
   chips = len(devices)
-  if not per_chip_batch and config.train.batch_size % chips:
-    raise errors.SetupError(f'train.batch_size={config.train.batch_size} does not split over the'
-                            f' {chips} chips of {topology}: pass --per_chip_batch=N or'
-                            f' --config.train.batch_size=a multiple of {chips}.')
-  global_batch = per_chip_batch * chips if per_chip_batch else config.train.batch_size
   chip = slice_.chip
   path = libtpu_path()
   log(f'Preflight of {len(methods)} method(s) on {topology} ({chips} x {devices[0].device_kind},'
@@ -420,12 +451,6 @@ def preflight(config: ml_collections.ConfigDict, topology: str, methods: list[st
 def _from_flags() -> dict:
   """`preflight` of the command line's flags."""
   values = flags.FLAGS
-  if not values.topology:
-    raise errors.SetupError('--topology is required: a TPU type as gcloud names it, e.g.'
-                            f' --topology=v4-32 ({", ".join(tpu_chips.supported())}).')
-  if values.per_chip_batch and values.find_max_batch:
-    raise errors.SetupError('--per_chip_batch and --find_max_batch: give one (the search starts'
-                            ' from the config\'s batch).')
   return preflight(values.config, values.topology, values.methods,
                    per_chip_batch=values.per_chip_batch, max_batch=values.find_max_batch,
                    log=lambda line: print(line, flush=True))

@@ -99,6 +99,17 @@ def test_the_choices_table_names_every_choice_of_ours_with_its_default():
     assert shown in default_cell, f'{fields[0]}: default {shown}, the table says {default_cell}'
 
 
+def test_the_readme_sets_up_a_fresh_machine_in_two_commands_and_ci_runs_the_second():
+  """Install + the quickstart (run by test_train.py's quickstart test), install + the tests:
+  the README's first two code lines; `.ci/run` runs the second one exactly."""
+  section = README.read_text().split('\n## Install, train, test\n')[1].split('\n## ')[0]
+  first, second = re.findall(r'^    (\S.*)$', section, re.M)[:2]
+  assert first == ('pip install -r requirements.txt && python -m stompp_jax.main'
+                   ' --config=configs/quickstart.py --workdir=/tmp/stompp_quickstart')
+  assert second.startswith('pip install -r requirements-test.txt && python -m pytest ')
+  assert second in (REPO / '.ci' / 'run').read_text().splitlines()
+
+
 def test_the_quickstart_time_is_stated_in_the_readme_only():
   readme = README.read_text()
   assert re.search(r'took \*\*\d+ min \d+ s\*\*', readme)

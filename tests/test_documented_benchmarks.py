@@ -160,6 +160,9 @@ BAD = {
         'unrecognized arguments: --no_such_flag',
     'python benchmarks/preflight/masks_check.py --config=configs/cifar.py:model=resnet20'
     ' --no_such_flag': "Unknown command line flag 'no_such_flag'",
+    # It chooses its slices itself (--small, --large): preflight's --topology is not its flag.
+    'python benchmarks/preflight/masks_check.py --config=configs/tiny.py --topology=v4-8':
+        "Unknown command line flag 'topology'",
     'python benchmarks/missing_' + 'script.py': 'no such script',  # Two parts: no text names a missing file.
 }
 

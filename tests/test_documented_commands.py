@@ -1,11 +1,12 @@
-"""Every `python -m ...` command that README.md, docs/*.md, the configs' docstrings and the
-notebooks' text cells show works as shown, or says right beside it what it needs first.
+"""Every `python -m ...` command that README.md, docs/*.md, launch/README.md, CONTRIBUTING.md,
+the configs' docstrings and the notebooks' text cells show works as shown, or says right beside it what it needs first.
 
 COVERAGE lists each command with how it is checked:
 - `run_by('FILE.py::NAME')`: a test runs it at a tiny budget; that test must exist, and its file
   must name the command's module.
 - PARSE: no test runs it (it needs an accelerator, a dataset or hours).
 - USAGE: a usage line; it must hold a placeholder (DIR, RUN, <file>, [...], ...).
+- STDLIB: a module of Python's standard library (`python -m venv`).
 
 Whatever its entry, every command of `stompp_jax.main` (and `stompp_jax.export --config=...`)
 is also parsed here as the module parses it (absl flags, ml_collections' config_flags: the
@@ -50,6 +51,8 @@ _PLACEHOLDER = re.compile(r'\b[A-Z][A-Z_]{2,}\b|<[\w-]+>|\[|\.\.\.')
 
 USAGE = 'usage'
 PARSE = 'parse'
+STDLIB = 'stdlib'  # A module of Python's standard library (venv), not ours.
+SWEEP_TEST = 'test_documented_scripts.py::test_a_documented_sweep_command_runs_as_shown'
 _VALIDATED_MODULES = ('stompp_jax.main', 'stompp_jax.export')
 
 
@@ -135,6 +138,24 @@ COVERAGE = {
     ' --config.model.mode=bnn --config.binary.method=METHOD --config.data.source=npz'
     ' --config.data.dir=DIR16 --config.train.batch_size=128 --config.train.num_steps=60'
     ' --config.mesh.num_devices=1': USAGE,
+    # launch/README.md
+    'python -m launch.sweep --help': run_by(SWEEP_TEST),
+    'python -m launch.sweep r50_bnn_cifar --list': run_by(SWEEP_TEST),
+    'python -m launch.sweep r50_bnn_cifar --run': run_by(SWEEP_TEST),
+    'python -m launch.sweep r50_bnn_cifar --print --workdir-root=/shared/runs'
+    ' --launcher="sbatch launch/gpu_slurm.sbatch"': run_by(SWEEP_TEST),
+    'python -m launch.sweep --config=configs/cifar.py:model=resnet18,mode=bnn --arg'
+    ' dataset=cifar10,cifar100 --grid binary.method=ste,stompp --grid seed=0,1,2 --print':
+        run_by(SWEEP_TEST),
+    'python -m stompp_jax.main ...': USAGE,
+    'python -m stompp_jax.main ARGS': USAGE,
+    'python -m venv .venv && source .venv/bin/activate': STDLIB,
+    # README.md, CONTRIBUTING.md: the tests
+    'python -m pytest tests': run_by(
+        'test_docs.py::test_the_readme_sets_up_a_fresh_machine_in_two_commands_and_ci_runs_the_second'),
+    'python -m pytest tests/test_data_sources.py -q -x': run_by(
+        'test_documented_scripts.py::test_the_documented_single_file_test_command_collects'),
+    'python -m ...': USAGE,
     # notebooks/
     'python -m stompp_jax.main ... --workdir=DIR': USAGE,
     'python -m stompp_jax.analysis RUN_DIR ... --out=PLOT_DIR': USAGE,
@@ -150,10 +171,11 @@ def _notebook_text(path: str) -> str:
 
 
 def _documents() -> list[tuple[str, str]]:
-  """(path, text that shows commands): README.md, docs/*.md, the configs' module docstrings,
-  the notebooks' markdown cells."""
+  """(path, text that shows commands): README.md, docs/*.md, launch/README.md, CONTRIBUTING.md,
+  the configs' module docstrings, the notebooks' markdown cells."""
   documents = []
-  for path in ['README.md', *sorted(glob.glob('docs/*.md', root_dir=REPO))]:
+  for path in ['README.md', *sorted(glob.glob('docs/*.md', root_dir=REPO)), 'launch/README.md',
+               'CONTRIBUTING.md']:
     with open(os.path.join(REPO, path), encoding='utf-8') as f:
       documents.append((path, f.read()))
   for path in sorted(glob.glob('configs/*.py', root_dir=REPO)):
@@ -260,7 +282,7 @@ def test_documented_command_parses_and_passes_the_checks_before_training(command
 
 
 @pytest.mark.parametrize('command', sorted(c for c, how in COVERAGE.items()
-                                           if how not in (USAGE, PARSE)))
+                                           if how not in (USAGE, PARSE, STDLIB)))
 def test_the_test_that_runs_a_command_exists_and_names_its_module(command):
   file_name, test_name = COVERAGE[command].split('::')
   with open(os.path.join(REPO, 'tests', file_name), encoding='utf-8') as f:
@@ -272,6 +294,11 @@ def test_the_test_that_runs_a_command_exists_and_names_its_module(command):
 @pytest.mark.parametrize('command', sorted(c for c, how in COVERAGE.items() if how == PARSE))
 def test_a_parsed_command_is_validated_here(command):
   assert _validated(command), f'{command}: no test runs it and nothing here validates it'
+
+
+@pytest.mark.parametrize('command', sorted(c for c, how in COVERAGE.items() if how == STDLIB))
+def test_a_standard_library_command_names_a_standard_library_module(command):
+  assert _split(command)[1] in sys.stdlib_module_names, command
 
 
 @pytest.mark.parametrize('command', sorted(c for c, how in COVERAGE.items() if how == USAGE))

@@ -6,6 +6,7 @@ libtpu is found as JAX finds it: $TPU_LIBRARY_PATH, else the installed `libtpu` 
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -185,20 +186,68 @@ def _documented_preflights() -> list[str]:
                  if line.strip().startswith('python -m stompp_jax.preflight --config=configs/')})
 
 
-def test_the_documented_commands_parse_and_pass_the_checks_before_compiling():
-  """Each concrete command of docs/preflight.md: known flags, a slice libtpu is asked for, and
-  for each method a config that `experiment.check_config` accepts with a batch that splits."""
+def _check_before_compiling(args: list[str]) -> None:
+  """Preflight's arguments `args` as its command line takes them, through every check a
+  preflight makes before libtpu is asked for anything (`preflight.check_request`)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from stompp_jax import experiment  # pylint: disable=g-import-not-at-top
+  values = flags.FlagValues()
+  preflight.define_flags(values, sys_argv=['prog', *args])  # As its command line has them.
+  values(['prog', *args])
+  preflight.check_request(values.config, values.topology, values.methods,
+                          per_chip_batch=values.per_chip_batch, max_batch=values.find_max_batch)
+
+
+def test_the_documented_commands_parse_and_pass_the_checks_before_compiling():
+  """Each concrete command of docs/preflight.md."""
   commands = _documented_preflights()
   assert len(commands) >= 2
   for command in commands:
-    args = command.split()[3:]
-    values = flags.FlagValues()
-    preflight.define_flags(values, sys_argv=['prog', *args])  # As its command line has them.
-    values(['prog', *args])
-    slice_ = tpu_chips.parse_slice(values.topology)
-    for method in values.methods:
-      config = preflight.method_config(values.config, method, values.config.train.batch_size)
-      experiment.check_config(config)
-      assert config.train.batch_size % slice_.chips == 0, command
+    _check_before_compiling(command.split()[3:])
+
+
+RUN_SH = REPO / 'benchmarks' / 'preflight' / 'run.sh'
+
+
+def _run_sh(*args: str, out=None) -> subprocess.CompletedProcess:
+  env = {**os.environ, **({'PREFLIGHT_OUT': str(out)} if out else {})}
+  return subprocess.run(['bash', str(RUN_SH), *args], capture_output=True, text=True, env=env,
+                        timeout=60, check=False)
+
+
+def test_every_job_of_the_committed_preflights_passes_the_checks_before_compiling():
+  """benchmarks/preflight/run.sh's jobs (`--list`), each with a committed JSON of its name."""
+  jobs = dict(line.split('|', 1) for line in _run_sh('--list').stdout.splitlines())
+  assert len(jobs) >= 10
+  for name, args in jobs.items():
+    _check_before_compiling(args.split())
+    assert (RUN_SH.parent / f'{name}.json').is_file(), name
+
+
+def test_run_sh_skips_the_jobs_that_have_a_json_and_refuses_an_unknown_name(tmp_path):
+  names = [line.split('|')[0] for line in _run_sh('--list').stdout.splitlines()]
+  for name in names:
+    (tmp_path / f'{name}.json').write_text('{}')
+  done = _run_sh(out=tmp_path)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.splitlines() == [f'{n}: done ({tmp_path}/{n}.json)' for n in names]
+  unknown = _run_sh('--commit', names[0], 'r50_v4-32_typo', out=tmp_path)
+  assert unknown.returncode == 2
+  assert unknown.stderr.strip() == ('run.sh: no job named r50_v4-32_typo: use one of the names'
+                                    ' that --list prints.')
+  assert not unknown.stdout
+
+
+@pytest.mark.parametrize('args, error', [
+    (['--config=configs/tiny.py'], '--topology is required'),
+    (['--config=configs/tiny.py', '--topology=v4-32', '--methods=fp,bnn'], '--methods=fp,bnn: use'),
+    (['--config=configs/tiny.py', '--topology=v4-32', '--per_chip_batch=8', '--find_max_batch'],
+     '--per_chip_batch and --find_max_batch: give one'),
+    (['--config=configs/tiny.py', '--topology=v5e-256', '--config.train.batch_size=96'],
+     'train.batch_size=96 does not split over the 256 chips of v5e-256'),
+    (['--config=configs/tiny.py', '--topology=v4-32', '--config.model.name=resnet19'],
+     "Unknown model.name 'resnet19'"),
+])
+def test_a_bad_request_is_refused_before_libtpu_is_asked(args, error):
+  from stompp_jax import errors  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.SetupError, match=re.escape(error)):
+    _check_before_compiling(args)

@@ -6,8 +6,8 @@
    masks are partitioned with the batch.
 2. The per-site `jax.lax.cond` of the masks (binary/context.py: a site whose fraction is 0 or 1
    hashes nothing): what does it cost on TPU against a plain select that always hashes? The
-   rows compare them through the config's switch `binary.masks_by` ('cond', the default, or
-   'select').
+   rows compare them through the config's switch `binary.masks_by` ('cond' or 'select'; TPU's
+   default is 'select', docs/preflight.md).
 
     python benchmarks/preflight/masks_check.py --config=configs/cifar.py:model=resnet20 \
         --per_chip_batch=128 --small=v5e-4 --large=v5e-64 --json=benchmarks/preflight/masks_resnet20.json
@@ -32,7 +32,7 @@ from stompp_jax import tpu_chips  # noqa: E402
 
 _SMALL = flags.DEFINE_string('small', 'v5e-4', 'The small slice.')
 _LARGE = flags.DEFINE_string('large', 'v5e-64', 'The large slice (same chip).')
-# --config, --per_chip_batch and --json are preflight's own flags (preflight.define_flags).
+# --config, --per_chip_batch and --json: preflight.define_run_flags.
 
 
 def row(config, topology: str, method: str, *, per_example: bool, select: bool) -> dict:
@@ -87,6 +87,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  preflight.define_flags()
+  preflight.define_run_flags()
   flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -8,6 +8,7 @@
 #
 # --commit: `git commit` each JSON as it finishes (only that file, whatever else is staged).
 # NAME...: only these jobs (default: all, in the order below).
+# --list: print each job as NAME|ARGUMENTS (of python -m stompp_jax.preflight) and exit.
 # PREFLIGHT_OUT: write the JSON there instead (e.g. a checkout other than the one that runs).
 # PREFLIGHT_LOGS: where each job's output goes (default /tmp/stompp_preflight_logs).
 # Needs libtpu (pip install ".[tpu]", or TPU_LIBRARY_PATH=.../libtpu.so); no TPU.
@@ -55,8 +56,15 @@ commit() {  # JSON: commit that file only; waits while another git command holds
   done
 }
 
+if [[ ${1:-} == --list ]]; then printf '%s\n' "${JOBS[@]}"; exit 0; fi
 COMMIT=0
 if [[ ${1:-} == --commit ]]; then COMMIT=1; shift; fi
+for name in "$@"; do
+  if ! printf '%s\n' "${JOBS[@]}" | grep -q "^$name|"; then
+    echo "run.sh: no job named $name: use one of the names that --list prints." >&2
+    exit 2
+  fi
+done
 mkdir -p "$OUT" "$LOGS"
 for job in "${JOBS[@]}"; do
   name=${job%%|*}

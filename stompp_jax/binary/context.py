@@ -55,18 +55,17 @@ from stompp_jax.binary.choices import check_choice
 from stompp_jax.errors import SetupError
 
 METHODS = ('fp', 'ste', 'stompp', 'stompp_ste')
-MASKS_BY = ('cond', 'select')
-# field -> (CPU's choice, every other platform's choice) for the config's 'auto'.
+# field -> (CPU's choice, every other platform's choice): the field's two values, and what its
+# 'auto' picks.
 PLATFORM_CHOICES = {'masks_by': ('cond', 'select'), 'residuals': ('packed', 'bool'),
                     'committed_backward': ('skip', 'full')}
-CHOICES = {'masks_by': MASKS_BY, 'residuals': binarize.RESIDUALS,
-           'committed_backward': ('skip', 'full')}
+MASKS_BY = PLATFORM_CHOICES['masks_by']
 
 
 def for_platform(field: str, value: str, platform: str) -> str:
   """The value of the config's `binary.<field>` (one of PLATFORM_CHOICES, or 'auto') for a run
   whose devices are of `platform` ('cpu', 'gpu', 'tpu'): 'auto' is the platform's choice."""
-  check_choice(f'binary.{field}', value, ('auto', *CHOICES[field]))
+  check_choice(f'binary.{field}', value, ('auto', *PLATFORM_CHOICES[field]))
   if value != 'auto':
     return value
   cpu, other = PLATFORM_CHOICES[field]
@@ -128,7 +127,7 @@ class BinarizationConfig:
 
   def __post_init__(self):
     check_choice('binary.method', self.method, METHODS)
-    for field, choices in CHOICES.items():
+    for field, choices in PLATFORM_CHOICES.items():
       check_choice(f'binary.{field}', getattr(self, field), choices)
     check_choice('binary.frozen_grad', self.frozen_grad, binarize.FROZEN_GRADS[1:])
     check_at_least('binary.refresh_every', self.refresh_every, 0)
