@@ -208,7 +208,7 @@ def _train_loop(exp: experiment.Experiment, run: _Run) -> dict[str, Any]:
   preemption = _Preemption()
   run.cleanup.push(_closing(preemption.close))
   train_metrics, nonfinite_flags, per_site = None, [], {}
-  last_row = {'step': start_step}
+  last_row = _logged_eval(workdir, start_step) if start_step == total_steps else {'step': None}
   window_start, window_steps, step_time = time.perf_counter(), 0, None
   step = start_step
   while step < total_steps:
@@ -254,11 +254,21 @@ def _train_loop(exp: experiment.Experiment, run: _Run) -> dict[str, Any]:
                       ' command to resume.', step, checkpointer.directory)
       return {**last_row, 'step': step, 'preempted': True}
   checkpointer.wait()
-  if last_row['step'] != step:  # Resumed at the last step: the final eval was not logged.
+  if last_row['step'] != step:  # Resumed at the last step, whose eval was not logged.
     last_row = run_eval(step)
   last_row = {**last_row, 'step': step, 'preempted': False}
   workdir_lib.write_done(workdir, last_row)
   return last_row
+
+
+def _logged_eval(workdir: str, step: int) -> dict[str, Any]:
+  """The eval row ({'step': step, metric: value...}) an earlier process of this run logged at
+  `step`, else {'step': None}: a run stopped between its last checkpoint and done.json finishes
+  with that row instead of evaluating again."""
+  for row in reversed(metrics_lib.read_metrics(workdir)):
+    if row['step'] == step and row['split'] == 'eval':
+      return {k: v for k, v in row.items() if k != 'split'}
+  return {'step': None}
 
 
 def _check_finite(flags: list, step: int, policy: str) -> None:

@@ -107,6 +107,25 @@ def test_resume_continues_at_saved_step(tmp_path, monkeypatch, tiny_run):
   assert second['eval_fully_binary_accuracy'] == reference['eval_fully_binary_accuracy']
 
 
+@pytest.mark.parametrize('eval_logged', [True, False])
+def test_a_run_stopped_before_done_json_finishes_with_its_final_eval(tmp_path, tiny_run,
+                                                                     eval_logged):
+  """Killed between the last checkpoint and done.json: the rerun writes done.json with the
+  final eval, the logged row when there is one (no second row), else a new evaluation."""
+  shutil.copytree(tiny_run, tmp_path / 'run')
+  reference = json.loads((tiny_run / 'done.json').read_text())
+  (tmp_path / 'run' / 'done.json').unlink()
+  if not eval_logged:
+    metrics = tmp_path / 'run' / 'metrics.jsonl'
+    metrics.write_text(''.join(line + '\n' for line in metrics.read_text().splitlines()
+                               if not ('"split": "eval"' in line and '"step": 12,' in line)))
+  final = train.train_and_evaluate(tiny_config('stompp'), str(tmp_path / 'run'))
+  assert final == reference
+  assert json.loads((tmp_path / 'run' / 'done.json').read_text()) == reference
+  assert [r['step'] for r in rows(tmp_path / 'run', 'eval')] == [
+      r['step'] for r in rows(tiny_run, 'eval')]
+
+
 def test_a_run_made_before_a_field_existed_is_read_with_the_value_it_used(tmp_path, tiny_run):
   """config.json of a run made before binary.window_steps, model.bnn_shortcut and the binary
   package's cost switches existed: every reader sees the values that run used (0, 'real', 'cond',
