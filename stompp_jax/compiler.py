@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional
 
 import jax
 
+from stompp_jax import errors
+
 # XLA's default set is INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION and REDUCE (jaxlib 0.10.2).
 CPU_OPTIONS = {
     'xla_cpu_experimental_ynn_fusion_type':
@@ -37,19 +39,28 @@ def _flags_set_by_user() -> set[str]:
   return set(re.findall(r'--(\w+)', os.environ.get('XLA_FLAGS', '')))
 
 
+def check_setting() -> str:
+  """The value of STOMPP_JAX_CPU_COMPILER_OPTIONS, one of SETTING_VALUES ('project' when unset);
+  `experiment.check_config` calls it before a run writes anything.
+
+  Raises:
+    errors.SetupError: it is set to something else.
+  """
+  setting = os.environ.get(SETTING, 'project').strip().lower() or 'project'
+  if setting not in SETTING_VALUES:
+    raise errors.SetupError(f'{SETTING}={os.environ[SETTING]!r} is not one of'
+                            f' {", ".join(SETTING_VALUES)}: unset it for the project\'s CPU'
+                            ' options, or set it to xla for XLA\'s defaults.')
+  return setting
+
+
 def options(platform: str) -> Optional[dict[str, str]]:
   """The compiler options of the project for `platform` ('cpu', 'gpu', 'tpu'...), or None.
 
   Raises:
-    ValueError: STOMPP_JAX_CPU_COMPILER_OPTIONS is set to something else than SETTING_VALUES.
+    errors.SetupError: STOMPP_JAX_CPU_COMPILER_OPTIONS is not one of SETTING_VALUES.
   """
-  if platform != 'cpu':
-    return None
-  setting = os.environ.get(SETTING, 'project').strip().lower() or 'project'
-  if setting not in SETTING_VALUES:
-    raise ValueError(f'{SETTING}={os.environ[SETTING]!r} is not one of {SETTING_VALUES}: unset it'
-                     ' for the project\'s CPU options, or set it to xla for XLA\'s defaults.')
-  if setting == 'xla':
+  if platform != 'cpu' or check_setting() == 'xla':
     return None
   chosen = {name: value for name, value in CPU_OPTIONS.items()
             if name not in _flags_set_by_user()}

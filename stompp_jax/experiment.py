@@ -246,7 +246,9 @@ class Experiment:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Every check of `config` that needs no data, no devices and no model, each field by its
   owner (binary.* fields are checked by BinarizationConfig and ScheduleConfig when `build`
-  makes them, the binary-layer rules by BinaryRules)."""
+  makes them, the binary-layer rules by BinaryRules), and the environment's compiler setting
+  (`compiler.check_setting`)."""
+  compiler.check_setting()
   check_train_config(config.train)
   models.check_model_config(config.model)
   check_method(config)

@@ -15,6 +15,7 @@ from absl import flags
 
 from helpers import REPO
 import reliability_utils as ru
+from stompp_jax import compiler
 from stompp_jax import errors
 from stompp_jax import flag_errors
 from stompp_jax import main as cli
@@ -162,3 +163,17 @@ def test_a_bad_model_field_of_the_summary_or_the_config_export_is_one_line(tmp_p
   assert re.search(r"Unknown model\.name 'resnet19': use one of resnet18",
                    _one_error_line(output)), output
   assert not out.exists()
+
+
+def test_a_bad_compiler_setting_is_one_line_and_writes_nothing(tmp_path):
+  """STOMPP_JAX_CPU_COMPILER_OPTIONS is read before the run writes anything (compiler.py)."""
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+      [sys.executable, '-m', 'stompp_jax.main', f'--config={ru.TINY_CONFIG}',
+       f'--workdir={workdir}', *BASE], cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**ru.cli_env(1), compiler.SETTING: 'fast'})
+  assert result.returncode == errors.EXIT_BAD_INPUT, result.stderr
+  assert _one_error_line(result.stdout + result.stderr) == (
+      "Error: STOMPP_JAX_CPU_COMPILER_OPTIONS='fast' is not one of project, xla: unset it for the"
+      " project's CPU options, or set it to xla for XLA's defaults.")
+  assert not workdir.exists()
