@@ -174,7 +174,7 @@ class Experiment:
     total_steps, steps_per_epoch: from train.num_steps or train.num_epochs.
     mesh: the device mesh (axis 'data').
     net: the model, its trace and site table.
-    sites: the site tree (binary/site_tree.py): params-shaped, the site index at each binary
+    site_tree: the site tree (binary/site_tree.py): params-shaped, the site index at each binary
       kernel and None elsewhere; the optimizer and the train step read it.
     binarization: the static binarization settings.
     lr_schedule: step -> learning rate.
@@ -190,7 +190,7 @@ class Experiment:
   steps_per_epoch: int
   mesh: Mesh
   net: ModelBuild
-  sites: Any
+  site_tree: Any
   binarization: bctx.BinarizationConfig
   lr_schedule: optax.Schedule
   tx: optax.GradientTransformation
@@ -222,7 +222,7 @@ class Experiment:
     averaged metrics, per-site values)."""
     return compiler.jit(
         functools.partial(steps.train_step, model=self.model, binarization=self.binarization,
-                          sites=self.sites, tx=self.tx,
+                          sites=self.site_tree, tx=self.tx,
                           diagnostics=self.config.train.diagnostics),
         platform=self.platform,
         in_shardings=(self.state_shardings, self.batch_sharding),

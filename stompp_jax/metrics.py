@@ -94,8 +94,9 @@ class MetricWriter:
         summary_values += summary.scalar(tag, value).value
     self._events.add(step, summary_values)
 
-  def write_config(self, config: Mapping[str, Any], step: int = 0) -> None:
-    """Adds `config` (nested dict) as a TensorBoard text (JSON) and as hparams (flat fields)."""
+  def write_config(self, config: Mapping[str, Any]) -> None:
+    """Adds `config` (nested dict) at step 0 as a TensorBoard text (JSON) and as hparams (flat
+    fields)."""
     if not self._active:
       return
     from tensorboardX import summary  # pylint: disable=g-import-not-at-top
@@ -103,7 +104,7 @@ class MetricWriter:
     experiment, session_start, _ = summary.hparams(
         flat_hparams(config), {tag: 0.0 for tag in HPARAMS_METRICS})
     for proto in (text, experiment, session_start):
-      self._events.add(step, proto.value)
+      self._events.add(0, proto.value)
 
   def close(self) -> None:
     if self._active:

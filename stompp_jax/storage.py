@@ -36,8 +36,13 @@ def write_bytes(p: epath.Path, data: bytes) -> None:
     return
   with tempfile.NamedTemporaryFile('wb', dir=os.fspath(p.parent), delete=False,
                                    prefix='.tmp_') as f:
-    f.write(data)
     tmp = f.name
+    try:
+      f.write(data)
+    except BaseException:  # A full disk, say: leave no temporary file behind.
+      f.close()
+      os.unlink(tmp)
+      raise
   os.replace(tmp, os.fspath(p))
 
 

@@ -10,17 +10,20 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 
 from helpers import tiny_config
 import reliability_utils as ru
 from stompp_jax import checkpoints
 from stompp_jax import errors
+from stompp_jax import storage
 from stompp_jax import train
 from stompp_jax.data import pipeline
 from stompp_jax.data import sources
@@ -407,3 +410,22 @@ def test_cli_on_a_full_disk_stops_with_one_line_and_resumes_after_space_is_freed
   output = ru.run_cli(workdir, tmp_path / 'rerun.txt', DEVICES)
   assert _resumed_step(output) == saved[-1]
   ru.assert_bitwise_equal(ru.read_checkpoint(workdir)[1], uninterrupted[1])
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+  """storage.write_bytes (done.json, config.json, metrics) on a full disk."""
+  target = tmp_path / 'done.json'
+  target.write_text('old')
+  real = tempfile.NamedTemporaryFile
+
+  def on_a_full_disk(*args, **kwargs):
+    f = real(*args, **kwargs)
+    def write(data):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    f.write = write
+    return f
+
+  monkeypatch.setattr(storage.tempfile, 'NamedTemporaryFile', on_a_full_disk)
+  with pytest.raises(OSError, match='No space left'):
+    storage.write_bytes(epath.Path(target), b'new')
+  assert os.listdir(tmp_path) == ['done.json'] and target.read_text() == 'old'
