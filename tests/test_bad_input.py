@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from absl import flags
 
@@ -176,4 +177,24 @@ def test_a_bad_compiler_setting_is_one_line_and_writes_nothing(tmp_path):
   assert _one_error_line(result.stdout + result.stderr) == (
       "Error: STOMPP_JAX_CPU_COMPILER_OPTIONS='fast' is not one of project, xla: unset it for the"
       " project's CPU options, or set it to xla for XLA's defaults.")
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize('split', ['train', 'test'])
+def test_npz_labels_outside_the_classes_are_refused_before_anything_is_written(tmp_path, split):
+  """Either split's labels are read (not its images) before training: the eval split's were
+  read only at the first eval, after the run had trained and written its workdir."""
+  rng = np.random.default_rng(0)
+  for name, size in (('train', 64), ('test', 16)):
+    labels = np.full(size, 12) if name == split else rng.integers(0, 10, size)
+    np.savez(tmp_path / f'{name}.npz', image=rng.integers(0, 255, (size, 16, 16, 3), np.uint8),
+             label=labels)
+  workdir = tmp_path / 'run'
+  status, output = _subprocess(
+      'stompp_jax.main', f'--config={ru.TINY_CONFIG}', f'--workdir={workdir}', *BASE,
+      '--config.data.source=npz', f'--config.data.dir={tmp_path}', '--config.data.name=cifar10')
+  assert status == errors.EXIT_BAD_INPUT, output
+  assert _one_error_line(output) == (
+      f'Error: {tmp_path}/{split}.npz: labels span [12, 12], outside [0, 10): check data.name and'
+      ' data.cifar100_labels')
   assert not workdir.exists()

@@ -164,7 +164,8 @@ def describe(data_config) -> DatasetInfo:
                        _synthetic_shape(data_config), data_config.synthetic_train_size,
                        data_config.synthetic_eval_size)
   if resolved_source(data_config) == 'npz':
-    headers = [_npz_header(_npz_path(data_config, split)) for split in SPLITS]
+    headers = [_npz_header(_npz_path(data_config, split), num_classes(data_config))
+               for split in SPLITS]
     shape = headers[0][1:]
     if headers[1][1:] != shape:
       raise errors.SetupError(
@@ -368,8 +369,9 @@ def _npz_path(data_config, split: str) -> str:
   return path
 
 
-def _npz_header(path: str) -> tuple:
-  """(N, H, W, C) of the npz file's `image`, checked against its `label`, read from headers."""
+def _npz_header(path: str, classes: int) -> tuple:
+  """(N, H, W, C) of the npz file's `image`, read from its header and checked against its
+  `label`, whose values must lie in [0, classes) (the labels are read, the images are not)."""
   shapes = {}
   try:
     with zipfile.ZipFile(path) as archive:
@@ -386,6 +388,8 @@ def _npz_header(path: str) -> tuple:
                             f'(N,) ({err}): rewrite it with numpy.savez(path, image=..., label=...)'
                             ) from err
   _check_npz_shapes(path, shapes['image'], shapes['label'])
+  with np.load(path) as arrays:
+    _check_labels(arrays['label'], classes, path)
   return tuple(shapes['image'])
 
 
