@@ -174,7 +174,8 @@ def read_state(workdir: str) -> tuple[int, dict[str, Any]]:
     'opt_state', 'mask_key').
 
   Raises:
-    errors.SetupError: `workdir` has no checkpoint.
+    errors.SetupError: `workdir` has no checkpoint, or its newest one cannot be read (one line
+      that names the step to delete).
   """
   path = directory(workdir)
   if not path.is_dir():
@@ -186,8 +187,17 @@ def read_state(workdir: str) -> tuple[int, dict[str, Any]]:
     if step is None:
       raise errors.SetupError(f'No checkpoint in {path}: train the run first.')
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(fallback_sharding=device)))['state']
+    try:
+      state = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(fallback_sharding=device)))['state']
+    except Exception as error:  # pylint: disable=broad-except  # Only corruption is re-raised as ours.
+      if not is_corrupt(error):
+        raise
+      older = sorted(s for s in manager.all_steps() if s < step)
+      then = (f'delete {path / str(step)} to read step {older[-1]} instead' if older else
+              f'train the run again in a new directory')
+      raise errors.SetupError(f'The newest checkpoint, step {step} in {path}, cannot be read'
+                              f' ({_summary(error)}): {then}.') from None
   finally:
     manager.close()
   return step, state

@@ -338,6 +338,21 @@ def test_only_corruption_counts_as_a_corrupt_checkpoint(failure):
 
 
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_reading_a_corrupt_newest_checkpoint_names_the_step_to_delete(finished_run):
+  """evaluate and export read the newest checkpoint (checkpoints.read_state)."""
+  newest, older = max(ru.checkpoint_steps(finished_run)), min(ru.checkpoint_steps(finished_run))
+  step_dir = finished_run / 'checkpoints' / str(newest)
+  _truncate_array_data(step_dir)
+  with pytest.raises(errors.SetupError, match=(
+      rf'^The newest checkpoint, step {newest} in \S+, cannot be read \(.+\): delete'
+      rf' {re.escape(str(step_dir))} to read step {older} instead\.$')) as error:
+    checkpoints.read_state(str(finished_run))
+  assert '\n' not in str(error.value)
+  shutil.rmtree(step_dir)
+  assert checkpoints.read_state(str(finished_run))[0] == older
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_no_readable_checkpoint_is_one_line_error(finished_run):
   for step in ru.checkpoint_steps(finished_run):
     _truncate_array_data(finished_run / 'checkpoints' / str(step))
