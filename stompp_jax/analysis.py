@@ -8,7 +8,11 @@ writes to PLOT_DIR:
                           lines, from the first StoMPP run; the papers' saw-tooth dips sit there);
   frozen_<run>.png        per-site frozen fraction over steps (heatmap), for each StoMPP run;
   accuracy_vs_depth.png   final fully binary eval accuracy against network depth, one line per
-                          method (mean over seeds, error bars = min..max).
+                          method (mean over seeds, error bars = min..max); runs of the zoo's
+                          ResNets only (RESNET_DEPTHS), other models have no such depth.
+
+A RUN_DIR that does not exist or holds no metrics is refused before anything is written: one line
+`Error: ...`, exit status 2.
 
 The functions also work from a notebook: `run = load_run(d)`, `plot_curves([run])`, ...; each
 returns the matplotlib Figure and saves it when given `path`. Reading runs needs no matplotlib
@@ -19,18 +23,24 @@ import argparse
 import collections
 import json
 import os
-import re
 import sys
 from typing import Any, Sequence
 
 import numpy as np
 
+from stompp_jax import errors
 from stompp_jax import metrics as metrics_lib
 from stompp_jax import storage
 from stompp_jax import workdir as workdir_lib
+from stompp_jax.binary import context as bctx
 
 # The accuracy a run is judged by: the deployed (fully binary) network; fp runs have only eval_*.
 FINAL_ACCURACY_KEYS = ('eval_fully_binary_accuracy', 'eval_accuracy')
+# The depth of the zoo's ResNets by config.model.name: weighted layers on the main path (convs
+# and the classifier, not the shortcut convs), as the names count them.
+RESNET_DEPTHS = {'resnet18': 18, 'resnet34': 34, 'resnet50': 50, 'resnet20': 20, 'resnet32': 32,
+                 'resnet44': 44, 'resnet56': 56, 'resnet110': 110, 'bireal18': 18,
+                 'tiny_resnet': 6}
 
 
 def load_run(run_dir: str) -> dict[str, Any]:
@@ -47,6 +57,22 @@ def load_run(run_dir: str) -> dict[str, Any]:
   return {'dir': run_dir, 'name': storage.path(run_dir).name,
           'config': read_json(workdir_lib.CONFIG) or {}, 'rows': metrics_lib.read_metrics(run_dir),
           'done': read_json(workdir_lib.DONE)}
+
+
+def load_runs(run_dirs: Sequence[str]) -> list[dict[str, Any]]:
+  """`load_run` of each directory, in order.
+
+  Raises:
+    errors.SetupError: a directory that does not exist or holds no metrics.
+  """
+  runs = [load_run(d) for d in run_dirs]
+  for run in runs:
+    if not run['rows']:
+      what = ('holds no metrics (no rows in metrics.jsonl)' if storage.path(run['dir']).is_dir()
+              else 'does not exist')
+      raise errors.SetupError(f'Run directory {run["dir"]} {what}: give the --workdir of training'
+                              ' runs that have logged a step.')
+  return runs
 
 
 def split_rows(run: dict[str, Any], split: str) -> list[dict]:
@@ -89,18 +115,15 @@ def method_of(run: dict[str, Any]) -> str:
   config = run['config']
   model, binary = config.get('model', {}), config.get('binary', {})
   label = f"{model.get('mode', '?')} {binary.get('method', '?')}"
-  if binary.get('order', 'layerwise') != 'layerwise' and binary.get('method') in ('stompp', 'stompp_ste'):
+  if (binary.get('order', 'layerwise') != 'layerwise'
+      and binary.get('method') in bctx.PROGRESSIVE_METHODS):
     label += f" {binary['order']}"
   return label
 
 
 def depth_of(run: dict[str, Any]) -> int | None:
-  """The depth in the model's name (resnet56 -> 56), else number of binary sites + 2."""
-  match = re.search(r'(\d+)$', run['config'].get('model', {}).get('name', ''))
-  if match:
-    return int(match.group(1))
-  _, fractions = frozen_fractions(run)
-  return fractions.shape[1] + 2 if fractions.size else None
+  """The depth of the run's ResNet (RESNET_DEPTHS: resnet56 -> 56), None for other models."""
+  return RESNET_DEPTHS.get(run['config'].get('model', {}).get('name'))
 
 
 def _pyplot():
@@ -137,7 +160,7 @@ def plot_curves(runs: Sequence[dict[str, Any]], path: str | None = None, title: 
       ax_acc.plot([r['step'] for r in eval_rows], [100 * r[key] for r in eval_rows], 'o-',
                   color=color, label=run['name'], lw=1, ms=3)
   marked = next((r for r in runs
-                 if r['config'].get('binary', {}).get('method') in ('stompp', 'stompp_ste')
+                 if r['config'].get('binary', {}).get('method') in bctx.PROGRESSIVE_METHODS
                  and any(s is not None for s in freeze_starts(r))), None)
   if marked is not None:
     for start in sorted({s for s in freeze_starts(marked) if s is not None}):
@@ -191,9 +214,9 @@ def plot_accuracy_vs_depth(runs: Sequence[dict[str, Any]], path: str | None = No
     depths = sorted(by_depth)
     values = [100 * np.array(by_depth[d]) for d in depths]
     means = np.array([v.mean() for v in values])
-    errors = np.array([[m - v.min() for m, v in zip(means, values)],
-                       [v.max() - m for m, v in zip(means, values)]])
-    ax.errorbar(depths, means, yerr=errors, marker='o', capsize=3, label=method, color=f'C{i % 10}')
+    bars = np.array([[m - v.min() for m, v in zip(means, values)],
+                     [v.max() - m for m, v in zip(means, values)]])
+    ax.errorbar(depths, means, yerr=bars, marker='o', capsize=3, label=method, color=f'C{i % 10}')
   ax.set(xlabel='depth', ylabel='final eval accuracy, fully binary (%)',
          title='accuracy vs depth')
   ax.grid(alpha=0.3)
@@ -204,9 +227,12 @@ def plot_accuracy_vs_depth(runs: Sequence[dict[str, Any]], path: str | None = No
 
 
 def write_plots(run_dirs: Sequence[str], out: str) -> list[str]:
-  """Writes curves.png, frozen_<run>.png per StoMPP run and accuracy_vs_depth.png; their paths."""
-  runs = [load_run(d) for d in run_dirs]
-  runs = [r for r in runs if r['rows']]
+  """Writes curves.png, frozen_<run>.png per StoMPP run and accuracy_vs_depth.png; their paths.
+
+  Raises:
+    errors.SetupError: a run directory that `load_runs` refuses (before anything is written).
+  """
+  runs = load_runs(run_dirs)
   written = []
 
   def save(fig, name):
@@ -216,19 +242,32 @@ def write_plots(run_dirs: Sequence[str], out: str) -> list[str]:
 
   save(plot_curves(runs), 'curves.png')
   for run in runs:
-    if frozen_fractions(run)[1].size and run['config'].get('binary', {}).get('method') != 'ste':
+    if (frozen_fractions(run)[1].size
+        and run['config'].get('binary', {}).get('method') in bctx.PROGRESSIVE_METHODS):
       save(plot_frozen_heatmap(run), f'frozen_{run["name"]}.png')
   save(plot_accuracy_vs_depth(runs), 'accuracy_vs_depth.png')
   return written
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+  """argparse with its errors in one line `Error: ...` (exit status 2), not the usage text."""
+
+  def error(self, message: str):
+    errors.fail(f'{message}: python -m stompp_jax.analysis RUN_DIR [RUN_DIR ...] --out=PLOT_DIR'
+                ' (--help says more).', errors.EXIT_BAD_INPUT)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _ArgumentParser(description=__doc__.split('\n\n')[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('run_dirs', nargs='+', metavar='RUN_DIR')
   parser.add_argument('--out', default='plots', help='Directory for the PNG files.')
   args = parser.parse_args(argv)
-  for path in write_plots(args.run_dirs, args.out):
+  try:
+    written = write_plots(args.run_dirs, args.out)
+  except errors.SetupError as e:
+    errors.fail(str(e), errors.EXIT_BAD_INPUT)
+  for path in written:
     print(path)
 
 

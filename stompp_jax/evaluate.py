@@ -12,15 +12,15 @@ ImageNet validation), 'train' the train split without augmentation. A float run 
 fp) has only the second line. The run's config.json rebuilds the model; a run of your own model
 (train_and_evaluate(..., model=...)) is evaluated from Python: `evaluate_run(RUN, model=...)`.
 
-Exit status 2 with one line `Error: ...` for a directory that is not a run, a run without a
-checkpoint, or an unfinished run (no done.json) unless --allow_unfinished.
+Exit status 2 with one line `Error: ...` for a bad flag or an extra argument, a directory that
+is not a run, a run without a checkpoint, or an unfinished run (no done.json) unless
+--allow_unfinished.
 """
 
 import dataclasses
 import functools
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -30,6 +30,7 @@ from stompp_jax import checkpoints
 from stompp_jax import compiler
 from stompp_jax import errors
 from stompp_jax import experiment
+from stompp_jax import flag_errors
 from stompp_jax import recalibrate
 from stompp_jax import state as state_lib
 from stompp_jax import steps
@@ -167,8 +168,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # Only the program's name: flag_errors.parse_flags refuses any other argument.
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO.
   workdir = flags.FLAGS.workdir
   if not workdir:
@@ -191,4 +191,4 @@ if __name__ == '__main__':
                     ' run.')
   flags.DEFINE_integer('recalibrate_bn_batches', 0, 'Also evaluate the fully binary network with'
                        ' BatchNorm statistics re-estimated on this many training batches.')
-  app.run(main)
+  flag_errors.run(main, 'python -m stompp_jax.evaluate')

@@ -20,7 +20,6 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -93,8 +92,7 @@ def enable_compilation_cache() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # Only the program's name: flag_errors.parse_flags refuses any other argument.
   if flags.FLAGS['verbosity'].present:
     logging.get_absl_handler().addFilter(_hide_checkpoint_library_logs)
   else:
@@ -108,4 +106,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main, flags_parser=flag_errors.parse_flags)
+  flag_errors.run(main, 'python -m stompp_jax.main')

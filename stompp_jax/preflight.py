@@ -23,7 +23,8 @@ of 8) that fits, found by compiling. These are the compiler's figures and an est
 measured run.
 
 Exit status: 0 done (also when a config does not fit: that is a finding, printed as a line);
-2 bad input (config, topology) or libtpu missing (one line saying how to install it).
+2 bad input (a flag, an extra argument, the config, the topology) or libtpu missing, in one line
+`Error: ...` saying what to do (for libtpu: how to install it).
 
 libtpu is found as JAX finds it: $TPU_LIBRARY_PATH, else the `libtpu` package. Installed into the
 Python that also runs CPU jobs, JAX there tries the TPU first and libtpu prints a few lines at
@@ -45,16 +46,17 @@ from typing import Any, Callable, Optional
 os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
+from absl import flags  # pylint: disable=g-import-not-at-top
 import jax
 import ml_collections
 from ml_collections import config_flags
 
 from stompp_jax import errors
 from stompp_jax import experiment
+from stompp_jax import flag_errors
 from stompp_jax import recalibrate
 from stompp_jax import tpu_chips
+from stompp_jax.binary import context as bctx
 
 
 
@@ -63,7 +65,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv=None) -> 
   `stompp_jax.main` defines a --config flag of its own."""
   flags.DEFINE_string('topology', None, 'TPU slice as gcloud names it: v4-32, v5litepod-256 (or'
                       ' v5e-256), v5p-128, v6e-64...', flag_values=flag_values)
-  flags.DEFINE_list('methods', ['fp', 'ste', 'stompp', 'stompp_ste'],
+  flags.DEFINE_list('methods', list(bctx.METHODS),
                     'binary.method values to compile; fp first gives the ratios.',
                     flag_values=flag_values)
   flags.DEFINE_bool('find_max_batch', False, 'Also find the largest per-chip train batch that'
@@ -374,10 +376,9 @@ def check_request(config: ml_collections.ConfigDict, topology: Optional[str], me
     slice_ = tpu_chips.parse_slice(topology)
   except ValueError as e:
     raise errors.SetupError(str(e)) from None
-  bad = [m for m in methods if m not in ('fp', 'ste', 'stompp', 'stompp_ste')]
-  if bad or not methods:
-    raise errors.SetupError(f'--methods={",".join(methods)}: use some of fp, ste, stompp,'
-                            ' stompp_ste.')
+  if not methods or set(methods) - set(bctx.METHODS):
+    raise errors.SetupError(f'--methods={",".join(methods)}: use some of'
+                            f' {", ".join(bctx.METHODS)}.')
   if per_chip_batch < 0:
     raise errors.SetupError(f'--per_chip_batch={per_chip_batch}: use a positive number, or 0'
                             ' for the config\'s batch.')
@@ -400,7 +401,8 @@ def preflight(config: ml_collections.ConfigDict, topology: str, methods: list[st
   """Compiles every method of `config` for `topology` and returns the figures (the JSON's dict).
 
   Raises:
-    errors.SetupError: a bad topology, method or batch (`check_request`), or libtpu missing.
+    errors.SetupError: a bad topology, method or batch (`check_request`), libtpu missing, or a
+      config that `experiment.build` refuses (`compile_steps`).
   """
   slice_, global_batch = check_request(config, topology, methods, per_chip_batch=per_chip_batch,
                                        max_batch=max_batch)
@@ -418,10 +420,7 @@ def preflight(config: ml_collections.ConfigDict, topology: str, methods: list[st
          'libtpu': libtpu_version(path), 'jax': jax.__version__, 'note': NOTE, 'methods': {}}
   for method in methods:
     cfg = method_config(config, method, global_batch)
-    try:
-      exp, steps = compile_steps(cfg, devices, chip)
-    except ValueError as e:
-      raise errors.SetupError(' '.join(str(e).split())) from None
+    exp, steps = compile_steps(cfg, devices, chip)
     result = {'model': cfg.model.name, 'mode': cfg.model.mode, 'dtype': cfg.model.dtype,
               'per_chip_batch': global_batch // chips,
               'eval_per_chip_batch': exp.eval_batch_size // chips,
@@ -457,8 +456,7 @@ def _from_flags() -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # Only the program's name: flag_errors.parse_flags refuses any other argument.
   jax.config.update('jax_platforms', 'cpu')  # The host runs nothing; the TPU only compiles.
   try:
     result = _from_flags()
@@ -479,4 +477,4 @@ def main(argv):
 if __name__ == '__main__':
   define_flags()
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  flag_errors.run(main, 'python -m stompp_jax.preflight')

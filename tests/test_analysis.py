@@ -2,11 +2,14 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 
 from stompp_jax import analysis
+from stompp_jax import errors
+from stompp_jax import models
 
 
 def write_run(root, name, *, model='resnet20', mode='bnn', method='stompp', order='layerwise',
@@ -67,14 +70,20 @@ def test_a_last_line_cut_short_by_a_kill_is_skipped(tmp_path):
       'step': 9, 'split': 'train', 'loss': 1.0}
 
 
-def test_fp_run_and_unnamed_depth(tmp_path):
+def test_fp_run_and_the_depth_of_models_without_one_in_their_name(tmp_path):
   fp = analysis.load_run(write_run(tmp_path, 'fp', mode='fp', method='fp', accuracies=(0.4, 0.6)))
   assert analysis.final_accuracy(fp) == pytest.approx(0.61)  # eval_accuracy: no binary eval.
   assert analysis.freeze_starts(fp) == []
   tiny = analysis.load_run(write_run(tmp_path, 'tiny', model='tiny_resnet', num_sites=4))
-  assert analysis.depth_of(tiny) == 6  # 4 binary sites + stem + classifier.
+  assert analysis.depth_of(tiny) == 6  # Stem, two blocks of two convs, classifier.
+  mobilenet = analysis.load_run(write_run(tmp_path, 'mobilenet', model='mobilenet_v2'))
+  assert analysis.depth_of(mobilenet) is None  # Not 2: no ResNet depth.
   reverse = analysis.load_run(write_run(tmp_path, 'rev', order='reverse'))
   assert analysis.method_of(reverse) == 'bnn stompp reverse'
+
+
+def test_every_resnet_of_the_zoo_has_a_depth():
+  assert set(analysis.RESNET_DEPTHS) == set(models.MODEL_NAMES) - {'mobilenet_v2'}
 
 
 def test_accuracy_by_depth_groups_seeds(tmp_path):
@@ -99,3 +108,16 @@ def test_main_writes_pngs(tmp_path):
   for name in names:
     with open(out / name, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('case', ['missing', 'no metrics'])
+def test_a_directory_without_metrics_is_refused_before_any_plot(tmp_path, case):
+  good = write_run(tmp_path / 'runs', 'stompp')
+  bad = tmp_path / 'runs' / 'bad'
+  if case == 'no metrics':
+    bad.mkdir()
+  out = tmp_path / 'plots'
+  message = 'does not exist' if case == 'missing' else 'holds no metrics'
+  with pytest.raises(errors.SetupError, match=re.escape(f'Run directory {bad} {message}')):
+    analysis.write_plots([good, str(bad)], str(out))
+  assert not out.exists()

@@ -55,6 +55,7 @@ from stompp_jax.binary.choices import check_choice
 from stompp_jax.errors import SetupError
 
 METHODS = ('fp', 'ste', 'stompp', 'stompp_ste')
+PROGRESSIVE_METHODS = ('stompp', 'stompp_ste')  # The methods that freeze sites on a schedule.
 # field -> (CPU's choice, every other platform's choice): the field's two values, and what its
 # 'auto' picks.
 PLATFORM_CHOICES = {'masks_by': ('cond', 'select'), 'residuals': ('packed', 'bool'),

@@ -4,6 +4,8 @@
         --config.model.name=resnet18 --config.data.name=imagenet2012
 
 prints the table of `render(summarize(...))` for the configured model, mode and binary rules.
+Bad input (a flag, an extra argument, the config) prints one line `Error: ...` and exits
+with status 2.
 
 Everything comes from the model itself: its one abstract trace (models/inspect.py) records
 every conv, dense and BatchNorm call with its output shape and its variables, in forward order; the rows must add up to the whole variable tree (checked). What is counted:
@@ -25,13 +27,13 @@ import dataclasses
 import math
 from typing import Any
 
-from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
 from ml_collections import config_flags
 
 from stompp_jax import errors
+from stompp_jax import flag_errors
 from stompp_jax import layers
 from stompp_jax import models
 from stompp_jax import sites
@@ -212,8 +214,7 @@ def render(summary: Summary) -> str:
 
 
 def _main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
+  del argv  # Only the program's name: flag_errors.parse_flags refuses any other argument.
   config = _CONFIG.value
   try:
     models.check_model_config(config.model)
@@ -229,4 +230,4 @@ def _main(argv):
 if __name__ == '__main__':
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/default.py.')
   flags.mark_flags_as_required(['config'])
-  app.run(_main)
+  flag_errors.run(_main, 'python -m stompp_jax.models.summary')
