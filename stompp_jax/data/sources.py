@@ -20,6 +20,7 @@ import zipfile
 import numpy as np
 
 from stompp_jax import errors
+from stompp_jax import storage
 from stompp_jax.binary.choices import check_at_least
 from stompp_jax.data import cifar_archive
 
@@ -83,7 +84,7 @@ def summary_line(data_config, info: DatasetInfo) -> str:
 def tfds_prepared(directory: str, name: str) -> bool:
   """Whether the tfds data_dir `directory` holds `name` prepared in array_record format
   (`NAME/[CONFIG/]VERSION/dataset_info.json` beside `*.array_record*` shards). Reads no data."""
-  if '://' in directory:
+  if not storage.is_local(directory):
     return False
   for pattern in ('*', '*/*'):
     for info in glob.glob(os.path.join(glob.escape(directory), name, pattern,
@@ -100,7 +101,7 @@ def resolved_source(data_config) -> str:
   if data_config.source != 'auto':
     return data_config.source
   directory = data_dir(data_config)
-  if (data_config.name not in cifar_archive.FORMATS or '://' in directory
+  if (data_config.name not in cifar_archive.FORMATS or not storage.is_local(directory)
       or tfds_prepared(directory, data_config.name)):
     return 'tfds'
   return 'cifar_archive'
@@ -118,7 +119,7 @@ def check_data_location(data_config) -> None:
         ' directly: mount the bucket on every host with Cloud Storage FUSE (launch/tpu_vm.sh'
         ' mount-data) and set data.dir to the mounted folder, e.g.'
         ' /mnt/stompp_data/tensorflow_datasets (docs/data.md)')
-  if source in ('cifar_archive', 'npz') and '://' in directory:
+  if source in ('cifar_archive', 'npz') and not storage.is_local(directory):
     raise errors.SetupError(f'data.source={source} reads a local directory, not '
                             f'{directory}: copy the files to local disk or use data.source=tfds')
 
@@ -145,7 +146,7 @@ def requirement(data_config) -> str | None:
 def data_dir(data_config) -> str:
   """`data.dir`, else $STOMPP_DATA_DIR, else ~/stompp_data; local paths made absolute."""
   directory = data_config.dir or os.environ.get('STOMPP_DATA_DIR') or '~/stompp_data'
-  if '://' in directory:
+  if not storage.is_local(directory):
     return directory
   return os.path.abspath(os.path.expanduser(directory))
 
