@@ -145,3 +145,18 @@ def test_every_link_to_a_section_finds_its_heading():
       if fragment not in {_slug(h) for h in headings}:
         broken.append(f'{path}: {target}#{fragment}')
   assert not broken, broken
+
+
+def test_every_test_a_page_names_exists():
+  """`FILE.py::test_name` and `::test_name` (a test of the page's test file) in the docs."""
+  defined = {path.name: set(re.findall(r'^def (test_\w+)\(', path.read_text(), re.M))
+             for path in (REPO / 'tests').glob('test_*.py')}
+  everywhere = set().union(*defined.values())
+  pages = [README, REPO / 'CONTRIBUTING.md', REPO / 'launch' / 'README.md',
+           *sorted((REPO / 'docs').glob('*.md'))]
+  missing = []
+  for page in pages:
+    for file_name, test in re.findall(r'(test_\w+\.py)?::(test_\w+)', page.read_text()):
+      if test not in (defined.get(file_name, set()) if file_name else everywhere):
+        missing.append(f'{page.name}: {file_name}::{test}')
+  assert not missing, missing
