@@ -17,6 +17,7 @@ from stompp_jax import checkpoints
 from stompp_jax import errors
 from stompp_jax import experiment
 from stompp_jax import models
+from stompp_jax import storage
 from stompp_jax import train
 from stompp_jax.binary import context as bctx
 from stompp_jax.data import pipeline
@@ -264,3 +265,79 @@ def test_export_can_fold_recalibrated_batch_norm_statistics(trained_runs, tmp_pa
   assert_export_matches(str(tmp_path), config, recalibrated, eval_images(config))  # ... folded.
   with pytest.raises(errors.SetupError, match='recalibrate_bn_batches=-1'):
     sources.export_workdir(workdir, str(tmp_path / 'no'), recalibrate_bn_batches=-1)
+
+
+def test_a_rewrite_interrupted_at_any_file_leaves_no_manifest_beside_other_tensors(
+    trained_runs, tmp_path, monkeypatch):
+  old, new = (sources.fold_workdir(trained_runs[mode][0]) for mode in ('bnn', 'bwn'))
+
+  def assert_one_export_whole():
+    """No manifest, or a manifest with exactly the tensors written with it."""
+    if not (tmp_path / files.MANIFEST).exists():
+      return
+    manifest, stored = files.read(str(tmp_path))
+    written = next(tensors for m, tensors in (old, new) if m == manifest)
+    assert stored.keys() == written.keys()
+    for name, array in stored.items():
+      np.testing.assert_array_equal(array, written[name].array)
+
+  class Killed(BaseException):
+    pass
+
+  write_bytes = storage.write_bytes
+  for killed_at in range(2):  # tensors.npz, then manifest.json
+    files.write(str(tmp_path), *old)
+    calls = []
+
+    def dies(path, data, killed_at=killed_at, calls=calls):
+      calls.append(path)
+      if len(calls) > killed_at:
+        raise Killed(path)
+      write_bytes(path, data)
+
+    monkeypatch.setattr(storage, 'write_bytes', dies)
+    with pytest.raises(Killed):
+      files.write(str(tmp_path), *new)
+    monkeypatch.setattr(storage, 'write_bytes', write_bytes)
+    assert_one_export_whole()
+  files.write(str(tmp_path), *new)
+  assert files.read(str(tmp_path))[0] == new[0]
+
+
+@pytest.mark.parametrize('argv', [['--bogus=1'], ['--recalibrate_bn_batches=many'], ['extra'],
+                                  ['--allow_unfinished=maybe']])
+def test_cli_bad_flag_or_extra_argument_is_one_line_and_writes_nothing(tiny_run, tmp_path, argv):
+  out = tmp_path / 'out'
+  result = subprocess.run([sys.executable, '-m', 'stompp_jax.export', f'--workdir={tiny_run}',
+                           f'--out={out}', *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == errors.EXIT_BAD_INPUT, result
+  assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith('Error: '), result
+  assert not out.exists()
+
+
+# The export's command line with `sources.export_config` raising the exception given in argv[1].
+_RAISING_EXPORT = '''
+import runpy, sys
+from stompp_jax.export import program, sources
+raised = NotImplementedError if sys.argv.pop(1) == 'jax' else program.UnsupportedModelError
+def export_config(*args, **kwargs):
+  raise raised('raised inside the export')
+sources.export_config = export_config
+runpy.run_module('stompp_jax.export', run_name='__main__', alter_sys=True)
+'''
+
+
+@pytest.mark.parametrize('raised', ['jax', 'export'])
+def test_cli_reports_only_the_exports_own_unsupported_model_as_bad_input(tmp_path, raised):
+  out = tmp_path / 'out'
+  result = subprocess.run([sys.executable, '-c', _RAISING_EXPORT, raised,
+                           '--config=configs/tiny.py', f'--out={out}'], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  if raised == 'export':  # A model the export cannot walk: bad input, one line.
+    assert result.returncode == errors.EXIT_BAD_INPUT, result
+    assert result.stderr == 'Error: Not exported: raised inside the export\n', result
+  else:  # Any other NotImplementedError (JAX's, a bug): a traceback, exit status 1.
+    assert result.returncode == errors.EXIT_ERROR, result
+    assert 'Traceback' in result.stderr and 'NotImplementedError' in result.stderr, result
+  assert not out.exists()

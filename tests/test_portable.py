@@ -1,8 +1,10 @@
 """The portable export: a jax.export artefact run in a process that cannot import the project."""
 
 import os
+import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -103,3 +105,40 @@ def test_the_command_writes_both_exports_and_refuses_a_missing_run(runs, tmp_pat
   missing = export(tmp_path / 'nothing', tmp_path / 'none')
   assert missing.returncode == 2 and missing.stderr.startswith('Error: '), missing
   assert not (tmp_path / 'none').exists()
+
+
+def test_an_unfinished_run_is_exported_only_with_allow_unfinished(tiny_run, tmp_path):
+  preempted = tmp_path / 'preempted'  # Killed after its checkpoint at step 6 of 12.
+  shutil.copytree(tiny_run, preempted)
+  (preempted / 'done.json').unlink()
+  shutil.rmtree(preempted / 'checkpoints' / '12')
+  out = tmp_path / 'out'
+
+  def export(*flags):
+    return subprocess.run([sys.executable, '-m', 'stompp_jax.export', f'--workdir={preempted}',
+                           f'--out={out}', *flags], cwd=helpers.REPO, capture_output=True,
+                          text=True, timeout=600)
+
+  refused = export()
+  assert refused.returncode == 2, refused
+  assert refused.stderr == (f'Error: {preempted} is unfinished (no done.json; newest checkpoint'
+                            ' at step 6): rerun its training command to finish it, or pass'
+                            ' --allow_unfinished to export step 6.\n'), refused
+  assert not out.exists()
+  exported = export('--allow_unfinished')
+  assert exported.returncode == 0, exported.stderr
+  assert sorted(os.listdir(out)) == ['manifest.json', 'model.jax_export', 'tensors.npz']
+  assert inference.load(str(out)).manifest['source']['step'] == 6
+
+
+def test_a_failed_rewrite_keeps_the_previous_artefact(runs, tmp_path, monkeypatch):
+  (tmp_path / portable.FILE).write_bytes(b'the previous export')
+
+  def serialize():
+    raise RuntimeError('killed while writing')
+
+  monkeypatch.setattr(portable, 'export_inference',
+                      lambda *args: types.SimpleNamespace(serialize=serialize))
+  with pytest.raises(RuntimeError, match='killed while writing'):
+    portable.export_run(str(runs[0]), str(tmp_path))
+  assert (tmp_path / portable.FILE).read_bytes() == b'the previous export'

@@ -1,9 +1,10 @@
 """The export on disk (docs/export.md): DIR/manifest.json and DIR/tensors.npz, and its size report.
 
-    files.write(out_dir, manifest, tensors)            # both files, manifest last
+    files.write(out_dir, manifest, tensors)            # both files, each whole, manifest last
     manifest, arrays = files.read(out_dir)             # reads nothing else
 """
 
+import io
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from stompp_jax import storage
 from stompp_jax import tables
 from stompp_jax.export.fold import Tensor
 
@@ -61,12 +63,19 @@ def make_manifest(*, model: dict[str, Any], source: dict[str, Any], ops: list[di
 
 
 def write(out_dir: str, manifest: dict, tensors: dict[str, Tensor]) -> None:
-  """Creates `out_dir` if missing and (over)writes tensors.npz, then manifest.json."""
-  os.makedirs(out_dir, exist_ok=True)
-  np.savez(os.path.join(out_dir, TENSORS), **{name: t.array for name, t in tensors.items()})
-  with open(os.path.join(out_dir, MANIFEST), 'w', encoding='utf-8') as f:
-    json.dump(manifest, f, indent=1)
-    f.write('\n')
+  """(Over)writes tensors.npz, then manifest.json, in `out_dir` (local or gs://; created if
+  missing), each file whole (`storage.write_bytes`).
+
+  The old manifest is removed first: a reader, or a write that fails halfway, finds either no
+  manifest or one beside its own tensors, never an old manifest beside new tensors.
+  """
+  directory = storage.path(out_dir)
+  stored = io.BytesIO()
+  np.savez(stored, **{name: t.array for name, t in tensors.items()})
+  text = json.dumps(manifest, indent=1) + '\n'
+  (directory / MANIFEST).unlink(missing_ok=True)
+  storage.write_bytes(directory / TENSORS, stored.getvalue())
+  storage.write_text(directory / MANIFEST, text)
 
 
 def read(directory: str) -> tuple[dict, dict[str, np.ndarray]]:

@@ -2,6 +2,7 @@
 
     python -m stompp_jax.export --workdir=RUN --out=DIR      # also writes DIR/model.jax_export
     portable.export_run(RUN, DIR, model=MyNet())             # a run of your own model
+    portable.export_run(RUN, DIR, allow_unfinished=True)     # a run without done.json
 
 Run it wherever JAX runs, without this project (nor Flax) installed:
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stompp_jax import evaluate
+from stompp_jax import storage
 from stompp_jax.binary import context as bctx
 from stompp_jax.data import pipeline
 
@@ -62,19 +64,33 @@ def export_inference(infer: Callable[[jax.Array], jax.Array],
   return jax.export.export(jax.jit(infer), platforms=PLATFORMS)(spec)
 
 
-def export_run(workdir: str, out_dir: str, *, model: Any = None) -> str:
-  """Writes out_dir/FILE for the newest checkpoint of the finished run in `workdir`.
+def exported_run(workdir: str, *, model: Any = None,
+                 allow_unfinished: bool = False) -> jax.export.Exported:
+  """The artefact of the newest checkpoint of the run in `workdir`, not written.
 
-  `model`: the Linen model of a run of your own model (None: the zoo model of its config).
-  Returns the path written.
+  `model`: the Linen model of a run of your own model (None: the zoo model of its config);
+  `allow_unfinished`: accept a run that has not finished (`evaluate.load_run`).
+
+  Raises:
+    evaluate.RunError, errors.SetupError: as `evaluate.load_run` (no run, an unfinished run, no
+      checkpoint).
   """
-  run = evaluate.load_run(workdir, model=model)
+  run = evaluate.load_run(workdir, model=model, allow_unfinished=allow_unfinished)
   variables = jax.device_get({'params': run.state.params, 'batch_stats': run.state.batch_stats})
   infer = fully_binary_inference(run.model, variables, run.binarization,
                                  *pipeline.normalization(run.config.data))
-  exported = export_inference(infer, tuple(run.info.image_shape))
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, FILE)
-  with open(path, 'wb') as f:
-    f.write(exported.serialize())
-  return path
+  return export_inference(infer, tuple(run.info.image_shape))
+
+
+def write(out_dir: str, exported: jax.export.Exported) -> str:
+  """(Over)writes out_dir/FILE whole (`storage.write_bytes`; local or gs://, `out_dir` created
+  if missing); returns its path."""
+  storage.write_bytes(storage.path(out_dir) / FILE, exported.serialize())
+  return os.path.join(out_dir, FILE)
+
+
+def export_run(workdir: str, out_dir: str, *, model: Any = None,
+               allow_unfinished: bool = False) -> str:
+  """Writes out_dir/FILE for the newest checkpoint of the run in `workdir` (`exported_run`);
+  returns the path written."""
+  return write(out_dir, exported_run(workdir, model=model, allow_unfinished=allow_unfinished))

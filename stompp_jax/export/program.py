@@ -33,6 +33,10 @@ from stompp_jax.models import resnet
 from stompp_jax.models import summary as summary_lib
 
 
+class UnsupportedModelError(NotImplementedError):
+  """A model, or a layer of it, that the export cannot walk (the message says which)."""
+
+
 def _json_padding(padding: Any) -> Any:
   return padding if isinstance(padding, str) else [list(map(int, p)) for p in padding]
 
@@ -113,14 +117,14 @@ class ProgramBuilder:
       return self._emit('dense', input=self._layer_input(x, path), **self._kernel_and_bias(path))
     groups = module.feature_group_count
     if groups != 1 and self._precisions[path] == 'binary':
-      raise NotImplementedError(f'{path}: grouped binary convs are not exported yet.')
+      raise UnsupportedModelError(f'{path}: grouped binary convs are not exported yet.')
     return self._emit('conv', input=self._layer_input(x, path),
                       **self._kernel_and_bias(path, groups), strides=list(module.strides),
                       padding=_json_padding(module.padding), groups=groups)
 
   def _batch_norm(self, x: str, path: str, module: nn.BatchNorm) -> str:
     if not (module.use_scale and module.use_bias):
-      raise NotImplementedError(f'{path}: BatchNorm without scale or bias is not exported.')
+      raise UnsupportedModelError(f'{path}: BatchNorm without scale or bias is not exported.')
     mean = self._variable('batch_stats', f'{path}/mean')
     multiplier = fold.batch_norm_multiplier(self._variable('batch_stats', f'{path}/var'),
                                             self._variable('params', f'{path}/scale'),
@@ -189,11 +193,12 @@ def resnet_program(builder: ProgramBuilder, trace: inspect.Trace) -> None:
 
 
 def check_exportable(model: nn.Module, model_name: str) -> None:
-  """NotImplementedError for a model the export cannot walk (anything but a models/resnet.py ResNet)."""
+  """UnsupportedModelError for a model the export cannot walk (anything but a models/resnet.py
+  ResNet)."""
   if not isinstance(model, resnet.ResNet) or not issubclass(
       model.block_cls, (resnet.BasicBlock, resnet.BottleneckBlock)):
-    raise NotImplementedError(f'Export supports the ResNets of models/resnet.py; '
-                              f'{model_name} is not supported yet.')
+    raise UnsupportedModelError(f'Export supports the ResNets of models/resnet.py; '
+                                f'{model_name} is not supported yet.')
 
 
 def build_program(model_config: Any, variables: dict, *, trace: inspect.Trace,
@@ -208,7 +213,7 @@ def build_program(model_config: Any, variables: dict, *, trace: inspect.Trace,
     summary: the model summary of the same trace (each layer's precision).
 
   Raises:
-    NotImplementedError: a grouped binary conv, or a BatchNorm without scale or bias.
+    UnsupportedModelError: a grouped binary conv, or a BatchNorm without scale or bias.
     ValueError: a variable of the model is not in the export (the wiring missed a layer).
   """
   precisions = {r.path: r.precision for r in summary.rows if r.kind != 'batch_norm'}

@@ -1,6 +1,7 @@
 """What is exported: a run's newest checkpoint, an initialized model, or given variables.
 
     manifest = sources.export_workdir('RUN', 'DIR')          # RUN/config.json builds the model
+    manifest, tensors = sources.fold_workdir('RUN')          # the same, nothing written
     manifest = sources.export_config(config, 'DIR')          # sizes of an untrained model
     manifest = sources.export_variables('DIR', config=..., variables=..., ...)
 """
@@ -22,6 +23,7 @@ from stompp_jax.binary.choices import check_at_least
 from stompp_jax.data import pipeline
 from stompp_jax.export import files
 from stompp_jax.export import program
+from stompp_jax.export.fold import Tensor
 
 
 def _count(tree: Any) -> int:
@@ -33,27 +35,31 @@ def exportable_build(config: Any, *, num_classes: int,
   """The model of `config` and its one trace, once the export has accepted the model.
 
   Raises:
-    NotImplementedError: the model is not a ResNet of models/resnet.py (`check_exportable`).
+    program.UnsupportedModelError: the model is not a ResNet of models/resnet.py
+      (`check_exportable`).
   """
   net = experiment.build_model(config, num_classes=num_classes, image_shape=image_shape)
   program.check_exportable(net.model, config.model.name)
   return net
 
 
-def export_variables(out_dir: str, *, config: Any, variables: dict, num_classes: int,
-                     image_shape: tuple[int, int, int], source: dict[str, Any],
-                     checkpoint_state_bytes: Optional[int] = None,
-                     net: Optional[experiment.ModelBuild] = None) -> dict:
-  """Exports `variables` of the model `model_config` describes into `out_dir`; returns the manifest.
+def fold_variables(*, config: Any, variables: dict, num_classes: int,
+                   image_shape: tuple[int, int, int], source: dict[str, Any],
+                   checkpoint_state_bytes: Optional[int] = None,
+                   net: Optional[experiment.ModelBuild] = None) -> tuple[dict, dict[str, Tensor]]:
+  """(manifest, tensors) of the export of `variables` of the model `config` describes; nothing
+  is written (`files.write` writes them).
 
   Args:
-    out_dir: created if missing; manifest.json and tensors.npz are (over)written.
     config: the run's ConfigDict (its `model` section builds the model).
     variables: {'params', 'batch_stats'} (float32 latent weights and statistics).
     num_classes, image_shape: as the model was built for training.
     source: where the variables come from (workdir and step, or config).
     checkpoint_state_bytes: the size on disk of the train state they were restored from.
     net: `exportable_build` of the same config and shapes, when the caller has it already.
+
+  Raises:
+    program.UnsupportedModelError: a model or a layer the export does not support.
   """
   model_config = config.model
   if net is None:
@@ -68,19 +74,31 @@ def export_variables(out_dir: str, *, config: Any, variables: dict, num_classes:
       source=source, ops=ops, tensors=tensors, float32_model_bytes=4 * _count(variables),
       summary_memory_bytes=summary.memory_bytes, summary_compression=summary.compression,
       checkpoint_state_bytes=checkpoint_state_bytes)
+  return manifest, tensors
+
+
+def export_variables(out_dir: str, **fold_args: Any) -> dict:
+  """Writes `fold_variables(**fold_args)` into `out_dir` (manifest.json and tensors.npz, created
+  or overwritten: `files.write`); returns the manifest."""
+  manifest, tensors = fold_variables(**fold_args)
   files.write(out_dir, manifest, tensors)
   return manifest
 
 
-def export_workdir(workdir: str, out_dir: str, recalibrate_bn_batches: int = 0) -> dict:
-  """Exports the newest checkpoint of the run in `workdir` (its config.json builds the model).
+def fold_workdir(workdir: str, recalibrate_bn_batches: int = 0, *,
+                 allow_unfinished: bool = False) -> tuple[dict, dict[str, Tensor]]:
+  """(manifest, tensors) of the export of the newest checkpoint of the run in `workdir` (its
+  config.json builds the model); nothing is written.
 
   `recalibrate_bn_batches` > 0 folds BatchNorm statistics re-estimated on the fully binary
   network over that many of the run's training batches (stompp_jax/recalibrate.py) instead of
   the running statistics; 0 (the default: docs/export.md says why) keeps the latter.
+  `allow_unfinished` accepts a run without done.json (preempted or still training).
 
   Raises:
-    errors.SetupError: `workdir` is not a run directory with a config and a checkpoint.
+    errors.SetupError: `workdir` is not a run directory with a config and a checkpoint, or the
+      run is unfinished and not `allow_unfinished`.
+    program.UnsupportedModelError: a model or a layer the export does not support.
   """
   check_at_least('--recalibrate_bn_batches', recalibrate_bn_batches, 0)
   if not storage.path(workdir).is_dir():
@@ -92,16 +110,28 @@ def export_workdir(workdir: str, out_dir: str, recalibrate_bn_batches: int = 0) 
                             ' a trained run (the --workdir of its training command).')
   config = ml_collections.ConfigDict(config)
   step, variables, state_bytes = checkpoints.read_variables(workdir)
-  _, image_shape = pipeline.input_shape(config.data)
-  num_classes = variables['params']['classifier']['kernel'].shape[-1]
+  if workdir_lib.read_done(workdir) is None and not allow_unfinished:
+    raise errors.SetupError(f'{workdir} is unfinished (no {workdir_lib.DONE}; newest checkpoint'
+                            f' at step {step}): rerun its training command to finish it, or'
+                            f' pass --allow_unfinished to export step {step}.')
+  num_classes, image_shape = pipeline.input_shape(config.data)
   net = exportable_build(config, num_classes=num_classes, image_shape=image_shape)
   source = dict(workdir=str(storage.path(workdir)), step=int(step))
   if recalibrate_bn_batches:
     variables = _recalibrated(config, net, variables, recalibrate_bn_batches)
     source['recalibrated_bn_batches'] = recalibrate_bn_batches
-  return export_variables(out_dir, config=config, variables=variables,
-                          num_classes=num_classes, image_shape=image_shape, source=source,
-                          checkpoint_state_bytes=state_bytes, net=net)
+  return fold_variables(config=config, variables=variables, num_classes=num_classes,
+                        image_shape=image_shape, source=source,
+                        checkpoint_state_bytes=state_bytes, net=net)
+
+
+def export_workdir(workdir: str, out_dir: str, recalibrate_bn_batches: int = 0, *,
+                   allow_unfinished: bool = False) -> dict:
+  """Writes `fold_workdir(workdir, ...)` into `out_dir` (`files.write`); returns the manifest."""
+  manifest, tensors = fold_workdir(workdir, recalibrate_bn_batches,
+                                   allow_unfinished=allow_unfinished)
+  files.write(out_dir, manifest, tensors)
+  return manifest
 
 
 def _recalibrated(config, net: experiment.ModelBuild, variables, num_batches: int) -> dict:
@@ -121,7 +151,8 @@ def export_config(config: ml_collections.ConfigDict, out_dir: str,
 
   Raises:
     errors.SetupError: a bad config field (nothing is written).
-    NotImplementedError: a model the export does not support (before compiling its init).
+    program.UnsupportedModelError: a model the export does not support (before compiling its
+      init).
   """
   experiment.check_config(config)
   num_classes, image_shape = pipeline.input_shape(config.data)
