@@ -316,6 +316,20 @@ def test_cli_bad_flag_or_extra_argument_is_one_line_and_writes_nothing(tiny_run,
   assert not out.exists()
 
 
+@pytest.mark.parametrize('flag', ['--allow_unfinished', '--recalibrate_bn_batches=20'])
+def test_cli_refuses_a_run_flag_with_config(tmp_path, flag):
+  """They apply to the export of a run only; with --config they would be ignored."""
+  out = tmp_path / 'out'
+  result = subprocess.run([sys.executable, '-m', 'stompp_jax.export', '--config=configs/tiny.py',
+                           f'--out={out}', flag], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == errors.EXIT_BAD_INPUT, result
+  assert result.stderr == (f'Error: {flag.split("=")[0]} with --config: they apply to the export'
+                           ' of a run; use --workdir=RUN, or drop them for the initialized'
+                           ' model.\n'), result
+  assert not out.exists()
+
+
 # The export's command line with `sources.export_config` raising the exception given in argv[1].
 _RAISING_EXPORT = '''
 import runpy, sys

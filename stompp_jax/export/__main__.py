@@ -20,7 +20,6 @@ what to do` and nothing written; 1 any other error.
 import os
 from typing import Optional
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -32,27 +31,6 @@ from stompp_jax.export import files
 from stompp_jax.export import portable
 from stompp_jax.export import program
 from stompp_jax.export import sources
-
-
-def _gives_config(argv: list[str]) -> bool:
-  """Whether `argv` gives --config, as absl parses it (--config=X, --config X, -config=X)."""
-  config_only = flags.FlagValues()
-  flags.DEFINE_string('config', None, 'The --config flag alone.', flag_values=config_only)
-  config_only(argv, known_only=True)
-  return config_only['config'].present
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing with one-line errors (exit 2). `flag_errors.parse_flags` reads the
-  config once parsed, so it takes only the command lines that give --config; an error of the
-  others (no config to read: the export of a run) is reported here."""
-  if _gives_config(argv):
-    return flag_errors.parse_flags(argv)
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    errors.fail(f'{str(e).strip().splitlines()[0]}: python -m stompp_jax.export --helpshort'
-                ' lists the flags.', errors.EXIT_BAD_INPUT)
 
 
 def export_run(workdir: str, out: str, recalibrate_bn_batches: int,
@@ -72,13 +50,17 @@ def export_run(workdir: str, out: str, recalibrate_bn_batches: int,
 
 
 def main(argv):
-  if len(argv) > 1:
-    errors.fail(f'unexpected arguments {" ".join(argv[1:])!r}: the export takes flags only'
-                ' (python -m stompp_jax.export --helpshort lists them).', errors.EXIT_BAD_INPUT)
+  del argv  # Flags only (flag_errors.run refuses other arguments).
   workdir, config, out = flags.FLAGS.workdir, flags.FLAGS.config, flags.FLAGS.out
   if (workdir is None) == (config is None):
     errors.fail('give exactly one of --workdir and --config: --workdir=RUN exports a trained run,'
           ' --config=FILE the initialized model of a config.', errors.EXIT_BAD_INPUT)
+  run_only = [f'--{name}' for name in ('recalibrate_bn_batches', 'allow_unfinished')
+              if flags.FLAGS[name].present]
+  if config is not None and run_only:
+    errors.fail(f'{" and ".join(run_only)} with --config: they apply to the export of a run;'
+                ' use --workdir=RUN, or drop them for the initialized model.',
+                errors.EXIT_BAD_INPUT)
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO.
   try:
     if workdir is not None:
@@ -114,4 +96,4 @@ if __name__ == '__main__':  # Flags defined here only: stompp_jax.main defines -
       ' not finished (no done.json: preempted or still training).')
   config_flags.DEFINE_config_file(
       'config', None, 'Instead of --workdir: export the initialized model of this config.')
-  app.run(main, flags_parser=parse_flags)
+  flag_errors.run(main, 'python -m stompp_jax.export')
