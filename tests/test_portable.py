@@ -142,3 +142,20 @@ def test_a_failed_rewrite_keeps_the_previous_artefact(runs, tmp_path, monkeypatc
   with pytest.raises(RuntimeError, match='killed while writing'):
     portable.export_run(str(runs[0]), str(tmp_path))
   assert (tmp_path / portable.FILE).read_bytes() == b'the previous export'
+
+
+def test_both_exports_fold_the_same_re_estimated_statistics(runs, tmp_path):
+  """`--recalibrate_bn_batches`: the artefact computes what the bit-packed export computes."""
+  zoo = str(runs[0])
+  result = subprocess.run([sys.executable, '-m', 'stompp_jax.export', f'--workdir={zoo}',
+                           f'--out={tmp_path}', '--recalibrate_bn_batches=2'], cwd=helpers.REPO,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  pixels = np.random.default_rng(1).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+  offset, scale = pipeline.normalization(helpers.tiny_config().data)
+  packed = np.asarray(inference.load(str(tmp_path))((pixels.astype(np.float32) - offset) * scale))
+  with open(tmp_path / portable.FILE, 'rb') as f:
+    artefact = np.asarray(jax.export.deserialize(bytearray(f.read())).call(pixels))
+  np.testing.assert_allclose(artefact, packed, rtol=1e-4, atol=1e-4)
+  running = np.asarray(portable.exported_run(zoo).call(pixels))
+  assert np.abs(running - packed).max() > 1e-3  # The statistics changed what it computes.

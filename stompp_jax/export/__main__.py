@@ -43,7 +43,8 @@ def export_run(workdir: str, out: str, recalibrate_bn_batches: int,
   except program.UnsupportedModelError as e:
     print(f'bit-packed export not written: {e}')
     manifest = tensors = None
-  exported = portable.exported_run(workdir, allow_unfinished=allow_unfinished)
+  exported = portable.exported_run(workdir, allow_unfinished=allow_unfinished,
+                                   recalibrate_bn_batches=recalibrate_bn_batches)
   if manifest is not None:
     files.write(out, manifest, tensors)
   return manifest, portable.write(out, exported)

@@ -31,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from stompp_jax import evaluate
+from stompp_jax import recalibrate
 from stompp_jax import storage
 from stompp_jax.binary import context as bctx
+from stompp_jax.binary.choices import check_at_least
 from stompp_jax.data import pipeline
 
 FILE = 'model.jax_export'
@@ -64,19 +66,26 @@ def export_inference(infer: Callable[[jax.Array], jax.Array],
   return jax.export.export(jax.jit(infer), platforms=PLATFORMS)(spec)
 
 
-def exported_run(workdir: str, *, model: Any = None,
-                 allow_unfinished: bool = False) -> jax.export.Exported:
+def exported_run(workdir: str, *, model: Any = None, allow_unfinished: bool = False,
+                 recalibrate_bn_batches: int = 0) -> jax.export.Exported:
   """The artefact of the newest checkpoint of the run in `workdir`, not written.
 
   `model`: the Linen model of a run of your own model (None: the zoo model of its config);
-  `allow_unfinished`: accept a run that has not finished (`evaluate.load_run`).
+  `allow_unfinished`: accept a run that has not finished (`evaluate.load_run`);
+  `recalibrate_bn_batches` > 0: with BatchNorm statistics re-estimated on the fully binary
+  network over that many of the run's training batches, the same ones the bit-packed export
+  folds (`recalibrate.recalibrate_variables`), instead of the running statistics.
 
   Raises:
     evaluate.RunError, errors.SetupError: as `evaluate.load_run` (no run, an unfinished run, no
-      checkpoint).
+      checkpoint); a negative `recalibrate_bn_batches`.
   """
+  check_at_least('--recalibrate_bn_batches', recalibrate_bn_batches, 0)
   run = evaluate.load_run(workdir, model=model, allow_unfinished=allow_unfinished)
   variables = jax.device_get({'params': run.state.params, 'batch_stats': run.state.batch_stats})
+  if recalibrate_bn_batches:
+    variables = recalibrate.recalibrate_variables(run.config, run.model, run.binarization,
+                                                  variables, recalibrate_bn_batches)
   infer = fully_binary_inference(run.model, variables, run.binarization,
                                  *pipeline.normalization(run.config.data))
   return export_inference(infer, tuple(run.info.image_shape))
@@ -89,8 +98,9 @@ def write(out_dir: str, exported: jax.export.Exported) -> str:
   return os.path.join(out_dir, FILE)
 
 
-def export_run(workdir: str, out_dir: str, *, model: Any = None,
-               allow_unfinished: bool = False) -> str:
+def export_run(workdir: str, out_dir: str, *, model: Any = None, allow_unfinished: bool = False,
+               recalibrate_bn_batches: int = 0) -> str:
   """Writes out_dir/FILE for the newest checkpoint of the run in `workdir` (`exported_run`);
   returns the path written."""
-  return write(out_dir, exported_run(workdir, model=model, allow_unfinished=allow_unfinished))
+  return write(out_dir, exported_run(workdir, model=model, allow_unfinished=allow_unfinished,
+                                     recalibrate_bn_batches=recalibrate_bn_batches))
