@@ -45,9 +45,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # noqa: E402
 
-READINGS = ('binarized', 'real')  # models/resnet.py BNN_SHORTCUTS, binarized first.
-# The readings run by default: the pilot's cut (docs/study.md) keeps `binarized` only.
-DEFAULT_READINGS = ('binarized',)
+READINGS = ('binarized', 'real')  # models/resnet.py BNN_SHORTCUTS.
+# The readings run by default, in the order their runs go within a seed: `real` first since the
+# plan's amendment of 2026-12-08 (docs/study.md, "The plan as amended").
+DEFAULT_READINGS = ('real', 'binarized')
 GROUPS = ('core', 'reverse', 'floor', 'window')
 EXIT_PREEMPTED = 75  # stompp_jax.errors.EXIT_PREEMPTED (imported lazily with JAX).
 TRAIN_SIZE = {'npz': 50_000, 'synthetic': 256}
@@ -415,18 +416,34 @@ def _cell(group, model, reading, method, order='layerwise'):
   return dict(group=group, model=model, reading=reading, method=method, order=order)
 
 
-def gate(summaries: list[dict], model: str, reading: str, metric: str) -> tuple[bool, str]:
+@dataclasses.dataclass(frozen=True)
+class Gate:
+  """A model's gate: passed, or failed on cells that have every seed (`failed_for_good`: no
+  further run can pass it), and the values as one line."""
+  passed: bool
+  failed_for_good: bool
+  text: str
+
+
+def gate(summaries: list[dict], model: str, reading: str, metric: str, seeds: int) -> Gate:
   """Whether layerwise StoMPP at `model` trained: >= 15 points above the floor (mean over
-  seeds) and final train loss <= 1.6 (mean); and the values."""
-  above = one_sample(paired(by_seed(summaries, metric, **_layerwise(model, reading)),
-                            by_seed(summaries, metric, **_cell('floor', model, reading, 'floor'))))
+  seeds) and final train loss <= 1.6 (mean); `seeds`: the seeds a complete cell has."""
+  layerwise = by_seed(summaries, metric, **_layerwise(model, reading))
+  floor = by_seed(summaries, metric, **_cell('floor', model, reading, 'floor'))
+  above = one_sample(paired(layerwise, floor))
   losses = list(by_seed(summaries, 'final_train_loss', **_layerwise(model, reading)).values())
-  if above is None or not losses:
-    return False, f'{model}: not enough runs for the gate'
-  loss = statistics.mean(losses)
+  loss = statistics.mean(losses) if losses else None
+  loss_fails = len(losses) >= seeds and loss > GATE_TRAIN_LOSS
+  if above is None:
+    text = f'{model}: not enough runs for the gate' + (
+        f' (train loss {loss:.3f}, gate <= {GATE_TRAIN_LOSS}, over {len(losses)} seeds)'
+        if loss_fails else '')
+    return Gate(False, loss_fails, text)
+  above_fails = min(len(layerwise), len(floor)) >= seeds and above.mean < GATE_ABOVE_FLOOR
   passed = above.mean >= GATE_ABOVE_FLOOR and loss <= GATE_TRAIN_LOSS
-  return passed, (f'{model} layerwise - floor {100 * above.mean:+.2f} points (gate >= '
-                  f'{100 * GATE_ABOVE_FLOOR:.0f}), train loss {loss:.3f} (gate <= {GATE_TRAIN_LOSS})')
+  return Gate(passed, loss_fails or above_fails, (
+      f'{model} layerwise - floor {100 * above.mean:+.2f} points (gate >= '
+      f'{100 * GATE_ABOVE_FLOOR:.0f}), train loss {loss:.3f} (gate <= {GATE_TRAIN_LOSS})'))
 
 
 def depth_estimate(summaries, args, reading, metric) -> Estimate | None:
@@ -478,16 +495,16 @@ def decide(summaries: list[dict], args, decision: str, reading: str) -> Decision
   estimator = depth_estimate if decision == 'depth' else reverse_estimate
   estimates = {m: estimator(summaries, args, reading, m) for m in (PRIMARY, CHECK)}
   models = args.models if decision == 'depth' else args.models[-1:]
-  gates = [gate(summaries, m, reading, PRIMARY) for m in dict.fromkeys(models)]
-  passed = all(ok for ok, _ in gates)
-  if estimates[PRIMARY] is None:
-    verdict = 'not run'
-  elif not passed:
+  gates = [gate(summaries, m, reading, PRIMARY, args.seeds) for m in dict.fromkeys(models)]
+  passed = all(g.passed for g in gates)
+  if any(g.failed_for_good for g in gates) or (estimates[PRIMARY] is not None and not passed):
     verdict = 'undertrained'
+  elif estimates[PRIMARY] is None:
+    verdict = 'not run'
   else:
     primary, check = (rule(decision, estimates[m]) for m in (PRIMARY, CHECK))
     verdict = primary if primary == check else 'cannot tell'
-  return Decision(decision, reading, verdict, estimates, [text for _, text in gates], passed)
+  return Decision(decision, reading, verdict, estimates, [g.text for g in gates], passed)
 
 
 def decision_cells(decision: str, args) -> list[tuple]:

@@ -23,8 +23,9 @@ def args_of(*flags):
   return study.parse_args(list(flags))
 
 
-def test_the_plan_is_every_cell_seed_major_binarized_first():
-  assert len(study.plan_runs(args_of())) == 8 * 3  # The default: the binarized reading only.
+def test_the_plan_is_every_cell_seed_major_in_the_readings_order():
+  default = study.plan_runs(args_of())  # Both readings, `real` first (the plan's amendment).
+  assert [r['reading'] for r in default[:16]] == ['real'] * 8 + ['binarized'] * 8
   runs = study.plan_runs(args_of('--readings=binarized,real'))
   names = [r['name'] for r in runs]
   assert len(names) == len(set(names)) == 8 * 2 * 3  # 8 cells x 2 readings x 3 seeds.
@@ -114,6 +115,17 @@ def test_reverse_collapses_does_not_or_cannot_tell():
   assert verdict(results(gains, gains, (0.25, 0.24, 0.26)), 'reverse') == 'collapses'
   assert verdict(results(gains, gains, (0.45, 0.44, 0.46)), 'reverse') == 'does not collapse'
   assert verdict(results(gains, gains, (0.30, 0.31, 0.29)), 'reverse') == 'cannot tell'
+
+
+def test_a_gate_that_fails_on_complete_cells_decides_undertrained_before_the_other_runs():
+  rows = [r for r in results((0.02, 0.03, 0.04), (0.08, 0.09, 0.10), loss=1.7)
+          if r['model'] == 'resnet20']  # No ResNet-56 run yet.
+  assert verdict(rows, 'depth') == 'undertrained'
+  assert 'train loss 1.700 (gate <= 1.6)' in study.decide(rows, args_of(), 'depth',
+                                                           'binarized').gates[0]
+  assert verdict([r for r in rows if r['seed'] < 2], 'depth') == 'not run'  # A seed may pass it.
+  passing = [r for r in results((0.02, 0.03, 0.04), (0.08, 0.09, 0.10)) if r['model'] == 'resnet20']
+  assert verdict(passing, 'depth') == 'not run'
 
 
 def test_gates_and_the_check_metric_come_before_a_verdict():
