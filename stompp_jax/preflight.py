@@ -57,6 +57,7 @@ from stompp_jax import flag_errors
 from stompp_jax import recalibrate
 from stompp_jax import tpu_chips
 from stompp_jax.binary import context as bctx
+from stompp_jax.data import sources
 
 
 
@@ -88,10 +89,6 @@ NOTE = ("The TPU compiler's figures and a roofline estimate from the chip's peak
         ' HBM bandwidth, not a measured run.')
 STEPS = ('train', 'eval', 'eval_fully_binary', 'recalibrate')
 BATCH_MULTIPLE = 8  # --find_max_batch searches per-chip batches in multiples of this.
-# Split sizes of the datasets a config may name (tfds catalog), for the stand-in data: they set
-# the run's step count (the schedule) and cap the eval batch as the real data would.
-SPLIT_SIZES = {'imagenet2012': (1281167, 50000), 'cifar10': (50000, 10000),
-               'cifar100': (50000, 10000)}
 _FIGURE = re.compile(r'\(?(\d+(?:\.\d+)?)([KMGT])i?B?\)?')
 
 
@@ -132,8 +129,9 @@ def method_config(config: ml_collections.ConfigDict, method: str, global_batch: 
   config.model.mode = 'fp' if method == 'fp' else binary_mode
   config.train.batch_size = global_batch
   if config.data.source not in ('synthetic', 'npz'):
-    train_size, eval_size = SPLIT_SIZES.get(
-        config.data.name, (config.data.synthetic_train_size, config.data.synthetic_eval_size))
+    dataset = sources.DATASETS.get(config.data.name)
+    train_size, eval_size = (dataset.split_sizes if dataset and dataset.split_sizes else (
+        config.data.synthetic_train_size, config.data.synthetic_eval_size))
     config.data.source = 'synthetic'
     config.data.synthetic_train_size = train_size
     config.data.synthetic_eval_size = eval_size

@@ -15,6 +15,7 @@ from PIL import Image
 from configs import default
 from stompp_jax import errors
 from stompp_jax.data import pipeline
+from stompp_jax.data import sources
 from stompp_jax.data import transforms
 
 
@@ -141,7 +142,7 @@ def test_eval_sees_every_example_once_with_padding_masked(labelled_npz, process_
                  for p in range(process_count)]
   assert {len(batches) for batches in per_process} == {5}
   real = []
-  mean, std = (np.array(v, np.float32) for v in transforms.MEAN_STD['cifar100'])
+  mean, std = (np.array(v, np.float32) for v in sources.DATASETS['cifar100'].mean_std)
   for batches in per_process:
     for batch in batches:
       assert batch['image'].shape[0] == global_batch // process_count

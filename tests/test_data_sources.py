@@ -18,6 +18,7 @@ from configs import default
 from stompp_jax import errors
 from stompp_jax.data import cifar_archive
 from stompp_jax.data import sources
+from stompp_jax.data import transforms
 
 # Examples per file in the fake archives (the real ones hold 10,000 or 50,000).
 _PER_FILE = 3
@@ -318,6 +319,18 @@ def test_synthetic_source_is_deterministic_and_learnable():
 def test_unknown_names_list_the_valid_ones(field, value, listed):
   with pytest.raises(errors.SetupError, match=listed):
     sources.make_source(_data_config(**{field: value}), 'train')
+
+
+def test_each_dataset_states_every_fact_consistently():
+  """DATASETS is the one table: each dataset names an augmentation data.augment=auto may pick,
+  a mean and std in [0, 1] units per stored channel, and both splits (sized or None)."""
+  for name, dataset in sources.DATASETS.items():
+    assert dataset.auto_augment in transforms.AUGMENTS and dataset.auto_augment != 'auto', name
+    mean, std = dataset.mean_std
+    assert len(mean) == len(std) == dataset.image_shape[-1], name
+    assert all(0 < value < 1 for value in mean + std), name
+    assert set(dataset.tfds_splits) == set(sources.SPLITS), name
+    assert dataset.split_sizes is None or len(dataset.split_sizes) == len(sources.SPLITS), name
 
 
 def test_cifar_archive_has_no_imagenet(tmp_path):

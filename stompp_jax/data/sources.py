@@ -30,17 +30,54 @@ SPLITS = ('train', 'eval')
 
 @dataclasses.dataclass(frozen=True)
 class _Dataset:
+  """What the code knows about one dataset `data.name` may name: the one home of these facts.
+
+  Attributes:
+    num_classes: labels are in [0, num_classes) (cifar100: the fine labels; see num_classes()).
+    image_shape: (H, W, C) of the images as stored; H and W None when they vary between images.
+    tfds_splits: our split ('train', 'eval') -> the tfds split it reads.
+    split_sizes: (train, eval) example counts of the full splits, from the tfds catalog; the TPU
+      preflight's stand-in data takes them (they set the step count and cap the eval batch as
+      the real data would). None where only the files say (the built-in digits).
+    auto_augment: the train augmentation `data.augment=auto` picks (transforms.AUGMENTS).
+    mean_std: (mean, std) of the training images' pixels, per channel, in [0, 1] units
+      (pixels / 255); the batches are normalized with them. CIFAR: computed over the training
+      split; ImageNet: the customary values (as torchvision's); digits:
+      stompp_jax/data/builtin/README.md.
+  """
   num_classes: int
-  image_shape: tuple  # (H, W, C); None for a size that varies between images.
-  tfds_splits: dict  # Our split -> the tfds split.
+  image_shape: tuple
+  tfds_splits: dict
+  split_sizes: tuple | None
+  auto_augment: str
+  mean_std: tuple
 
 
+_TRAIN_TEST = {'train': 'train', 'eval': 'test'}
 DATASETS = {
-    'cifar10': _Dataset(10, (32, 32, 3), {'train': 'train', 'eval': 'test'}),
-    'cifar100': _Dataset(100, (32, 32, 3), {'train': 'train', 'eval': 'test'}),
-    'imagenet2012': _Dataset(1000, (None, None, 3), {'train': 'train', 'eval': 'validation'}),
-    'digits': _Dataset(10, (8, 8, 1), {'train': 'train', 'eval': 'test'}),  # Built in.
+    'cifar10': _Dataset(
+        num_classes=10, image_shape=(32, 32, 3), tfds_splits=_TRAIN_TEST,
+        split_sizes=(50000, 10000), auto_augment='cifar',
+        mean_std=((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
+    'cifar100': _Dataset(
+        num_classes=100, image_shape=(32, 32, 3), tfds_splits=_TRAIN_TEST,
+        split_sizes=(50000, 10000), auto_augment='cifar',
+        mean_std=((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
+    'imagenet2012': _Dataset(
+        num_classes=1000, image_shape=(None, None, 3),
+        tfds_splits={'train': 'train', 'eval': 'validation'},
+        split_sizes=(1281167, 50000), auto_augment='imagenet',
+        mean_std=((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))),
+    'digits': _Dataset(  # Built in (BUILTIN_DIRS).
+        num_classes=10, image_shape=(8, 8, 1), tfds_splits=_TRAIN_TEST, split_sizes=None,
+        auto_augment='none', mean_std=((0.3049,), (0.3757,))),
 }
+# The synthetic source (data.source=synthetic; dataset_name 'synthetic') has no entry: its class
+# count, image shape and split sizes come from data.synthetic_*. data.augment=auto picks no
+# augmentation for it, and its images are normalized with one mean and std for every channel, in
+# [0, 1] units, roughly those of SyntheticSource's pixels.
+SYNTHETIC_AUTO_AUGMENT = 'none'
+SYNTHETIC_MEAN_STD = (0.5, 0.25)
 # Datasets that ship in the repository as npz files (stompp_jax/data/builtin/README.md):
 # read with data.source=npz and data.dir=BUILTIN_DIRS[name].
 BUILTIN_DIRS = {'digits': os.path.join(os.path.dirname(os.path.abspath(__file__)), 'builtin',

@@ -4,7 +4,9 @@ Train augmentation (`data.augment`):
   cifar     random 32x32 crop of the image zero-padded by 4 pixels per side, random horizontal
             flip (any H x W: the crop keeps the stored size);
   imagenet  random-resized crop (area 8%-100%, aspect 3/4-4/3) to image_size, random flip;
-  none      no augmentation: the eval transform.
+  none      no augmentation: the eval transform;
+  auto      the one `sources.DATASETS` names for the dataset (none for synthetic data).
+Batches are normalized with the dataset's mean and std from the same table.
 Eval never augments: stored images pass unchanged, or, where images are resized (ImageNet, or
 augment=imagenet), the central crop of 224/256 of the shorter side is resized to image_size
 (the standard "resize 256, center crop 224", scaled with image_size).
@@ -23,18 +25,9 @@ import numpy as np
 from PIL import Image
 
 from stompp_jax import errors
+from stompp_jax.data import sources
 
 AUGMENTS = ('auto', 'cifar', 'imagenet', 'none')
-_AUTO_AUGMENT = {'cifar10': 'cifar', 'cifar100': 'cifar', 'imagenet2012': 'imagenet',
-                 'digits': 'none', 'synthetic': 'none'}
-# Per-channel mean and standard deviation of the training images, in [0, 1] units.
-MEAN_STD = {
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    'digits': ((0.3049,), (0.3757,)),  # stompp_jax/data/builtin/README.md.
-}
-_SYNTHETIC_MEAN_STD = (0.5, 0.25)  # Matches SyntheticSource's pixel distribution roughly.
 EVAL_CROP_FRACTION = 224 / 256
 _DEFAULT_RESIZED_SIZE = 224
 
@@ -187,7 +180,7 @@ def preprocessing(dataset: str, augment: str, image_size: int,
   """Resolves `data.augment`/`data.image_size` for a dataset whose images are `stored_shape`.
 
   Args:
-    dataset: 'cifar10', 'cifar100', 'imagenet2012' or 'synthetic'.
+    dataset: a key of sources.DATASETS, or 'synthetic' (the synthetic source).
     augment: one of AUGMENTS.
     image_size: output height and width; 0 = the stored size (224 when sizes vary).
     stored_shape: (H, W, C) as stored; H and W None when they vary between images.
@@ -195,7 +188,8 @@ def preprocessing(dataset: str, augment: str, image_size: int,
   if augment not in AUGMENTS:
     raise errors.SetupError(f'unknown data.augment={augment!r}: use one of {", ".join(AUGMENTS)}')
   if augment == 'auto':
-    augment = _AUTO_AUGMENT[dataset]
+    augment = (sources.SYNTHETIC_AUTO_AUGMENT if dataset == 'synthetic'
+               else sources.DATASETS[dataset].auto_augment)
   height, width, channels = stored_shape
   collate = Collate(*_mean_std(dataset, channels))
   if height is None and augment == 'cifar':
@@ -222,9 +216,9 @@ def preprocessing(dataset: str, augment: str, image_size: int,
 
 def _mean_std(dataset: str, channels: int) -> tuple:
   if dataset == 'synthetic':
-    mean, std = _SYNTHETIC_MEAN_STD
+    mean, std = sources.SYNTHETIC_MEAN_STD
     return (mean,) * channels, (std,) * channels
-  mean, std = MEAN_STD[dataset]
+  mean, std = sources.DATASETS[dataset].mean_std
   if len(mean) != channels:
     raise errors.SetupError(f'{dataset} images have {channels} channels, its normalization has '
                             f'{len(mean)}: check the data files and data.name')
