@@ -44,13 +44,13 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # noqa: E402
+from stompp_jax.errors import EXIT_PREEMPTED  # noqa: E402  (no JAX: it starts in `execute`)
 
 READINGS = ('binarized', 'real')  # models/resnet.py BNN_SHORTCUTS.
 # The readings run by default, in the order their runs go within a seed: `real` first since the
 # plan's amendment of 2026-12-08 (docs/study.md, "The plan as amended").
 DEFAULT_READINGS = ('real', 'binarized')
 GROUPS = ('core', 'reverse', 'floor', 'window')
-EXIT_PREEMPTED = 75  # stompp_jax.errors.EXIT_PREEMPTED (imported lazily with JAX).
 TRAIN_SIZE = {'npz': 50_000, 'synthetic': 256}
 EVAL_SIZE = {'npz': 10_000, 'synthetic': 64}
 NUM_CLASSES = {'npz': 10, 'synthetic': 4}

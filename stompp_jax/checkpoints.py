@@ -13,7 +13,7 @@ infinity is never saved.
 import errno
 import json
 import re
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import grain
 import jax
@@ -60,9 +60,11 @@ class Checkpointer:
     self._pending_step = None
     self._manager = ocp.CheckpointManager(
         self.directory,
-        item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'data': grain.checkpoint.CheckpointHandler(),
-                       'config': ocp.JsonCheckpointHandler()},
+        item_handlers={
+            workdir_lib.CHECKPOINT_STATE: ocp.StandardCheckpointHandler(),
+            workdir_lib.CHECKPOINT_DATA: grain.checkpoint.CheckpointHandler(),
+            workdir_lib.CHECKPOINT_CONFIG: ocp.JsonCheckpointHandler(
+                filename=workdir_lib.CHECKPOINT_CONFIG_FILE)},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              cleanup_tmp_directories=True,
                                              enable_async_checkpointing=True))
@@ -85,10 +87,10 @@ class Checkpointer:
           f' checkpoints in {self.directory} are intact: lower optim.learning_rate.')
     self._pending_step = step
     try:
-      self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          data=grain.checkpoint.CheckpointSave(data_iterator),
-          config=ocp.args.JsonSave(config_json)),
+      self._manager.save(step, args=ocp.args.Composite(**{
+          workdir_lib.CHECKPOINT_STATE: ocp.args.StandardSave(state),
+          workdir_lib.CHECKPOINT_DATA: grain.checkpoint.CheckpointSave(data_iterator),
+          workdir_lib.CHECKPOINT_CONFIG: ocp.args.JsonSave(config_json)}),
           custom_metadata={'signature': self._signature, 'fingerprint': fingerprint}, force=True)
     except Exception as e:  # pylint: disable=broad-except  # Only a full disk is translated.
       _raise_if_disk_full(e, step, self.directory)
@@ -146,16 +148,17 @@ class Checkpointer:
           f'{self.directory} holds checkpoints of a different model or optimizer (the train state'
           f' at step {step} has other parameters or shapes): use another --workdir, or delete'
           ' those checkpoints to start over.')
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(self._abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        workdir_lib.CHECKPOINT_STATE: ocp.args.StandardRestore(self._abstract_state),
+        workdir_lib.CHECKPOINT_DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
+    state = restored[workdir_lib.CHECKPOINT_STATE]
     fingerprint = custom.get('fingerprint')
     if fingerprint is not None:
-      actual = _first_value(self._summarize(restored['state'])[0])
+      actual = _first_value(self._summarize(state)[0])
       if actual != fingerprint:
         raise CorruptCheckpointError(f'its contents changed on disk: fingerprint {actual}, saved'
                                      f' {fingerprint}')
-    return restored['state']
+    return state
 
   def close(self) -> None:
     self._manager.close()
@@ -188,8 +191,8 @@ def read_state(workdir: str) -> tuple[int, dict[str, Any]]:
       raise errors.SetupError(f'No checkpoint in {path}: train the run first.')
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
-      state = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(fallback_sharding=device)))['state']
+      restored = manager.restore(step, args=ocp.args.Composite(**{
+          workdir_lib.CHECKPOINT_STATE: ocp.args.StandardRestore(fallback_sharding=device)}))
     except Exception as error:  # pylint: disable=broad-except  # Only corruption is re-raised as ours.
       if not is_corrupt(error):
         raise
@@ -200,7 +203,7 @@ def read_state(workdir: str) -> tuple[int, dict[str, Any]]:
                               f' ({_summary(error)}): {then}.') from None
   finally:
     manager.close()
-  return step, state
+  return step, restored[workdir_lib.CHECKPOINT_STATE]
 
 
 def read_variables(workdir: str) -> tuple[int, dict, int]:
@@ -214,7 +217,8 @@ def read_variables(workdir: str) -> tuple[int, dict, int]:
   """
   step, state = read_state(workdir)
   variables = jax.device_get({'params': state['params'], 'batch_stats': state['batch_stats']})
-  return step, variables, _directory_bytes(directory(workdir) / str(step) / 'state')
+  state_directory = directory(workdir) / str(step) / workdir_lib.CHECKPOINT_STATE
+  return step, variables, _directory_bytes(state_directory)
 
 
 def _directory_bytes(path: epath.Path) -> int:
@@ -225,15 +229,8 @@ def is_corrupt(error: BaseException) -> bool:
   """Whether `error` (or one it was raised from) shows a corrupt checkpoint: a missing file, a
   file shorter than recorded or failing its checksum (tensorstore's DATA_LOSS, OUT_OF_RANGE,
   NOT_FOUND), unparsable metadata, or a fingerprint mismatch."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, (CorruptCheckpointError, FileNotFoundError, json.JSONDecodeError)):
-      return True
-    if _CORRUPTION_STATUSES.match(str(error)):
-      return True
-    error = error.__cause__ or error.__context__
-  return False
+  return any(isinstance(e, (CorruptCheckpointError, FileNotFoundError, json.JSONDecodeError))
+             or _CORRUPTION_STATUSES.match(str(e)) for e in _cause_chain(error))
 
 
 def _summary(error: Exception) -> str:
@@ -244,15 +241,18 @@ def _summary(error: Exception) -> str:
 
 def is_disk_full(error: BaseException) -> bool:
   """Whether `error` or an exception it was raised from reports a full disk or quota."""
+  return any((isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS)
+             or any(text in str(e) for text in _DISK_FULL_TEXTS) for e in _cause_chain(error))
+
+
+def _cause_chain(error: Optional[BaseException]) -> Iterator[BaseException]:
+  """`error`, then the exception it was raised from (`__cause__`, else `__context__`), and so
+  on, each once (a cycle ends the chain)."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
-      return True
-    if any(text in str(error) for text in _DISK_FULL_TEXTS):
-      return True
+    yield error
     error = error.__cause__ or error.__context__
-  return False
 
 
 def _raise_if_disk_full(error: Exception, step: Optional[int], directory: str) -> None:

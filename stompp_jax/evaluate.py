@@ -23,7 +23,6 @@ from typing import Any
 
 from absl import flags
 from absl import logging
-import jax
 import ml_collections
 
 from stompp_jax import checkpoints
@@ -94,11 +93,10 @@ def load_run(workdir: str, *, model: Any = None, allow_unfinished: bool = False)
   """
   config = read_run_config(workdir)
   info = pipeline.dataset_info(config.data)
-  total_steps, _ = experiment.total_train_steps(config.train, info.train_size)
   net = experiment.build_model(config, num_classes=info.num_classes,
                                image_shape=info.image_shape, model=model)
-  binarization = experiment.binarization_config(config, net.sites, total_steps,
-                                                jax.default_backend())
+  total_steps, binarization = experiment.saved_run_binarization(config, net.sites,
+                                                                info.train_size)
   step, restored = checkpoints.read_state(workdir)
   if workdir_lib.read_done(workdir) is None and not allow_unfinished:
     raise RunError(f'{workdir} is unfinished (newest checkpoint at step {step} of {total_steps},'

@@ -147,6 +147,19 @@ def binarization_config(config: ml_collections.ConfigDict, site_list: tuple[site
   return binarization
 
 
+def saved_run_binarization(config: ml_collections.ConfigDict,
+                           site_list: tuple[sites_lib.Site, ...],
+                           train_size: int) -> tuple[int, bctx.BinarizationConfig]:
+  """(total steps, `binarization_config`) of the run `config` describes, rebuilt outside its
+  Experiment (to evaluate, recalibrate or export it) for the devices of `jax.default_backend()`,
+  where those programs run; the platform only chooses how masks are computed, not their values.
+
+  Raises errors.SetupError as `total_train_steps` and `binarization_config`.
+  """
+  total_steps, _ = total_train_steps(config.train, train_size)
+  return total_steps, binarization_config(config, site_list, total_steps, jax.default_backend())
+
+
 def kernel_mask(params: Any) -> Any:
   """True on every conv/dense kernel (the leaves weight decay applies to)."""
   return jax.tree_util.tree_map_with_path(

@@ -26,6 +26,11 @@ METRICS_PARTS = 'metrics.parts'  # Rows of a writer still running (or killed): P
 TENSORBOARD = 'tensorboard'
 CHECKPOINTS = 'checkpoints'
 DONE = 'done.json'
+# The items of each checkpoint, CHECKPOINTS/<step>/<item>/ (orbax's item directories).
+CHECKPOINT_STATE = 'state'  # The train state.
+CHECKPOINT_DATA = 'data'  # The data iterator's position.
+CHECKPOINT_CONFIG = 'config'  # The run's config, JSON in the file CHECKPOINT_CONFIG_FILE.
+CHECKPOINT_CONFIG_FILE = 'metadata'
 
 # Fields that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_FIELDS = (
@@ -98,8 +103,9 @@ def _newest_checkpoint_config(workdir: str) -> dict | None:
   names = [p.name for p in directory.iterdir()] if directory.exists() else []
   steps = sorted(int(name) for name in names if name.isdigit())
   for step in reversed(steps):
+    path = directory / str(step) / CHECKPOINT_CONFIG / CHECKPOINT_CONFIG_FILE
     try:
-      return upgrade_config(json.loads((directory / str(step) / 'config' / 'metadata').read_text()))
+      return upgrade_config(json.loads(path.read_text()))
     except (OSError, json.JSONDecodeError):
       continue
   return None

@@ -131,12 +131,13 @@ def _locate(directory: str, dataset: str, download: bool) -> tuple[ArchiveFormat
         f'data.source=npz or tfds')
   fmt = formats[0]
   path = os.path.join(directory, fmt.tarball)
+  url = URL_BASE + fmt.tarball
   try:
-    download_verified(URL_BASE + fmt.tarball, fmt.md5, path)
+    download_verified(url, fmt.md5, path)
   except OSError as err:
     raise errors.SetupError(
         f'{name} not found in {directory} (looked for {looked_for}) and downloading '
-        f'{URL_BASE + fmt.tarball} failed ({err}): copy {fmt.tarball} there by hand, or set '
+        f'{url} failed ({err}): copy {fmt.tarball} there by hand, or set '
         f'data.source=npz or tfds') from err
   return fmt, path
 

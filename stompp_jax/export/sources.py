@@ -6,13 +6,11 @@
     manifest = sources.export_variables('DIR', config=..., variables=..., ...)
 """
 
-import math
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from stompp_jax import checkpoints
 from stompp_jax import errors
@@ -24,10 +22,7 @@ from stompp_jax.data import pipeline
 from stompp_jax.export import files
 from stompp_jax.export import program
 from stompp_jax.export.fold import Tensor
-
-
-def _count(tree: Any) -> int:
-  return sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(tree))
+from stompp_jax.models import summary as summary_lib
 
 
 def exportable_build(config: Any, *, num_classes: int,
@@ -71,7 +66,8 @@ def fold_variables(*, config: Any, variables: dict, num_classes: int,
                  num_classes=num_classes, image_shape=list(image_shape),
                  binary_include=list(model_config.binary_include),
                  binary_exclude=list(model_config.binary_exclude)),
-      source=source, ops=ops, tensors=tensors, float32_model_bytes=4 * _count(variables),
+      source=source, ops=ops, tensors=tensors,
+      float32_model_bytes=4 * summary_lib.count_values(variables),
       summary_memory_bytes=summary.memory_bytes, summary_compression=summary.compression,
       checkpoint_state_bytes=checkpoint_state_bytes)
   return manifest, tensors
@@ -137,10 +133,8 @@ def export_workdir(workdir: str, out_dir: str, recalibrate_bn_batches: int = 0, 
 def _recalibrated(config, net: experiment.ModelBuild, variables, num_batches: int) -> dict:
   """The checkpoint's variables with the fully binary network's re-estimated BatchNorm stats."""
   from stompp_jax import recalibrate  # pylint: disable=g-import-not-at-top
-  train_size = pipeline.dataset_info(config.data).train_size
-  total_steps, _ = experiment.total_train_steps(config.train, train_size)
-  binarization = experiment.binarization_config(config, net.sites, total_steps,
-                                                jax.default_backend())
+  _, binarization = experiment.saved_run_binarization(
+      config, net.sites, pipeline.dataset_info(config.data).train_size)
   return recalibrate.recalibrate_variables(config, net.model, binarization, variables,
                                            num_batches)
 

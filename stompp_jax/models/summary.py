@@ -111,7 +111,8 @@ class Summary:
     return self.float32_memory_bytes / self.memory_bytes
 
 
-def _count(tree: Any) -> int:
+def count_values(tree: Any) -> int:
+  """How many numbers the arrays of `tree` hold (arrays or jax.ShapeDtypeStructs)."""
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
@@ -119,15 +120,15 @@ def _layer_row(call: inspect.Call, mode: str, binary: bool) -> LayerRow:
   params = call.variables.get('params', {})
   if isinstance(call.module, nn.BatchNorm):
     return LayerRow(call.name, 'batch_norm', 'float', call.output_shape,
-                    float_params=_count(params),
-                    float_stats=_count(call.variables.get('batch_stats', {})))
+                    float_params=count_values(params),
+                    float_stats=count_values(call.variables.get('batch_stats', {})))
   precision = ('binary' if mode == 'bnn' else 'binary_weight') if binary else 'float'
   kernel_size = math.prod(call.kernel_shape())
   binary_params = kernel_size if binary else 0
   macs = math.prod(call.output_shape[:-1]) * kernel_size
   return LayerRow(call.name, 'conv' if isinstance(call.module, layers.BinaryConv) else 'dense',
                   precision, call.output_shape, binary_params=binary_params,
-                  float_params=_count(params) - binary_params,
+                  float_params=count_values(params) - binary_params,
                   **{f'{precision}_macs': macs})
 
 
@@ -151,8 +152,9 @@ def summarize_trace(trace: inspect.Trace, *, model_name: str, mode: str,
   site_paths = {s.path for s in sites.discover_sites(trace, rules)} if mode != 'fp' else set()
   rows = [_layer_row(call, mode, call.path in site_paths) for call in trace.layer_calls()]
   counted = sum(r.binary_params + r.float_params + r.float_stats for r in rows)
-  if counted != _count(trace.variables):
-    raise ValueError(f'The summary rows hold {counted} of the {_count(trace.variables)} variables'
+  total = count_values(trace.variables)
+  if counted != total:
+    raise ValueError(f'The summary rows hold {counted} of the {total} variables'
                      f' of {model_name}: a layer type other than BinaryConv, BinaryDense and '
                      'BatchNorm holds variables; teach summary.py to count it.')
   model_call = trace.calls[0]
