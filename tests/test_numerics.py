@@ -111,12 +111,17 @@ def _losses(dtype, num_steps=4):
 def test_bfloat16_training_follows_float32():
   """Four StoMPP steps of tiny_resnet (BNN) in bfloat16 and in float32 from the same init and
   batches. Tolerance: the per-step losses agree to 0.5% (bfloat16 keeps 8 significant bits,
-  0.4% per rounding; measured: at most 0.08%), and at least 99.9% of the latent kernel entries
-  have the same sign afterwards (measured: all)."""
+  0.4% per rounding; measured: at most 0.11%); each latent kernel moves by at most 2% of its
+  largest entry (measured: 0.25%), and a latent weight may change sign only where float32's value
+  lies within 1% of the kernel's median magnitude of zero, where rounding decides the sign
+  (measured: none on an AMD EPYC; one entry of 576 at |w| = 2.4e-4, median 0.11, on an Intel Xeon
+  with AVX-512)."""
   f32_losses, f32_params = _losses('float32')
   bf16_losses, bf16_params = _losses('bfloat16')
   np.testing.assert_allclose(bf16_losses, f32_losses, rtol=5e-3)
   for a, b in zip(jax.tree.leaves(f32_params), jax.tree.leaves(bf16_params)):
     assert b.dtype == np.float32  # Latent weights stay float32.
     if a.ndim > 1:
-      assert np.mean((a >= 0) == (b >= 0)) >= 0.999
+      assert np.abs(a - b).max() <= 0.02 * np.abs(a).max()
+      flipped = (a >= 0) != (b >= 0)
+      assert np.all(np.abs(a[flipped]) <= 0.01 * np.median(np.abs(a))), np.abs(a[flipped])
