@@ -230,9 +230,11 @@ def write_plots(run_dirs: Sequence[str], out: str) -> list[str]:
   """Writes curves.png, frozen_<run>.png per StoMPP run and accuracy_vs_depth.png; their paths.
 
   Raises:
-    errors.SetupError: a run directory that `load_runs` refuses (before anything is written).
+    errors.SetupError: a run directory that `load_runs` refuses, or an `out` that cannot be a
+      directory (before anything is written).
   """
   runs = load_runs(run_dirs)
+  storage.check_output_directory(out, '--out')
   written = []
 
   def save(fig, name):

@@ -11,6 +11,8 @@ import tempfile
 
 from etils import epath
 
+from stompp_jax import errors
+
 # A part of a PartLog is closed, and the next begun, once it holds this many bytes: a flush
 # uploads at most this much, so logging costs O(total size), never O(size^2).
 PART_BYTES = 1 << 20
@@ -26,6 +28,29 @@ def path(p: str | os.PathLike) -> epath.Path:
 def is_local(p: str | os.PathLike) -> bool:
   """Whether `p` names a local file (no scheme://)."""
   return '://' not in os.fspath(p)
+
+
+def check_output_directory(path: str, flag: str) -> None:
+  """Refuses a local directory `path` (given as `flag`, e.g. '--workdir') that is a file, lies
+  under a file or cannot be created or written; writes nothing. A URI (gs://...) passes.
+
+  Raises:
+    errors.SetupError: one line saying which, and what to give instead.
+  """
+  if not is_local(path):
+    return
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise errors.SetupError(f'{flag}={path} is a file, not a directory: give a directory path'
+                            ' (it is created if missing).')
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise errors.SetupError(f'{flag}={path} is under {existing}, which is a file: give a'
+                            ' directory path (it is created if missing).')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise errors.SetupError(f'{flag}={path}: {existing} is not writable: give a directory you'
+                            ' can write to.')
 
 
 def write_bytes(p: epath.Path, data: bytes) -> None:

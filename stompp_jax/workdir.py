@@ -10,7 +10,6 @@ how a run is observed or executed (logging, workers, devices) may differ between
 """
 
 import json
-import os
 from typing import Any, Mapping
 
 import jax
@@ -61,20 +60,7 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
 
 def check_workdir(workdir: str) -> None:
   """Refuses a workdir that is a file or cannot be created or written (nothing is written)."""
-  if not storage.is_local(workdir):
-    return
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise errors.SetupError(f'--workdir={workdir} is a file, not a directory: give a directory path'
-                     ' (it is created if missing).')
-  existing = os.path.abspath(workdir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise errors.SetupError(f'--workdir={workdir} is under {existing}, which is a file: give a'
-                     ' directory path (it is created if missing).')
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise errors.SetupError(f'--workdir={workdir}: {existing} is not writable: give a directory you'
-                     ' can write to.')
+  storage.check_output_directory(workdir, '--workdir')
 
 
 def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -109,3 +109,16 @@ def test_a_bug_while_the_preflight_compiles_keeps_its_error(monkeypatch):
   with pytest.raises(ValueError, match='a bug of this package') as raised:
     preflight.preflight(tiny.get_config('fp'), 'v5e-4', ['fp'], log=lambda line: None)
   assert type(raised.value) is ValueError
+
+
+@pytest.mark.parametrize('module', ['stompp_jax.analysis', 'stompp_jax.export'])
+@pytest.mark.parametrize('where', ['a file', 'under a file'])
+def test_an_out_that_cannot_be_a_directory_is_one_line(tmp_path, tiny_run, module, where):
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('kept\n')
+  out = a_file if where == 'a file' else a_file / 'plots'
+  run_dir = [str(tiny_run)] if module == 'stompp_jax.analysis' else [f'--workdir={tiny_run}']
+  done = _run(module, *run_dir, f'--out={out}')
+  _assert_one_error_line(done, rf'^Error: --out={re.escape(str(out))} (is a file, not a directory'
+                               r'|is under \S+, which is a file): give a directory path')
+  assert a_file.read_text() == 'kept\n' and sorted(p.name for p in tmp_path.iterdir()) == ['a_file']

@@ -64,6 +64,7 @@ def main(argv):
                 errors.EXIT_BAD_INPUT)
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO.
   try:
+    storage.check_output_directory(out, '--out')
     if workdir is not None:
       manifest, portable_path = export_run(workdir, out, flags.FLAGS.recalibrate_bn_batches,
                                            flags.FLAGS.allow_unfinished)
