@@ -71,6 +71,10 @@ def parse_flags(argv: list[str], command: str = 'python -m stompp_jax.main') -> 
     text = str(e)
     if 'config file' in text or 'Attempted' in text:
       errors.fail(_config_error(text, argv), errors.EXIT_BAD_INPUT)
+    missing = re.search(r'Flag --(\w+) must have a value other than None', text)
+    if missing:
+      errors.fail(f'--{missing.group(1)} is required: {command} --helpshort lists the flags.',
+                  errors.EXIT_BAD_INPUT)
     errors.fail(f'{text.strip().splitlines()[0]}: {command} --helpshort lists the flags.',
                 errors.EXIT_BAD_INPUT)
   if len(remaining) > 1:

@@ -122,3 +122,14 @@ def test_an_out_that_cannot_be_a_directory_is_one_line(tmp_path, tiny_run, modul
   _assert_one_error_line(done, rf'^Error: --out={re.escape(str(out))} (is a file, not a directory'
                                r'|is under \S+, which is a file): give a directory path')
   assert a_file.read_text() == 'kept\n' and sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
+
+
+@pytest.mark.parametrize('module, argv, flag', [
+    ('stompp_jax.main', ['--workdir={tmp}/run'], 'config'),
+    ('stompp_jax.export', ['--workdir={tmp}/run'], 'out'),
+])
+def test_a_missing_required_flag_is_one_line(tmp_path, module, argv, flag):
+  done = _run(module, *(a.format(tmp=tmp_path) for a in argv))
+  _assert_one_error_line(done, rf'^Error: --{flag} is required: python -m {module} --helpshort'
+                               ' lists the flags\\.$')
+  assert not list(tmp_path.iterdir())
