@@ -233,13 +233,13 @@ def consolidate(workdir: str, last_step: int | None = None) -> None:
   """Moves the rows of metrics.parts/ to the end of metrics.jsonl (one rewrite), dropping the
   rows after `last_step` when given and any line cut short; a no-op when nothing changes."""
   sources = _sources(workdir)
-  rows, changed = [], len(sources) > 1
-  for source in sources:
-    text = storage.read_text(source)
-    if text is not None:
-      parsed, cut = _parse_rows(text)
-      rows += parsed
-      changed |= cut
+  texts = [storage.read_text(source) for source in sources]
+  parsed = [_parse_rows(text) if text is not None else ([], False) for text in texts]
+  rows, parts = parsed[0][0], [row for part, _ in parsed[1:] for row in part]
+  if parts and rows[-len(parts):] == parts:  # A rewrite that stopped before removing its parts.
+    parts = []
+  rows = rows + parts
+  changed = len(sources) > 1 or any(cut for _, cut in parsed)
   kept = [r for r in rows if last_step is None or r.get('step', 0) <= last_step]
   if not changed and len(kept) == len(rows):
     return

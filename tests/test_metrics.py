@@ -76,3 +76,22 @@ def test_writers_started_in_the_same_second_write_distinct_event_files(tmp_path,
   assert len(files) == 2, files
   assert [(e.step, v.simple_value) for e in read_events(tmp_path / 'tensorboard')
           for v in e.summary.value] == [(1, 1.0), (2, 2.0)]
+
+
+def test_a_consolidation_stopped_before_removing_its_parts_adds_no_row_twice(tmp_path):
+  """Killed between rewriting metrics.jsonl and deleting the parts it moved there."""
+  writer = metrics_lib.MetricWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    writer.write(step, 'train', {'loss': float(step)})
+  parts_dir = tmp_path / 'metrics.parts'
+  parts = {p.name: p.read_bytes() for p in parts_dir.iterdir()}
+  assert parts
+  writer.close()
+  metrics_lib.consolidate(str(tmp_path))
+  rows = metrics_lib.read_metrics(str(tmp_path))
+  assert [r['step'] for r in rows] == [1, 2, 3] and not parts_dir.exists()
+  parts_dir.mkdir()
+  for name, data in parts.items():  # The state the kill left: the parts are still there.
+    (parts_dir / name).write_bytes(data)
+  metrics_lib.consolidate(str(tmp_path))
+  assert metrics_lib.read_metrics(str(tmp_path)) == rows and not parts_dir.exists()
