@@ -113,7 +113,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir_lib.check_workdir(workdir)
     exp = experiment.build(config, model=model)
     logging.info('Data: %s', pipeline.summary_line(config.data, exp.data))
-    workdir_lib.check_config(workdir, config)
+    workdir_lib.check_same_run(workdir, config)
     train_iter = pipeline.make_train_iterator(
         config.data, global_batch_size=config.train.batch_size, seed=config.seed)
     checkpointer = checkpoints.Checkpointer(

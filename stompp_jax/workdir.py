@@ -4,7 +4,7 @@ A local path or a gs:// URI: every file goes through `storage` (etils.epath).
 
 Running the same command on the same directory resumes it; a directory made with a different
 config (config.json, else the config saved in its newest checkpoint) is refused unless
-`train.override_workdir_config` is set. `check_config` only reads, so a refused config leaves the
+`train.override_workdir_config` is set. `check_same_run` only reads, so a refused config leaves the
 directory as it was; `write_config` comes after every check has passed. Fields that only change
 how a run is observed or executed (logging, workers, devices) may differ between resumes.
 """
@@ -63,7 +63,7 @@ def check_workdir(workdir: str) -> None:
   storage.check_output_directory(workdir, '--workdir')
 
 
-def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses a workdir whose run has a different config, unless train.override_workdir_config.
 
   The run's config is config.json, or, when that is missing, the config saved with its newest
@@ -138,7 +138,7 @@ def read_config(workdir: str) -> dict | None:
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Creates `workdir` and writes its config.json (process 0), after `check_config`."""
+  """Creates `workdir` and writes its config.json (process 0), after `check_same_run`."""
   if jax.process_index() == 0:
     storage.write_text(storage.path(workdir) / CONFIG,
                        json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True) + '\n')

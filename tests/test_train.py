@@ -142,14 +142,14 @@ def test_a_run_made_before_a_field_existed_is_read_with_the_value_it_used(tmp_pa
   assert (read['binary']['window_steps'], read['model']['bnn_shortcut']) == (0, 'real')
   assert [read['binary'][f] for f in ('masks_by', 'residuals', 'committed_backward')] == [
       'cond', 'auto', 'full']
-  workdir_lib.check_config(str(workdir), tiny_config())  # The same run: accepted.
+  workdir_lib.check_same_run(str(workdir), tiny_config())  # The same run: accepted.
   switched = tiny_config()
   switched.binary.update(masks_by='select', residuals='bool', committed_backward='skip')
-  workdir_lib.check_config(str(workdir), switched)
+  workdir_lib.check_same_run(str(workdir), switched)
   other = tiny_config()
   other.model.bnn_shortcut = 'binarized'
   with pytest.raises(errors.SetupError, match=r"model.bnn_shortcut \('real' -> 'binarized'\)"):
-    workdir_lib.check_config(str(workdir), other)
+    workdir_lib.check_same_run(str(workdir), other)
   assert evaluate.load_run(str(workdir)).config.model.bnn_shortcut == 'real'
 
 
