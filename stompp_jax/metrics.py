@@ -159,13 +159,17 @@ _EVENT_LOGS = itertools.count()
 
 class _EventLog:
   """TensorBoard event files (TFRecords of Event protos) written as PartLog parts, named as
-  TensorBoard's own writer names them: start time (s), host, process id, a per-process counter."""
+  TensorBoard's own writer names them (start time in seconds, host, ...), then the nanoseconds of
+  the start, the process id and a per-process counter, zero-padded: TensorBoard reads a
+  directory's files in name order, which is then the order they were started in, also for
+  writers started in the same second."""
 
   def __init__(self, logdir: epath.Path, purge_step: int | None):
     from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
     self._event_pb2 = event_pb2
-    prefix = (f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.'
-              f'{os.getpid()}.{next(_EVENT_LOGS)}.')
+    seconds, nanoseconds = divmod(time.time_ns(), 10**9)
+    prefix = (f'events.out.tfevents.{seconds:010d}.{socket.gethostname()}.{nanoseconds:09d}.'
+              f'{os.getpid():07d}.{next(_EVENT_LOGS):06d}.')
     header = _record(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
     self._log = storage.PartLog(logdir, prefix, '', header=header)
     if purge_step is not None:  # TensorBoard drops the earlier files' events from this step on.

@@ -1,6 +1,7 @@
 """Tests of stompp_jax.metrics' writers (no training)."""
 
 import glob
+import itertools
 import os
 
 import pytest
@@ -67,7 +68,9 @@ def test_a_fresh_writer_purges_nothing(tmp_path):
 
 
 def test_writers_started_in_the_same_second_write_distinct_event_files(tmp_path, monkeypatch):
-  monkeypatch.setattr(metrics_lib.time, 'time', lambda: 1.7e9)
+  """In the order they were started, also when the per-process counter gains a digit."""
+  monkeypatch.setattr(metrics_lib.time, 'time_ns', lambda: 1_700_000_000_123_456_789)
+  monkeypatch.setattr(metrics_lib, '_EVENT_LOGS', itertools.count(9))
   for step in (1, 2):  # E.g. a run stopped by an error and started again at once.
     writer = metrics_lib.MetricWriter(str(tmp_path))
     writer.write(step, 'train', {'loss': float(step)})
