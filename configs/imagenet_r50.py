@@ -1,7 +1,8 @@
 """ResNet-50 BNN on ImageNet with StoMPP (the papers' headline setting).
 
 Needs ImageNet prepared with tfds in the array_record format first (docs/data.md); the data
-directory is the gcsfuse mount of the bucket (launch/tpu_vm.sh mount-data):
+directory is the gcsfuse mount of the bucket, made on a TPU VM by
+`launch/tpu_vm.sh --data-bucket=BUCKET mount-data`:
 
     python -m stompp_jax.main --config=configs/imagenet_r50.py --workdir=gs://BUCKET/runs/r50 \
       --config.data.dir=/mnt/stompp_data/tensorflow_datasets

@@ -190,14 +190,22 @@ def _clean(command: str) -> str:
   return ' '.join(command.split(' #')[0].split())
 
 
-def documented_commands() -> dict[str, tuple[str, str]]:
-  """{command: (where it is shown, the text around it)}: a command's lines joined where they
-  end in a backslash or where a paragraph wraps its inline code; the text is what precedes it
-  and the rest of its line."""
-  found = {}
+def joined_documents() -> list[tuple[str, str]]:
+  """`_documents()` with a command's lines joined where they end in a backslash and where a
+  paragraph wraps its inline code (also read by test_documented_scripts.py)."""
+  joined = []
   for path, text in _documents():
     text = re.sub(r'\s*\\\n\s*', ' ', text)
-    text = _INLINE_CODE_OVER_LINES.sub(lambda m: ' '.join(m.group(0).split()), text)
+    joined.append((path, _INLINE_CODE_OVER_LINES.sub(lambda m: ' '.join(m.group(0).split()),
+                                                     text)))
+  return joined
+
+
+def documented_commands() -> dict[str, tuple[str, str]]:
+  """{command: (where it is shown, the text around it)}: the commands of `joined_documents`;
+  the text is what precedes one and the rest of its line."""
+  found = {}
+  for path, text in joined_documents():
     for match in _COMMAND.finditer(text):
       line_end = text.find('\n', match.end())
       context = text[max(0, match.start() - _CONTEXT_CHARS):line_end if line_end >= 0 else None]

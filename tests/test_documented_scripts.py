@@ -13,7 +13,6 @@ sweep commands of launch/README.md, work as shown.
   arguments in prose is a reference to the file, which must exist.
 """
 
-import glob
 import os
 import re
 import shlex
@@ -42,7 +41,6 @@ _SCRIPT = re.compile(
 _QUOTED_VALUE = re.compile(r'="[^"\n]*"')
 _LAUNCHERS = re.compile(r'^(?:\w+=\S+ +)*(?:launch/(?:tpu_vm|gpu_local)\.sh|sbatch\b)')
 _USAGE = re.compile(r'\.\.\.|\b[A-Z][A-Z_]{2,}\b(?!=)')
-_DOCUMENTS = ('README.md', 'docs/*.md', 'launch/README.md', 'CONTRIBUTING.md')
 
 # Script commands no launcher test runs here: the test that runs each one.
 SCRIPTS = {
@@ -61,25 +59,12 @@ SCRIPTS = {
 }
 
 
-def _texts() -> list[tuple[str, str]]:
-  """(path, text) of the documents, lines joined where they end in a backslash and where a
-  paragraph wraps its inline code, quoted option values blanked."""
-  texts = []
-  for pattern in _DOCUMENTS:
-    for path in sorted(glob.glob(pattern, root_dir=REPO)):
-      with open(os.path.join(REPO, path), encoding='utf-8') as f:
-        text = re.sub(r'\s*\\\n\s*', ' ', f.read())
-      text = documented._INLINE_CODE_OVER_LINES.sub(  # pylint: disable=protected-access
-          lambda m: ' '.join(m.group(0).split()), text)
-      texts.append((path, _QUOTED_VALUE.sub('="..."', text)))
-  return texts
-
-
 def script_commands() -> dict[str, tuple[str, str]]:
   """{command: (where it is shown, the text before it)} of every script command the documents
   show; a bare script path (a reference to the file) is left out."""
   found = {}
-  for path, text in _texts():
+  for path, text in documented.joined_documents():
+    text = _QUOTED_VALUE.sub('="..."', text)
     for match in _SCRIPT.finditer(text):
       command = ' '.join(match.group(0).split())
       if ' ' not in command and command != '.ci/run':
