@@ -255,10 +255,8 @@ def test_export_can_fold_recalibrated_batch_norm_statistics(trained_runs, tmp_pa
   workdir, config = trained_runs['bnn']
   manifest = sources.export_workdir(workdir, str(tmp_path), recalibrate_bn_batches=2)
   assert manifest['source']['recalibrated_bn_batches'] == 2
-  _, variables, _ = checkpoints.read_variables(workdir)
-  num_classes, image_shape = pipeline.input_shape(config.data)
-  net = sources.exportable_build(config, num_classes=num_classes, image_shape=image_shape)
-  recalibrated = sources._recalibrated(config, net, variables, 2)  # pylint: disable=protected-access
+  variables = sources.read_run(workdir).variables
+  recalibrated = sources.read_run(workdir, 2).variables
   running, estimated = (v['stage1_block0']['bn1']['mean'] for v in
                         (variables['batch_stats'], recalibrated['batch_stats']))
   assert not np.allclose(running, estimated)  # Other statistics than the running ones ...

@@ -36,15 +36,16 @@ from stompp_jax.export import sources
 def export_run(workdir: str, out: str, recalibrate_bn_batches: int,
                allow_unfinished: bool) -> tuple[Optional[dict], str]:
   """Writes the bit-packed export (when the model is supported) and the portable one of a run,
-  once both have passed every check; returns (the manifest or None, the portable file)."""
-  try:  # First: its checks of the workdir are the ones users see.
-    manifest, tensors = sources.fold_workdir(workdir, recalibrate_bn_batches,
-                                             allow_unfinished=allow_unfinished)
+  from one restore and one re-estimation of the statistics, once both have passed every check;
+  returns (the manifest or None, the portable file)."""
+  run = sources.read_run(workdir, recalibrate_bn_batches, allow_unfinished=allow_unfinished)
+  try:
+    manifest, tensors = sources.fold_run(run)
   except program.UnsupportedModelError as e:
     print(f'bit-packed export not written: {e}')
     manifest = tensors = None
-  exported = portable.exported_run(workdir, allow_unfinished=allow_unfinished,
-                                   recalibrate_bn_batches=recalibrate_bn_batches)
+  exported = portable.exported_model(run.net.model, run.variables, run.binarization,
+                                     run.config.data, run.image_shape)
   if manifest is not None:
     files.write(out, manifest, tensors)
   return manifest, portable.write(out, exported)

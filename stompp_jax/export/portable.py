@@ -66,6 +66,15 @@ def export_inference(infer: Callable[[jax.Array], jax.Array],
   return jax.export.export(jax.jit(infer), platforms=PLATFORMS)(spec)
 
 
+def exported_model(model: Any, variables: dict, binarization: bctx.BinarizationConfig,
+                   data_config: Any, image_shape: tuple[int, int, int]) -> jax.export.Exported:
+  """The artefact of `model` with `variables` ({'params', 'batch_stats'}), not written; the
+  input normalization is the one `data_config` (a config's `data` section) trains with."""
+  infer = fully_binary_inference(model, variables, binarization,
+                                 *pipeline.normalization(data_config))
+  return export_inference(infer, tuple(image_shape))
+
+
 def exported_run(workdir: str, *, model: Any = None, allow_unfinished: bool = False,
                  recalibrate_bn_batches: int = 0) -> jax.export.Exported:
   """The artefact of the newest checkpoint of the run in `workdir`, not written.
@@ -86,9 +95,8 @@ def exported_run(workdir: str, *, model: Any = None, allow_unfinished: bool = Fa
   if recalibrate_bn_batches:
     variables = recalibrate.recalibrate_variables(run.config, run.model, run.binarization,
                                                   variables, recalibrate_bn_batches)
-  infer = fully_binary_inference(run.model, variables, run.binarization,
-                                 *pipeline.normalization(run.config.data))
-  return export_inference(infer, tuple(run.info.image_shape))
+  return exported_model(run.model, variables, run.binarization, run.config.data,
+                        run.info.image_shape)
 
 
 def write(out_dir: str, exported: jax.export.Exported) -> str:

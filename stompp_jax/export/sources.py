@@ -2,10 +2,12 @@
 
     manifest = sources.export_workdir('RUN', 'DIR')          # RUN/config.json builds the model
     manifest, tensors = sources.fold_workdir('RUN')          # the same, nothing written
+    manifest, tensors = sources.fold_run(sources.read_run('RUN', 20))  # re-estimated statistics
     manifest = sources.export_config(config, 'DIR')          # sizes of an untrained model
     manifest = sources.export_variables('DIR', config=..., variables=..., ...)
 """
 
+import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -15,8 +17,10 @@ import ml_collections
 from stompp_jax import checkpoints
 from stompp_jax import errors
 from stompp_jax import experiment
+from stompp_jax import recalibrate
 from stompp_jax import storage
 from stompp_jax import workdir as workdir_lib
+from stompp_jax.binary import context as bctx
 from stompp_jax.binary.choices import check_at_least
 from stompp_jax.data import pipeline
 from stompp_jax.export import files
@@ -81,20 +85,43 @@ def export_variables(out_dir: str, **fold_args: Any) -> dict:
   return manifest
 
 
-def fold_workdir(workdir: str, recalibrate_bn_batches: int = 0, *,
-                 allow_unfinished: bool = False) -> tuple[dict, dict[str, Tensor]]:
-  """(manifest, tensors) of the export of the newest checkpoint of the run in `workdir` (its
-  config.json builds the model); nothing is written.
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+  """The newest checkpoint of a run, as both exports take it (`read_run`).
 
-  `recalibrate_bn_batches` > 0 folds BatchNorm statistics re-estimated on the fully binary
-  network over that many of the run's training batches (stompp_jax/recalibrate.py) instead of
-  the running statistics; 0 (the default: docs/export.md says why) keeps the latter.
+  Attributes:
+    config: its config.json.
+    net: the zoo model of its config and its one trace.
+    binarization: its static binarization settings and site table.
+    variables: {'params', 'batch_stats'} as numpy arrays; the statistics re-estimated when
+      `source['recalibrated_bn_batches']` says so.
+    num_classes, image_shape: its data's, as the model was built for training.
+    source: {'workdir', 'step'[, 'recalibrated_bn_batches']} for the manifest.
+    checkpoint_state_bytes: the size on disk of the train state the variables come from.
+  """
+
+  config: ml_collections.ConfigDict
+  net: experiment.ModelBuild
+  binarization: bctx.BinarizationConfig
+  variables: dict
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  source: dict[str, Any]
+  checkpoint_state_bytes: int
+
+
+def read_run(workdir: str, recalibrate_bn_batches: int = 0, *,
+             allow_unfinished: bool = False) -> SavedRun:
+  """The newest checkpoint of the run in `workdir` (its config.json builds the model).
+
+  `recalibrate_bn_batches` > 0 replaces the running BatchNorm statistics by statistics
+  re-estimated on the fully binary network over that many of the run's training batches
+  (stompp_jax/recalibrate.py); 0 (the default: docs/export.md says why) keeps them.
   `allow_unfinished` accepts a run without done.json (preempted or still training).
 
   Raises:
-    errors.SetupError: `workdir` is not a run directory with a config and a checkpoint, or the
-      run is unfinished and not `allow_unfinished`.
-    program.UnsupportedModelError: a model or a layer the export does not support.
+    errors.SetupError: `workdir` is not a run directory with a config and a checkpoint, the
+      run is unfinished and not `allow_unfinished`, or `recalibrate_bn_batches` < 0.
   """
   check_at_least('--recalibrate_bn_batches', recalibrate_bn_batches, 0)
   if not storage.path(workdir).is_dir():
@@ -111,14 +138,41 @@ def fold_workdir(workdir: str, recalibrate_bn_batches: int = 0, *,
                             f' at step {step}): rerun its training command to finish it, or'
                             f' pass --allow_unfinished to export step {step}.')
   num_classes, image_shape = pipeline.input_shape(config.data)
-  net = exportable_build(config, num_classes=num_classes, image_shape=image_shape)
+  net = experiment.build_model(config, num_classes=num_classes, image_shape=image_shape)
+  _, binarization = experiment.saved_run_binarization(
+      config, net.sites, pipeline.dataset_info(config.data).train_size)
   source = dict(workdir=str(storage.path(workdir)), step=int(step))
   if recalibrate_bn_batches:
-    variables = _recalibrated(config, net, variables, recalibrate_bn_batches)
+    variables = recalibrate.recalibrate_variables(config, net.model, binarization, variables,
+                                                  recalibrate_bn_batches)
     source['recalibrated_bn_batches'] = recalibrate_bn_batches
-  return fold_variables(config=config, variables=variables, num_classes=num_classes,
-                        image_shape=image_shape, source=source,
-                        checkpoint_state_bytes=state_bytes, net=net)
+  return SavedRun(config=config, net=net, binarization=binarization, variables=variables,
+                  num_classes=num_classes, image_shape=image_shape, source=source,
+                  checkpoint_state_bytes=state_bytes)
+
+
+def fold_run(run: SavedRun) -> tuple[dict, dict[str, Tensor]]:
+  """(manifest, tensors) of the bit-packed export of `run`; nothing is written.
+
+  Raises:
+    program.UnsupportedModelError: a model or a layer the export does not support.
+  """
+  program.check_exportable(run.net.model, run.config.model.name)
+  return fold_variables(config=run.config, variables=run.variables,
+                        num_classes=run.num_classes, image_shape=run.image_shape,
+                        source=run.source, checkpoint_state_bytes=run.checkpoint_state_bytes,
+                        net=run.net)
+
+
+def fold_workdir(workdir: str, recalibrate_bn_batches: int = 0, *,
+                 allow_unfinished: bool = False) -> tuple[dict, dict[str, Tensor]]:
+  """`fold_run(read_run(...))`: the bit-packed export of the run in `workdir`, not written.
+
+  Raises:
+    errors.SetupError: as `read_run`.
+    program.UnsupportedModelError: a model or a layer the export does not support.
+  """
+  return fold_run(read_run(workdir, recalibrate_bn_batches, allow_unfinished=allow_unfinished))
 
 
 def export_workdir(workdir: str, out_dir: str, recalibrate_bn_batches: int = 0, *,
@@ -128,15 +182,6 @@ def export_workdir(workdir: str, out_dir: str, recalibrate_bn_batches: int = 0, 
                                    allow_unfinished=allow_unfinished)
   files.write(out_dir, manifest, tensors)
   return manifest
-
-
-def _recalibrated(config, net: experiment.ModelBuild, variables, num_batches: int) -> dict:
-  """The checkpoint's variables with the fully binary network's re-estimated BatchNorm stats."""
-  from stompp_jax import recalibrate  # pylint: disable=g-import-not-at-top
-  _, binarization = experiment.saved_run_binarization(
-      config, net.sites, pipeline.dataset_info(config.data).train_size)
-  return recalibrate.recalibrate_variables(config, net.model, binarization, variables,
-                                           num_batches)
 
 
 def export_config(config: ml_collections.ConfigDict, out_dir: str,
