@@ -608,12 +608,19 @@ def descriptive_lines(summaries: list[dict], args) -> list[str]:
   return lines
 
 
+def machines_line(summaries: list[dict]) -> str:
+  """Which CPUs ran how many runs (the summaries' `machine`, without the OS)."""
+  counts = collections.Counter(s['machine'].split(', ', 1)[-1] for s in summaries)
+  runs = '; '.join(f'{n} on {cpu}' for cpu, n in counts.most_common())
+  return f'Runs by machine (wall times compare only within one): {runs or "none yet"}.'
+
+
 def results_markdown(summaries: list[dict], args) -> str:
   planned = plan_runs(args, summaries)
   done = {s['name'] for s in summaries}
   hours = sum(s['wall_seconds'] for s in summaries) / 3600
   lines = [f'**{len(done & {r["name"] for r in planned})} of {len(planned)} runs done**'
-           f' ({hours:.1f} hours of wall time summed).', '',
+           f' ({hours:.1f} hours of wall time summed).', '', machines_line(summaries), '',
            'Confirmatory decisions (rules: docs/study.md):', '', *decisions_markdown(summaries, args),
            '', 'Cells: fully binary test accuracy, %, mean ± sample std over seeds:', '',
            *cell_table(summaries), '', 'Descriptive (no decision rests on these):', '',

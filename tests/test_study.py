@@ -77,7 +77,8 @@ def summary(model, reading, method, seed, accuracy, order='layerwise', group=Non
   return dict(name=study.run_name(run), **run, sites=SITES[model], window_steps=57, steps=3900,
               batch=128, data='npz', recalibrated=accuracy,
               as_trained=accuracy if as_trained is None else as_trained,
-              final_train_loss=loss, wall_seconds=10.0, curves={'train': [], 'eval': []})
+              final_train_loss=loss, wall_seconds=10.0, curves={'train': [], 'eval': []},
+              machine='Linux-6.1-x86_64, Some CPU @ 2.80GHz, 2 cores')
 
 
 def results(gains20, gains56, reverse=(0.30, 0.31, 0.29), reading='binarized', loss=1.2):
@@ -163,6 +164,7 @@ def test_the_results_lead_with_the_decisions(tmp_path):
   rows = results((0.02, 0.03, 0.04), (0.08, 0.09, 0.10), reverse=(0.25, 0.24, 0.26))
   text = study.results_markdown(rows, args_of('--readings=binarized', '--groups=core,reverse,floor'))
   assert text.startswith('**21 of 21 runs done**')
+  assert 'Runs by machine (wall times compare only within one): 21 on Some CPU @ 2.80GHz, 2 cores.' in text
   lines = text.splitlines()
   depth = next(l for l in lines if l.startswith("| StoMPP's gain over STE grows with depth"))
   assert '| binarized | **grows** | +6.00 points (one-sided 95%: >' in depth
