@@ -42,6 +42,9 @@ def get_config(arg=None):
   c.model.binary_include = ('.*',)
   c.model.binary_exclude = ('^stem', '^classifier', 'shortcut')  # Float layers (see above).
   c.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (params and BN stats stay f32).
+  # Recorded by the trainer, not set: '' (a zoo model), or 'package.module.Class' of the model
+  # of your own that train_and_evaluate(..., model=...) trained (docs/own-model.md).
+  c.model.own_class = ''
 
   # ---------------------------------------------------------------- binarization (docs/method.md)
   c.binary = ml_collections.ConfigDict()

@@ -122,8 +122,10 @@ def method_of(run: dict[str, Any]) -> str:
 
 
 def depth_of(run: dict[str, Any]) -> int | None:
-  """The depth of the run's ResNet (RESNET_DEPTHS: resnet56 -> 56), None for other models."""
-  return RESNET_DEPTHS.get(run['config'].get('model', {}).get('name'))
+  """The depth of the run's ResNet (RESNET_DEPTHS: resnet56 -> 56), None for other models
+  (your own model's runs too, whatever their model.name)."""
+  model = run['config'].get('model', {})
+  return None if model.get('own_class') else RESNET_DEPTHS.get(model.get('name'))
 
 
 def _pyplot():

@@ -97,7 +97,7 @@ class ModelBuild:
 
   def summary(self, model_config: Any) -> summary_lib.Summary:
     """The model summary (params, memory, MACs by precision) of `config.model`."""
-    return summary_lib.summarize_trace(self.trace, model_name=model_config.name,
+    return summary_lib.summarize_trace(self.trace, model_name=models.model_label(model_config),
                                        mode=model_config.mode, rules=self.rules)
 
 
@@ -276,7 +276,8 @@ def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = Non
 
   Args:
     config: a full config (configs/default.py lists every field).
-    model: a Flax module to train instead of the zoo's `config.model.name`.
+    model: a Flax module to train instead of the zoo's `config.model.name` (the Experiment's
+      config records its class: `models.with_own_class`).
     devices: the mesh's devices instead of `jax.devices()` (preflight.py: a TPU topology's
       compile-only devices).
 
@@ -286,6 +287,8 @@ def build(config: ml_collections.ConfigDict, *, model: Optional[nn.Module] = Non
       as it was raised.
   """
   check_config(config)
+  if model is not None:
+    config = models.with_own_class(config, model)
   parallel.initialize_distributed()
   info = pipeline.dataset_info(config.data)
   total_steps, steps_per_epoch = total_train_steps(config.train, info.train_size)

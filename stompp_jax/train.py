@@ -91,7 +91,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `model`: None trains the zoo model `config.model.name`; else any `flax.linen.Module` called as
   `model(x, train=...)` returning logits, whose `nn.Conv` / `nn.Dense` layers matching
   `config.model.binary_include/exclude` become the sites (models.from_module; README, "Your own
-  model"). Resuming such a run needs the same model again.
+  model"). Its config.json records the model's class (`model.own_class`); resuming such a run
+  needs the same model again.
 
   Every check of the config, the data, the devices and the workdir's earlier run comes before
   anything is written to `workdir`; those failures raise errors.SetupError. Any other error
@@ -113,7 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir_lib.check_workdir(workdir)
     exp = experiment.build(config, model=model)
     logging.info('Data: %s', pipeline.summary_line(config.data, exp.data))
-    workdir_lib.check_same_run(workdir, config)
+    workdir_lib.check_same_run(workdir, exp.config)
     train_iter = pipeline.make_train_iterator(
         config.data, global_batch_size=config.train.batch_size, seed=config.seed)
     checkpointer = checkpoints.Checkpointer(
@@ -134,7 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if start_step >= exp.total_steps and done is not None:
         logging.info('%s is a finished run (done.json): nothing to do.', workdir)
         return done
-    workdir_lib.write_config(workdir, config)
+    workdir_lib.write_config(workdir, exp.config)
     metrics_lib.trim(workdir, start_step)  # Rows a killed run logged after its checkpoint.
     if exp.net.sites:
       logging.info('Binarized sites (forward order):\n%s', sites_lib.site_table(exp.net.sites))

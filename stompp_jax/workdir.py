@@ -38,7 +38,9 @@ RESUMABLE_FIELDS = (
     'train.on_nonfinite', 'train.override_workdir_config', 'data.num_workers', 'data.prefetch',
     'data.dir', 'data.download', 'mesh.num_devices', 'mesh.shard_params',
     # How masks and gradients are computed and kept (binary/context.py), not what they are.
-    'binary.masks_by', 'binary.residuals', 'binary.committed_backward')
+    'binary.masks_by', 'binary.residuals', 'binary.committed_backward',
+    # A record, not a setting; a different model is refused by its checkpoint's signature.
+    'model.own_class')
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -105,6 +107,7 @@ ADDED_FIELDS = {
     'binary.masks_by': 'cond',  # The per-site branch, the only way before the field.
     'binary.residuals': 'auto',  # Bit for bit the same values either way.
     'binary.committed_backward': 'full',  # Every gradient computed, as before the field.
+    'model.own_class': '',  # Not recorded before the field: a zoo model as far as it tells.
 }
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from stompp_jax import analysis
 from stompp_jax import errors
 from stompp_jax import evaluate
 from stompp_jax import experiment
@@ -21,6 +22,7 @@ from stompp_jax import sites as sites_lib
 from stompp_jax import state as state_lib
 from stompp_jax import steps
 from stompp_jax import train
+from stompp_jax import workdir as workdir_lib
 from stompp_jax.binary import context as bctx
 
 from helpers import REPO, VGG, own_config, rows, sign  # pylint: disable=g-bad-import-order
@@ -235,3 +237,27 @@ def test_a_user_model_run_is_evaluated_from_python(reference_run):
   results = evaluate.evaluate_run(str(workdir), model=VGG())
   assert results['eval_fully_binary_accuracy'] == final['eval_fully_binary_accuracy']
   assert results['eval_loss'] == pytest.approx(final['eval_loss'], rel=1e-5)
+
+
+def test_a_user_model_run_records_its_class_and_the_commands_refuse_it_in_one_line(
+    reference_run, tmp_path):
+  workdir, _ = reference_run
+  saved = json.loads((workdir / 'config.json').read_text())
+  assert saved['model']['own_class'] == 'helpers.VGG'
+  assert analysis.depth_of({'config': saved}) is None  # Not the ResNet its model.name says.
+  for command in (['stompp_jax.evaluate'], ['stompp_jax.export', f'--out={tmp_path / "out"}']):
+    result = subprocess.run([sys.executable, '-m', *command, f'--workdir={workdir}'], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "Error: model.own_class='helpers.VGG': this run trained your own model, which the command"
+        ' line cannot rebuild; evaluate or export it from Python with model=VGG(...)'
+        ' (docs/own-model.md).']
+  assert not (tmp_path / 'out').exists()
+
+
+def test_a_run_saved_before_the_class_was_recorded_still_resumes():
+  new = json.loads(models.with_own_class(own_config(), VGG()).to_json())
+  old = json.loads(json.dumps(new))
+  del old['model']['own_class']
+  assert workdir_lib.config_differences(workdir_lib.upgrade_config(old), new) == []

@@ -75,7 +75,15 @@ def create_model(model_config: Any, *, num_classes: int,
   Returns:
     An unbound module called as `model.apply(variables, x, train=..., ctx=...)` with x float
     (B, H, W, C), returning float32 logits (B, num_classes).
+
+  Raises:
+    errors.SetupError: `model_config.own_class` names a model of the user's (`with_own_class`).
   """
+  if model_config.own_class:
+    raise errors.SetupError(
+        f'model.own_class={model_config.own_class!r}: this run trained your own model, which'
+        ' the command line cannot rebuild; evaluate or export it from Python with'
+        f' model={model_config.own_class.rsplit(".", 1)[-1]}(...) (docs/own-model.md).')
   stem = model_config.stem
   if stem == 'auto':
     stem = 'cifar' if max(image_shape[:2]) <= AUTO_CIFAR_STEM_MAX_SIZE else 'imagenet'
@@ -86,6 +94,20 @@ def create_model(model_config: Any, *, num_classes: int,
   else:
     kwargs['bnn_shortcut'] = model_config.bnn_shortcut
   return _MODELS[model_config.name](**kwargs)
+
+
+def with_own_class(config: Any, module: nn.Module) -> Any:
+  """A copy of the run config `config` whose `model.own_class` records the class of `module`
+  (the user's model it trains) as 'package.module.Class'."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.own_class = f'{type(module).__module__}.{type(module).__qualname__}'
+  return config
+
+
+def model_label(model_config: Any) -> str:
+  """What trained the run: the user's model class (`model.own_class`), else `model.name`."""
+  return model_config.own_class or model_config.name
 
 
 def from_module(module: nn.Module, mode: str) -> layers.ByRules:
