@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import pathlib
 import pickle
 import tarfile
 
@@ -331,6 +332,30 @@ def test_each_dataset_states_every_fact_consistently():
     assert all(0 < value < 1 for value in mean + std), name
     assert set(dataset.tfds_splits) == set(sources.SPLITS), name
     assert dataset.split_sizes is None or len(dataset.split_sizes) == len(sources.SPLITS), name
+
+
+def test_the_dataset_table_of_the_docs_is_the_codes():
+  """docs/data.md's "Datasets" rows state DATASETS (sizes of the digits: their files)."""
+  text = (pathlib.Path(__file__).parents[1] / 'docs' / 'data.md').read_text()
+  rows = {cells[0]: cells for line in text.splitlines() if line.startswith('| ')
+          for cells in [[c.strip() for c in line.strip('|').split('|')]] if len(cells) == 7}
+  numbers = lambda cell: tuple(tuple(float(v) for v in part.split(',')) for part in
+                               cell.split(' (')[0].split(' / '))
+  for name, dataset in sources.DATASETS.items():
+    key = next(k for k in rows if k.startswith(f'`{name}`'))
+    classes, shape, sizes, eval_split, augment, normalization = rows[key][1:]
+    assert classes.split()[0] == str(dataset.num_classes), name
+    if None not in dataset.image_shape:
+      assert shape == 'x'.join(map(str, dataset.image_shape)), name
+    info = dataset.split_sizes is None and sources.describe(
+        _data_config(source='npz', name=name, dir=sources.BUILTIN_DIRS[name]))
+    split_sizes = dataset.split_sizes or (info.train_size, info.eval_size)
+    assert sizes == ' / '.join(f'{n:,}' for n in split_sizes), name
+    assert eval_split == f'`{dataset.tfds_splits["eval"]}`', name
+    assert augment == f'`{dataset.auto_augment}`', name
+    assert numbers(normalization) == dataset.mean_std, name
+  synthetic = numbers(rows['with `data.source=synthetic`'][-1])
+  assert synthetic == tuple((v,) for v in sources.SYNTHETIC_MEAN_STD)
 
 
 def test_cifar_archive_has_no_imagenet(tmp_path):
