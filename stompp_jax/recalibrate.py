@@ -114,7 +114,8 @@ class Recalibrator:
     return total
 
 
-def train_batches(data_config, *, global_batch_size: int, seed: int, mesh) -> Iterator[dict]:
+def global_train_batches(data_config, *, global_batch_size: int, seed: int,
+                         mesh) -> Iterator[dict]:
   """Global training batches for re-estimation: a fresh iterator over the run's train stream
   (from its first batch, augmented as in training), so the run's own iterator never moves."""
   iterator = pipeline.make_train_iterator(data_config, global_batch_size=global_batch_size,
@@ -129,8 +130,8 @@ def train_batches(data_config, *, global_batch_size: int, seed: int, mesh) -> It
 def recalibrated_state(recalibrator: Recalibrator, state, data_config, *, global_batch_size: int,
                        seed: int, mesh):
   """`state` with its batch_stats replaced by re-estimated ones (a new state; `state` unchanged)."""
-  stats = recalibrator(state, train_batches(data_config, global_batch_size=global_batch_size,
-                                            seed=seed, mesh=mesh))
+  stats = recalibrator(state, global_train_batches(
+      data_config, global_batch_size=global_batch_size, seed=seed, mesh=mesh))
   return state.replace(batch_stats=stats)
 
 
