@@ -35,8 +35,8 @@ from stompp_jax import state as state_lib
 from stompp_jax import steps
 from stompp_jax import workdir as workdir_lib
 from stompp_jax.binary import context as bctx
-from stompp_jax.binary.choices import check_at_least
-from stompp_jax.binary.choices import check_choice
+from stompp_jax.choices import check_at_least
+from stompp_jax.choices import check_choice
 from stompp_jax.data import pipeline
 
 SPLITS = {'test': 'eval', 'train': 'train'}  # Our name -> the data pipeline's split.

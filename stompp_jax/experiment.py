@@ -33,8 +33,8 @@ from stompp_jax import state as state_lib
 from stompp_jax import steps
 from stompp_jax.binary import context as bctx
 from stompp_jax.binary import schedule
-from stompp_jax.binary.choices import check_at_least
-from stompp_jax.binary.choices import check_choice
+from stompp_jax.choices import check_at_least
+from stompp_jax.choices import check_choice
 from stompp_jax.data import pipeline
 from stompp_jax.data import sources
 from stompp_jax.models import inspect

@@ -10,7 +10,7 @@ import optax
 from stompp_jax import errors
 from stompp_jax.binary import optim as binary_optim
 from stompp_jax.binary import site_tree
-from stompp_jax.binary.choices import check_choice
+from stompp_jax.choices import check_choice
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'warmup_cosine', 'warmup_constant')

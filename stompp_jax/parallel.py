@@ -14,7 +14,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from stompp_jax import errors
-from stompp_jax.binary.choices import check_at_least
+from stompp_jax.choices import check_at_least
 
 DATA_AXIS = 'data'
 # Parameters smaller than this stay replicated when parameter sharding is on.

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stompp_jax.binary.choices import check_choice
+from stompp_jax.choices import check_choice
 
 FROZEN_GRADS = ('none', 'ste_clipped', 'ste_identity')
 STE_GRADS = ('clipped', 'identity')

@@ -50,8 +50,8 @@ import numpy as np
 from stompp_jax.binary import binarize
 from stompp_jax.binary import masks
 from stompp_jax.binary import schedule
-from stompp_jax.binary.choices import check_at_least
-from stompp_jax.binary.choices import check_choice
+from stompp_jax.choices import check_at_least
+from stompp_jax.choices import check_choice
 from stompp_jax.errors import SetupError
 
 METHODS = ('fp', 'ste', 'stompp', 'stompp_ste')

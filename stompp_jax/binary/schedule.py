@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from stompp_jax.binary.choices import check_choice
+from stompp_jax.choices import check_choice
 from stompp_jax.errors import SetupError
 
 ORDERS = ('layerwise', 'global', 'reverse')

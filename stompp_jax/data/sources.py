@@ -21,7 +21,7 @@ import numpy as np
 
 from stompp_jax import errors
 from stompp_jax import storage
-from stompp_jax.binary.choices import check_at_least
+from stompp_jax.choices import check_at_least
 from stompp_jax.data import cifar_archive
 
 SOURCES = ('tfds', 'cifar_archive', 'npz', 'synthetic', 'auto')

@@ -34,7 +34,7 @@ from stompp_jax import evaluate
 from stompp_jax import recalibrate
 from stompp_jax import storage
 from stompp_jax.binary import context as bctx
-from stompp_jax.binary.choices import check_at_least
+from stompp_jax.choices import check_at_least
 from stompp_jax.data import pipeline
 
 FILE = 'model.jax_export'

@@ -21,7 +21,7 @@ from stompp_jax import recalibrate
 from stompp_jax import storage
 from stompp_jax import workdir as workdir_lib
 from stompp_jax.binary import context as bctx
-from stompp_jax.binary.choices import check_at_least
+from stompp_jax.choices import check_at_least
 from stompp_jax.data import pipeline
 from stompp_jax.export import files
 from stompp_jax.export import program

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from stompp_jax import errors
 from stompp_jax import layers
 from stompp_jax.binary import context as bctx
-from stompp_jax.binary.choices import check_choice
+from stompp_jax.choices import check_choice
 from stompp_jax.models import bireal
 from stompp_jax.models import mobilenet_v2
 from stompp_jax.models import resnet
