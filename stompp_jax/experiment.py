@@ -35,6 +35,7 @@ from stompp_jax.binary import context as bctx
 from stompp_jax.binary import schedule
 from stompp_jax.choices import check_at_least
 from stompp_jax.choices import check_choice
+from stompp_jax.choices import check_number
 from stompp_jax.data import pipeline
 from stompp_jax.data import sources
 from stompp_jax.models import inspect
@@ -51,9 +52,8 @@ def check_train_config(train_cfg: ml_collections.ConfigDict) -> None:
   """Checks the `train.*` fields (the trainer's own); one-line SetupErrors."""
   for field, minimum in _TRAIN_MINIMUMS.items():
     check_at_least(f'train.{field}', train_cfg[field], minimum)
-  if not train_cfg.num_epochs >= 0:
-    raise errors.SetupError(f'train.num_epochs={train_cfg.num_epochs} is negative: set it >= 0, or'
-                     ' train.num_steps > 0.')
+  check_number('train.num_epochs', train_cfg.num_epochs, 0,
+               hint=' (it sets the length unless train.num_steps > 0)')
   check_choice('train.on_nonfinite', train_cfg.on_nonfinite, NONFINITE_POLICIES)
 
 

@@ -7,10 +7,10 @@ of frozen kernel entries, the STE baseline clips latent kernels to [-1, 1] (both
 
 import optax
 
-from stompp_jax import errors
 from stompp_jax.binary import optim as binary_optim
 from stompp_jax.binary import site_tree
 from stompp_jax.choices import check_choice
+from stompp_jax.choices import check_number
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'warmup_cosine', 'warmup_constant')
@@ -20,9 +20,11 @@ def check_optim_config(optim_cfg) -> None:
   """Checks `config.optim`'s names and ranges (one-line SetupErrors)."""
   check_choice('optim.name', optim_cfg.name, OPTIMIZERS)
   check_choice('optim.schedule', optim_cfg.schedule, SCHEDULES)
+  check_number('optim.learning_rate', optim_cfg.learning_rate, 0, above_low=True)
+  for field in ('momentum', 'b1', 'b2'):
+    check_number(f'optim.{field}', optim_cfg[field], 0, 1, below_high=True)
   for field in ('warmup_epochs', 'weight_decay', 'grad_clip_norm'):
-    if not optim_cfg[field] >= 0:
-      raise errors.SetupError(f'optim.{field}={optim_cfg[field]} is negative: set it >= 0 (0 = off).')
+    check_number(f'optim.{field}', optim_cfg[field], 0, hint=' (0 = off)')
 
 
 def learning_rate_schedule(optim_cfg, *, total_steps: int, steps_per_epoch: int) -> optax.Schedule:

@@ -18,6 +18,7 @@ from stompp_jax import errors
 from stompp_jax import layers
 from stompp_jax.binary import context as bctx
 from stompp_jax.choices import check_choice
+from stompp_jax.choices import check_number
 from stompp_jax.models import bireal
 from stompp_jax.models import mobilenet_v2
 from stompp_jax.models import resnet
@@ -56,9 +57,8 @@ def check_model_config(model_config: Any) -> None:
   if model_config.name == 'mobilenet_v2' and bnn_shortcut != 'real':
     raise errors.SetupError(f'model.bnn_shortcut={bnn_shortcut!r} is defined for the ResNets only:'
                      ' use model.bnn_shortcut=real with mobilenet_v2.')
-  if not model_config.width_multiplier > 0:
-    raise errors.SetupError(f'model.width_multiplier={model_config.width_multiplier} is not positive:'
-                     ' set it > 0 (1.0 = the standard width).')
+  check_number('model.width_multiplier', model_config.width_multiplier, 0, above_low=True,
+               hint=' (1.0 = the standard width)')
 
 
 def create_model(model_config: Any, *, num_classes: int,
