@@ -274,14 +274,17 @@ def test_npz_dir_defaults_to_environment_variable(tmp_path, monkeypatch):
     ({'image': np.zeros((2, 4, 4, 3), np.float32), 'label': np.zeros(2)}, 'not uint8'),
     ({'image': np.zeros((2, 4, 4, 3), np.uint8), 'label': np.zeros(3)}, r'\(N,\)'),
     ({'image': np.zeros((2, 4, 4, 3), np.uint8), 'label': np.array([0, 10])}, 'outside'),
+    ({'image': np.zeros((2, 4, 4, 3), np.uint8), 'label': np.array([0.2, 0.7])},
+     r'labels are float64, not integers: store the class indices in \[0, 10\) as integers'),
 ])
 def test_malformed_npz_raises_one_line_error(tmp_path, arrays, match):
   np.savez(tmp_path / 'train.npz', **arrays)
   np.savez(tmp_path / 'test.npz', **arrays)
   config = _data_config(source='npz', dir=str(tmp_path))
-  with pytest.raises(errors.SetupError, match=match) as error:
-    sources.make_source(config, 'train')
-  assert '\n' not in str(error.value) and str(tmp_path) in str(error.value)
+  for read in (lambda: sources.make_source(config, 'train'), lambda: sources.describe(config)):
+    with pytest.raises(errors.SetupError, match=match) as error:
+      read()
+    assert '\n' not in str(error.value) and str(tmp_path) in str(error.value)
 
 
 def test_missing_npz_error(tmp_path):

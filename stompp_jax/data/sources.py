@@ -393,6 +393,9 @@ def _synthetic_num_classes(data_config) -> int:
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise errors.SetupError(f'{where}: labels are {labels.dtype}, not integers: store the class'
+                            f' indices in [0, {num_classes}) as integers')
   if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
     raise errors.SetupError(f'{where}: labels span [{labels.min()}, {labels.max()}], outside '
                             f'[0, {num_classes}): check data.name and data.cifar100_labels')
@@ -432,7 +435,7 @@ def _npz_header(path: str, classes: int) -> tuple:
 
 
 def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """(images uint8 (N, H, W, C), labels int64 (N,)) of one npz file."""
+  """(images uint8 (N, H, W, C), labels (N,) as stored) of one npz file."""
   try:
     with np.load(path) as arrays:
       images, labels = arrays['image'], arrays['label']
@@ -443,7 +446,7 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
   if images.dtype != np.uint8:
     raise errors.SetupError(f'{path}: image is {images.dtype}, not uint8: store uint8 pixels')
   _check_npz_shapes(path, images.shape, labels.shape)
-  return images, labels.astype(np.int64)
+  return images, labels
 
 
 def _check_npz_shapes(path: str, image_shape: tuple, label_shape: tuple) -> None:
